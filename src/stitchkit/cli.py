@@ -1,0 +1,73 @@
+"""The one command-line app: `stitchkit <suite> <verb>`, plus `stitchkit quickstart`.
+
+Each layer that has verbs defines a small Typer sub-app in its own `commands.py`; this file only
+assembles them and turns user errors (`StitchkitError`) into one message and exit code 2.
+Heavy imports (torch, transformers) happen inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from stitchkit.errors import StitchkitError
+
+app = typer.Typer(
+    name="stitchkit",
+    help="Controlled experiments on how vision models and VLMs stitch information together.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for user errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder for the report."),
+    suite: Optional[list[str]] = typer.Option(None, "--suite", help="Only these suites (repeatable)."),
+) -> None:
+    """Run every suite on the shapes world and the micro zoo; write one report.md."""
+    from stitchkit.quickstart import run_quickstart
+
+    report = run_quickstart(out, suites=suite)
+    typer.echo(f"report: {report}")
+
+
+def _add_subapps() -> None:
+    from stitchkit.world.commands import app as world_app
+    from stitchkit.zoo.commands import app as zoo_app
+
+    app.add_typer(world_app, name="world", help="The procedural shapes world.")
+    app.add_typer(zoo_app, name="zoo", help="The micro vision zoo.")
+
+
+_add_subapps()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=argv, prog_name="stitchkit")  # standalone: usage errors exit 2 via click
+    except StitchkitError as err:
+        if _state["debug"] or "--debug" in argv:
+            raise
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

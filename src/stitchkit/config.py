@@ -1,0 +1,68 @@
+"""Experiment configs: YAML in, validated by pydantic, echoed into every run folder.
+
+Each suite defines its config as a `Config` subclass (extra keys forbidden, so a typo is an error,
+not a silently ignored field). `load_config` turns any problem into a `ConfigError` whose message
+names the file, the field path and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from stitchkit.errors import ConfigError
+
+
+class Config(pydantic.BaseModel):
+    """Base of every config: unknown keys are errors; values are validated on assignment."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+C = TypeVar("C", bound=Config)
+
+
+def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(model: type[C], data: Any, source: str = "(config)") -> C:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file") from None
+
+
+def load_config(model: type[C], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> C:
+    """Read `path` as YAML, apply `overrides` (top-level keys), validate against `model`."""
+    data = read_yaml(path)
+    if overrides:
+        data = {**(data or {}), **overrides}
+    return validate_config(model, data, source=str(path))

@@ -1,0 +1,32 @@
+"""The errors a user sees.
+
+Anything a user can cause (bad YAML, a corrupt image, a missing model, incompatible shapes) is
+raised as a `StitchkitError`; the CLI prints its message and exits with code 2, without a
+traceback unless `--debug` is given. Programming errors stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class StitchkitError(Exception):
+    """A problem with the user's input, reported as one clear message (exit code 2)."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class ConfigError(StitchkitError):
+    """A config file that is missing, is not valid YAML, or fails validation."""
+
+
+class InputError(StitchkitError):
+    """A data file or image that is missing, corrupt or malformed."""
+
+
+class ModelNotFoundError(StitchkitError):
+    """A hub id or local folder that does not hold a usable model."""
+
+
+class IncompatibleError(StitchkitError):
+    """Two things that cannot be combined (dimensions, grids, architectures)."""

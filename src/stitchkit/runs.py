@@ -1,0 +1,190 @@
+"""Run folders: atomic writes, a manifest that records how a run was made, and step skipping.
+
+A run folder (`runs/NAME`) holds:
+    manifest.json   config, package and library versions, seeds, input hashes, finished steps
+    config.yaml     the effective (validated, defaults filled in) config
+    results.json, report.md, figures/*.png, and one sub-folder per step if the step needs one
+
+Every file is written to a temporary sibling and renamed into place, so a killed process never
+leaves a half-written file. A step is marked finished in the manifest only after its outputs are
+written; re-running the same command skips finished steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stitchkit.errors import ConfigError
+
+TRACKED_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "datasets", "numpy", "pillow")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("stitchkit", *TRACKED_LIBRARIES):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class RunDir:
+    """One run folder. Create it with the effective config; steps are skipped once finished.
+
+    >>> run = RunDir("runs/demo", config=cfg, seeds={"world": 0})
+    >>> if not run.done("render"):
+    ...     render(...); run.finish("render")
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        config: Any = None,
+        seeds: dict[str, int] | None = None,
+        inputs: dict[str, str | os.PathLike] | None = None,
+        command: str | None = None,
+    ):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+        existing = self._read_manifest()
+        if existing and config_dict is not None and existing.get("config") not in (None, config_dict):
+            raise ConfigError(
+                f"{self.root} already holds a run made with a different config; "
+                "choose another --out folder or delete this one"
+            )
+        self.manifest: dict[str, Any] = existing or {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "steps": {},
+        }
+        self.manifest.update(
+            {
+                "command": command or self.manifest.get("command"),
+                "config": config_dict,
+                "versions": library_versions(),
+                "seeds": {**self.manifest.get("seeds", {}), **(seeds or {})},
+                "inputs": {
+                    **self.manifest.get("inputs", {}),
+                    **{k: _hash_input(v) for k, v in (inputs or {}).items()},
+                },
+            }
+        )
+        if config_dict is not None:
+            atomic_write_text(self.root / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+        self._write_manifest()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        if self.manifest_path.exists():
+            try:
+                return json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError:
+                return None
+        return None
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def done(self, step: str) -> bool:
+        return step in self.manifest["steps"]
+
+    def finish(self, step: str, **info: Any) -> None:
+        self.manifest["steps"][step] = {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **info,
+        }
+        self._write_manifest()
+
+    def step(self, name: str, fn: Callable[[], Any]) -> bool:
+        """Run `fn` unless `name` is finished; return True if it ran."""
+        if self.done(name):
+            return False
+        fn()
+        self.finish(name)
+        return True
+
+
+def _hash_input(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_file():
+        return "sha256:" + file_sha256(p)
+    return str(p)
