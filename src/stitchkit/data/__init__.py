@@ -1,0 +1,20 @@
+"""Image sources: COCO-format annotations (validated), class-per-folder image folders, safe image loading.
+
+Every suite reads real data through here, so a corrupt image or a COCO file with missing fields gets one
+clear `InputError` naming the file and the field, whichever suite the user ran.
+"""
+
+from stitchkit.data.coco import CocoAnnotation, CocoCategory, CocoImage, CocoIndex, load_coco
+from stitchkit.data.images import IMAGE_EXTENSIONS, ImageFolder, load_image, scan_image_folder
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CocoAnnotation",
+    "CocoCategory",
+    "CocoImage",
+    "CocoIndex",
+    "ImageFolder",
+    "load_coco",
+    "load_image",
+    "scan_image_folder",
+]

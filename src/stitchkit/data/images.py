@@ -1,0 +1,57 @@
+"""Loading images safely, and image folders with one sub-folder per class."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from stitchkit.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image fully (so truncation is caught here, not mid-training) and convert it to RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"cannot read image {path}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """`root/<class name>/<image>` (torchvision's ImageFolder layout): sorted class names, (path, label) pairs."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+    samples = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    empty = [c for i, c in enumerate(classes) if not any(label == i for _, label in samples)]
+    if empty:
+        raise InputError(f"{root}: class folder(s) without images: {', '.join(empty)}")
+    return ImageFolder(root, classes, samples)

@@ -1,0 +1,80 @@
+"""COCO and image-folder loading: valid input parses, bad input names the problem."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stitchkit.data import load_coco, load_image, scan_image_folder
+from stitchkit.errors import InputError
+
+COCO = {
+    "images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 8}],
+    "categories": [{"id": 3, "name": "star", "supercategory": "symbols"}, {"id": 4, "name": "circle"}],
+    "annotations": [{"id": 9, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "colour": "red"}],
+}
+
+
+def test_load_coco_builds_lookups(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(COCO))
+    index = load_coco(path)
+    assert index.images[1].file_name == "a.png"
+    assert index.categories[4].supercategory == "circle"  # defaults to the name
+    (ann,) = index.by_image[1]
+    assert ann.area == 12.0 and ann.extra == {"colour": "red"}
+    assert set(index.supercategories) == {"symbols", "circle"}
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("categories"), "missing field"),
+        (lambda d: d["images"][0].pop("file_name"), r"images\[0\] is missing field\(s\) file_name"),
+        (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] is missing"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2]), "bbox must be"),
+        (lambda d: d["annotations"][0].update(image_id=99), "unknown image_id 99"),
+        (lambda d: d["annotations"][0].update(category_id=99), "unknown category_id 99"),
+    ],
+)
+def test_bad_coco_names_the_field(tmp_path, mutate, message):
+    data = json.loads(json.dumps(COCO))
+    mutate(data)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=message):
+        load_coco(path)
+
+
+def test_coco_not_json(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_coco(path)
+
+
+def test_corrupt_and_truncated_images_are_input_errors(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    assert load_image(good).size == (8, 8)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read image"):
+        load_image(tmp_path / "bad.png")
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(InputError):
+        load_image(truncated)
+
+
+def test_image_folder(tmp_path):
+    for cls in ("b", "a"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / cls / "x.png")
+    folder = scan_image_folder(tmp_path)
+    assert folder.classes == ["a", "b"] and [label for _, label in folder.samples] == [0, 1]
+    (tmp_path / "c").mkdir()
+    with pytest.raises(InputError, match="without images: c"):
+        scan_image_folder(tmp_path)
