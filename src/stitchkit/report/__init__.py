@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,6 @@ def image_grid(path: str | os.PathLike, images: Sequence[Any], titles: Sequence[
         ax = axes.flat[i]
         ax.imshow(img)
         if titles:
-            ax.set_title(titles[i], fontsize=7, wrap=True)
+            ax.set_title(textwrap.fill(titles[i], 32), fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
