@@ -1,0 +1,255 @@
+"""Load a VisionBackbone from a hub id, a local folder or a built module; save one so it loads back.
+
+The architecture is chosen by `config.model_type` (families.py). Normalisation and resolution come
+from the checkpoint's preprocessor_config.json when it has one, else from per-family defaults.
+`save_backbone` writes the same two files a hub checkpoint has (save_pretrained output plus
+preprocessor_config.json), so the micro zoo's models load exactly like hub checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stitchkit.backbones.backbone import VisionBackbone, default_image_size, family_of, size_pair, vision_tower
+from stitchkit.errors import ModelNotFoundError
+from stitchkit.runs import atomic_write_json
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def load_backbone(
+    source: str | os.PathLike | nn.Module,
+    *,
+    trainable: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    image_size: int | None = None,
+    mean=None,
+    std=None,
+) -> VisionBackbone:
+    """A hub id, a local folder, or an already built HF module -> VisionBackbone.
+
+    Full image-text checkpoints (CLIPModel, SiglipModel, Siglip2Model) give their vision tower.
+    Parameters are frozen unless `trainable` (the model runs in eval mode either way, see
+    VisionBackbone); `image_size`, `mean`, `std` override the checkpoint's preprocessing.
+    """
+    settings: dict = {}
+    if isinstance(source, nn.Module):
+        model = source.to(dtype) if dtype is not None else source
+    else:
+        model, settings = _load_pretrained(str(source), dtype)
+    bb = VisionBackbone(
+        model,
+        image_size=image_size or settings.get("image_size"),
+        mean=mean if mean is not None else settings.get("mean"),
+        std=std if std is not None else settings.get("std"),
+        max_num_patches=None if image_size else settings.get("max_num_patches"),
+        trainable=trainable,
+    )
+    return bb.to(device) if device is not None else bb
+
+
+def save_backbone(
+    bb_or_model: VisionBackbone | nn.Module,
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    mean=None,
+    std=None,
+) -> Path:
+    """save_pretrained plus a preprocessor_config.json, so `load_backbone(path)` rebuilds the same backbone.
+
+    Settings left out come from the VisionBackbone, or for a bare module from its config and family.
+    """
+    if isinstance(bb_or_model, VisionBackbone):
+        bb = bb_or_model
+        model, family, patch_size = bb.model, bb.family, bb.patch_size
+        mean = bb.mean if mean is None else mean
+        std = bb.std if std is None else std
+        max_num_patches = bb.max_num_patches if image_size is None else None
+        image_size = image_size or bb.image_size
+    else:
+        model = bb_or_model
+        config = getattr(vision_tower(model), "config", None)
+        family = family_of(config)
+        patch_size = size_pair(config.patch_size)[0]
+        mean = family.mean if mean is None else mean
+        std = family.std if std is None else std
+        max_num_patches = None if image_size else getattr(config, "num_patches", None)
+        image_size = image_size or default_image_size(config, family)
+    path = Path(path)
+    with _quiet_transformers():
+        model.save_pretrained(path)
+    processor = {
+        "image_processor_type": family.processor_class,
+        "do_resize": True,
+        "resample": 3,  # PIL bicubic, what preprocess() uses
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(m) for m in mean],
+        "image_std": [float(s) for s in std],
+    }
+    if family.patchified:
+        max_num_patches = max_num_patches or (int(image_size) // patch_size) ** 2
+        processor.update(patch_size=patch_size, max_num_patches=int(max_num_patches))
+    else:
+        processor["size"] = {"height": int(image_size), "width": int(image_size)}
+    atomic_write_json(path / PROCESSOR_CONFIG, processor)
+    return path
+
+
+def processor_settings(processor: dict) -> dict:
+    """image_size, mean, std (and NaFlex max_num_patches) from an HF preprocessor_config.json.
+
+    The model's input size is the crop size when the processor centre-crops, else the resize size.
+    We resize straight to it without cropping (model_stitching.md §4.1).
+    """
+    settings = {}
+    if processor.get("image_mean") is not None:
+        settings["mean"] = _triple(processor["image_mean"])
+    if processor.get("image_std") is not None:
+        settings["std"] = _triple(processor["image_std"])
+    size = processor.get("crop_size") if processor.get("do_center_crop") else None
+    size = size or processor.get("size")
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    if size:
+        settings["image_size"] = int(size)
+    if processor.get("max_num_patches"):
+        settings["max_num_patches"] = int(processor["max_num_patches"])
+    return settings
+
+
+def _triple(value) -> tuple[float, float, float]:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    env = (os.environ.get(name, "").lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env) or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
+    import transformers
+
+    folder = Path(source).expanduser()
+    if not folder.exists() and _looks_like_path(source):
+        raise ModelNotFoundError(f"no such model folder: {folder}")
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{folder} has no config.json: pass a folder written by save_pretrained or save_backbone "
+                "(config.json, the weights and ideally preprocessor_config.json)"
+            )
+        source = str(folder)
+
+    config = _from_hub(source, lambda **kw: transformers.AutoConfig.from_pretrained(source, **kw))
+    family = family_of(config)
+    vision_class = getattr(transformers, family.vision_class)
+    model, info = _from_hub(
+        source,
+        lambda **kw: vision_class.from_pretrained(source, dtype=dtype, output_loading_info=True, **kw),
+    )
+    # A full image-text checkpoint has text weights the vision class ignores, but a vision weight
+    # missing from the checkpoint would be silently random: refuse it.
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelNotFoundError(
+            f"{source}: the checkpoint lacks {len(missing)} weights of its {family.vision_class} "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
+    settings = {}
+    processor_file = _optional_file(source, PROCESSOR_CONFIG)
+    if processor_file is not None:
+        try:
+            settings = processor_settings(json.loads(Path(processor_file).read_text()))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ModelNotFoundError(f"{source}: unreadable {PROCESSOR_CONFIG}: {_first_line(err)}") from None
+    return vision_tower(model), settings
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else with a separator or a leading ./~ is a path."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _from_hub(source: str, load):
+    """Call `load(local_files_only=...)`: the local cache first, then the hub unless offline.
+
+    Every failure becomes one ModelNotFoundError that says where to get the model from.
+    """
+    try:
+        with _quiet_transformers():
+            return load(local_files_only=True)
+    except (OSError, ValueError) as err:
+        reason = err
+    if not _hub_offline() and not Path(source).exists():
+        try:
+            with _quiet_transformers():
+                return load(local_files_only=False)
+        except (OSError, ValueError) as err:
+            reason = err
+    if Path(source).exists():
+        raise ModelNotFoundError(f"cannot load the model in {source}: {_first_line(reason)}") from None
+    how = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else f"downloading failed: {_first_line(reason)}"
+    raise ModelNotFoundError(
+        f"model {source!r} is not a local folder and not in the Hugging Face cache, and {how}.\n"
+        f"Download it where there is internet (`hf download {source}`) and copy the cache, "
+        "or pass the path of a local folder holding config.json and the weights."
+    ) from None
+
+
+def _optional_file(source: str, filename: str) -> str | None:
+    """A file of a local folder or a (cached or downloadable) hub repo, or None when it has none."""
+    local = Path(source) / filename
+    if Path(source).exists():
+        return str(local) if local.is_file() else None
+    from transformers.utils import cached_file
+
+    for local_only in (True, False) if not _hub_offline() else (True,):
+        try:
+            found = cached_file(
+                source,
+                filename,
+                local_files_only=local_only,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except (OSError, ValueError):
+            found = None
+        if found:
+            return found
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report and progress bars (a full CLIP checkpoint loaded as its vision
+    tower reports every text weight as 'unexpected', which is expected here)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
