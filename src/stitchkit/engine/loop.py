@@ -1,0 +1,382 @@
+"""The one training loop, on Hugging Face accelerate: CPU, one GPU or several (DDP).
+
+    result = train(model, loss_fn, dataset, TrainConfig(steps=500, batch_size=64), out_dir)
+
+Determinism. The data order depends only on (seed, epoch): every epoch is a seeded permutation of
+the dataset, epochs are concatenated into one endless stream, and optimizer step s trains on the
+fixed slice [s * batch_size, (s + 1) * batch_size) of that stream (the global batch). Under N
+processes, process r takes the r-th contiguous shard of the global batch, and splits it into
+`grad_accum` micro-batches. So resuming needs no DataLoader replay, and N processes see exactly the
+samples one process sees at the same global batch. The loss of each micro-batch is divided by
+`grad_accum` and DDP averages gradients over processes, so the gradient equals the full-batch
+gradient of the mean loss (up to float summation order), provided `loss_fn` returns a mean over
+its batch. A killed training re-run with the same out_dir resumes from its last checkpoint
+(weights, optimizer, schedule, RNG states) and ends with exactly the weights of an uninterrupted run.
+
+out_dir holds metrics.jsonl (one JSON record per logged step), checkpoint/ (see checkpoint.py) and
+done.json once finished; a finished training is not run again: its weights are loaded.
+
+Several CPU processes (to test DDP without GPUs): `accelerate launch --cpu` starts only one process
+(accelerate issue #2741), so use its torchrun path with ACCELERATE_USE_CPU=1:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    gather_object,
+    is_tensorboard_available,
+    parse_flag_from_env,
+    send_to_device,
+)
+from torch import nn
+from torch.utils.data import default_collate
+from transformers import get_cosine_schedule_with_warmup
+
+from stitchkit.config import Config
+from stitchkit.engine.checkpoint import (
+    CHECKPOINT,
+    checkpoint_dir,
+    finish_interrupted_swap,
+    load_checkpoint,
+    load_trainable_state_dict,
+    read_checkpoint_state,
+    save_checkpoint,
+    wait_for_everyone,
+)
+from stitchkit.engine.seeding import rng_state, seed_everything, set_rng_state
+from stitchkit.errors import ConfigError, InputError, StitchkitError
+from stitchkit.progress import make_progress
+from stitchkit.runs import atomic_write_json, atomic_write_text
+
+METRICS = "metrics.jsonl"
+DONE = "done.json"
+# Config fields that do not change the trained weights; a resume may change them.
+NOT_AFFECTING_RESULT = ("checkpoint_every", "log_every")
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+class TrainConfig(Config):
+    """How `train` optimises: AdamW (decoupled weight decay) with linear warmup then cosine decay to 0."""
+
+    steps: int = pydantic.Field(ge=1)  # optimizer steps
+    # The global batch of one optimizer step, over all processes and micro-batches.
+    batch_size: int = pydantic.Field(ge=1)
+    lr: float = pydantic.Field(1e-3, gt=0)
+    weight_decay: float = pydantic.Field(0.05, ge=0)
+    warmup_steps: int = pydantic.Field(0, ge=0)
+    grad_accum: int = pydantic.Field(1, ge=1)
+    max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
+    checkpoint_every: int = pydantic.Field(200, ge=1)  # steps; a checkpoint is also written at the end
+    log_every: int = pydantic.Field(10, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, no on CPU
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The trained model (the caller's object, on the training device) and what the training logged."""
+
+    model: nn.Module
+    steps: int
+    losses: list[float]  # per optimizer step, mean over the global batch
+    metrics: list[dict[str, Any]]  # the records of metrics.jsonl (main process only)
+    resumed_from: int | None  # checkpoint step this run started from (= steps if already done), None if fresh
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: Any,
+    cfg: TrainConfig,
+    out_dir: str | Path | None,
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    description: str = "train",
+    eval_fn: EvalFn | None = None,
+    eval_every: int | None = None,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad with AdamW and a warmup + cosine schedule.
+
+    loss_fn(model, batch) returns the mean loss over `batch`, or (loss, {name: value}) with extra
+    metrics. Under several processes `model` is the DDP wrapper: call it (its forward is what syncs
+    gradients) rather than reading its attributes; close over your own model for those.
+    dataset: anything with __len__ and __getitem__; `collate_fn` (default: torch's default_collate)
+    makes a batch from a list of samples. eval_fn(model, step) runs on the main process in eval mode
+    without gradients, every `eval_every` steps and at the end; it cannot disturb the training RNG.
+    out_dir=None trains in memory: no files, no resume. `model` is trained in place and left on the
+    training device with its modules' train/eval modes as the caller had them.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise StitchkitError("nothing to train: no parameter of the model has requires_grad=True")
+    if len(dataset) == 0:
+        raise InputError("cannot train on an empty dataset")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    collate_fn = collate_fn or default_collate
+
+    # Accelerator reads ACCELERATE_USE_CPU (set by `accelerate launch --cpu`) but PartialState does not;
+    # we create the PartialState first (to probe the model before building the Accelerator), so pass it on.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > state.num_processes:
+        # Without this check every process would train alone and all would write the same out_dir.
+        raise StitchkitError(
+            f"{launched} processes were launched but accelerate found no GPU to connect them over. "
+            "For several CPU processes set ACCELERATE_USE_CPU=1, e.g. `ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes 2 ...` (accelerate launch --cpu starts a single process)"
+        )
+    model.to(state.device)
+    if out_dir is not None and (out_dir / DONE).exists():
+        return _finished_training(model, cfg, out_dir)
+    micro_batch_size = _micro_batch_size(cfg, state.num_processes)
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and state.device.type == "cuda")
+
+    def autocast():
+        # torch.autocast rather than Accelerator(mixed_precision=...): accelerate fixes the precision
+        # once per process, and one process may run several trainings with different settings.
+        return torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def micro_batches(step: int) -> Iterator[Any]:
+        """This process's micro-batches of the global batch of `step`, on its device."""
+        shard = _global_batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)
+        shard = shard.reshape(state.num_processes, -1)[state.process_index]
+        for indices in shard.reshape(cfg.grad_accum, micro_batch_size):
+            yield send_to_device(collate_fn([dataset[int(i)] for i in indices]), state.device)
+
+    # Train mode for the whole model (dropout on); the caller's modes come back at the end.
+    caller_modes = {module: module.training for module in model.modules()}
+    model.train()
+    # DDP must be told about trainable parameters the loss does not reach (find_unused_parameters),
+    # which costs a graph traversal every step, so we ask for it only when a probe shows it is needed.
+    find_unused = state.num_processes > 1 and any(
+        gather_object([_has_unused_trainable_parameters(model, loss_fn, next(micro_batches(0)), autocast)])
+    )
+    # Ranks get different seeds so their dropout masks differ; rank 0 matches a one-process run.
+    seed_everything(cfg.seed + state.process_index)
+
+    use_tensorboard = out_dir is not None and is_tensorboard_available()
+    accelerator = Accelerator(
+        mixed_precision="no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        # We step the schedule once per optimizer step; accelerate would otherwise step it once per process.
+        step_scheduler_with_optimizer=False,
+        log_with="tensorboard" if use_tensorboard else None,
+        project_dir=out_dir,
+    )
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    # `prepared` is `model` itself in one process and its DDP wrapper in several; either way the
+    # parameters are those of `model`, so we read and save `model` directly.
+    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # log_window: [loss, *extras] of the steps since the last log record, averaged into the next one.
+    start_step, losses, log_window, metrics, resumed_from = 0, [], [], [], None
+    if out_dir is not None:
+        if accelerator.is_main_process:
+            finish_interrupted_swap(out_dir)
+        wait_for_everyone(accelerator)
+        checkpoint = checkpoint_dir(out_dir)
+        if checkpoint is not None:
+            _check_same_config(read_checkpoint_state(checkpoint)["config"], cfg, out_dir)
+            saved = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index)
+            start_step = resumed_from = saved["step"]
+            losses, log_window = saved["losses"], saved["log_window"]
+        if accelerator.is_main_process:
+            metrics = _truncate_metrics(out_dir / METRICS, start_step)
+    if use_tensorboard:
+        accelerator.init_trackers("tensorboard")
+
+    progress = make_progress()
+    progress.disable = progress.disable or not accelerator.is_main_process
+    with progress:
+        bar = progress.add_task(description, total=cfg.steps, completed=start_step, status="")
+        pending: list[torch.Tensor] = []  # reduced [loss, *extras] per step, not yet turned into floats
+        metric_names: list[str] = []
+        for step in range(start_step, cfg.steps):
+            lr = scheduler.get_last_lr()[0]
+            values: torch.Tensor | float = 0.0  # [loss, *extras], mean over this process's micro-batches
+            for i, batch in enumerate(micro_batches(step)):
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                last = i == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(prepared):
+                    with autocast():
+                        loss, extras = _split_loss(loss_fn(prepared, batch))
+                    accelerator.backward(loss / cfg.grad_accum)
+                metric_names = list(extras)
+                extra_values = [torch.as_tensor(v).detach().to(loss.device, torch.float32) for v in extras.values()]
+                values = values + torch.stack([loss.detach().float(), *extra_values]) / cfg.grad_accum
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append(accelerator.reduce(values, reduction="mean"))
+
+            done = step + 1
+            progress.update(bar, completed=done)
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            eval_due = done == cfg.steps or (eval_every is not None and done % eval_every == 0)
+            eval_now = eval_fn is not None and eval_due
+            checkpoint_now = out_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            if not (log_now or eval_now or checkpoint_now):
+                continue
+            # Turning values into floats waits for the device, so we do it only here.
+            new_values = torch.stack(pending).tolist()
+            pending = []
+            losses.extend(v[0] for v in new_values)
+            log_window.extend(new_values)
+            record: dict[str, Any] = {"step": done}
+            if log_now:
+                means = np.mean(log_window, axis=0).tolist()
+                log_window = []
+                record.update(loss=means[0], lr=lr, epoch=done * cfg.batch_size / len(dataset))
+                record.update(zip(metric_names, means[1:]))
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+            if eval_now and accelerator.is_main_process:
+                record.update(_evaluate(eval_fn, model, done))
+            if len(record) > 1 and accelerator.is_main_process:
+                metrics.append(record)
+                if out_dir is not None:
+                    with open(out_dir / METRICS, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+            if checkpoint_now:
+                checkpoint_state = {
+                    "step": done,
+                    "samples_seen": done * cfg.batch_size,
+                    "losses": losses,
+                    "log_window": log_window,
+                    "config": cfg.model_dump(mode="json"),
+                }
+                save_checkpoint(out_dir, accelerator, model, optimizer, scheduler, checkpoint_state)
+            if log_now:
+                progress.update(bar, status=f"loss {record['loss']:.4f}")
+
+    if out_dir is not None and accelerator.is_main_process:
+        atomic_write_json(out_dir / DONE, {"steps": cfg.steps, "losses": losses, "config": cfg.model_dump(mode="json")})
+    wait_for_everyone(accelerator)
+    # Not accelerator.end_training(): it also destroys the process group, which a later training in
+    # this process still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    for module, training in caller_modes.items():
+        module.training = training
+    return TrainResult(model=model, steps=cfg.steps, losses=losses, metrics=metrics, resumed_from=resumed_from)
+
+
+def _micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+    parts = num_processes * cfg.grad_accum
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by processes ({num_processes}) x grad_accum "
+            f"({cfg.grad_accum}) = {parts}"
+        )
+    return cfg.batch_size // parts
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, dataset_size: int) -> np.ndarray:
+    # SeedSequence mixes (seed, epoch) properly: nearby seeds give unrelated orders.
+    return np.random.default_rng([seed, epoch]).permutation(dataset_size)
+
+
+def _global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> np.ndarray:
+    """Dataset indices of the global batch of optimizer step `step` (a slice of the epoch stream)."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, dataset_size)
+    return np.array([_epoch_permutation(seed, int(e), dataset_size)[o] for e, o in zip(epochs, offsets)])
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (weights, embeddings) only; biases, norm scales and other 1-D tensors are not decayed."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _split_loss(output: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    loss, extras = output if isinstance(output, tuple) else (output, {})
+    if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
+        raise TypeError(f"loss_fn must return a scalar tensor (or (tensor, dict)), got {type(loss).__name__}")
+    return loss, extras
+
+
+def _has_unused_trainable_parameters(model: nn.Module, loss_fn: LossFn, batch: Any, autocast) -> bool:
+    """One forward/backward: does some trainable parameter get no gradient? RNG states are restored."""
+    saved = rng_state()
+    with autocast():
+        loss, _ = _split_loss(loss_fn(model, batch))
+    loss.backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    set_rng_state(saved)
+    return unused
+
+
+def _evaluate(eval_fn: EvalFn, model: nn.Module, step: int) -> dict[str, float]:
+    # Saving and restoring the RNGs makes a training with evaluation match one without.
+    saved = rng_state()
+    model.eval()
+    with torch.no_grad():
+        results = eval_fn(model, step)
+    model.train()
+    set_rng_state(saved)
+    return {k: float(v) for k, v in results.items()}
+
+
+def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, out_dir: Path) -> None:
+    current = cfg.model_dump(mode="json")
+    changed = [k for k in current if k not in NOT_AFFECTING_RESULT and saved.get(k) != current[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{out_dir} holds a training made with a different config ({diff}); "
+            "use another output folder or delete this one"
+        )
+
+
+def _truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the records up to `last_step` (later steps are re-run) and drop a torn last line."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= last_step:
+                records.append(record)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _finished_training(model: nn.Module, cfg: TrainConfig, out_dir: Path) -> TrainResult:
+    """A training that already finished: load its final trainable weights into `model`."""
+    done = json.loads((out_dir / DONE).read_text())
+    _check_same_config(done["config"], cfg, out_dir)
+    load_trainable_state_dict(model, out_dir / CHECKPOINT / "model.safetensors")
+    metrics_path = out_dir / METRICS
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    steps = done["steps"]
+    return TrainResult(model=model, steps=steps, losses=done["losses"], metrics=metrics, resumed_from=steps)

@@ -1,0 +1,296 @@
+"""The training engine: against a hand-written PyTorch loop, resume after kills, and two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import engine_tiny_train as tiny
+from stitchkit.config import validate_config
+from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine import checkpoint as checkpoint_module
+from stitchkit.engine.loop import _global_batch_indices
+from stitchkit.errors import ConfigError, InputError, StitchkitError
+
+HELPER = Path(__file__).with_name("engine_tiny_train.py")
+VENV_BIN = Path(sys.executable).parent
+
+
+def metrics_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_result(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in f.metadata().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    size, batch = 10, 4
+    stream = np.concatenate([_global_batch_indices(step, batch, size, seed=3) for step in range(5)])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:])  # a new order every epoch
+    assert np.array_equal(_global_batch_indices(2, batch, size, seed=3), stream[8:12])
+    assert not np.array_equal(_global_batch_indices(0, batch, size, seed=4), stream[:4])
+
+
+def test_matches_a_hand_written_pytorch_loop():
+    """Oracle: plain AdamW on the full global batch, decay only on matrices, clipping, and the
+    warmup + cosine schedule written out by hand; the engine splits each batch into 2 micro-batches."""
+    cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, lr=3e-3, weight_decay=0.1, warmup_steps=2,
+                      max_grad_norm=0.5, log_every=1, seed=5, mixed_precision="no")
+    data = tiny.make_dataset()
+    result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+
+    model = tiny.build_model()
+    decayed = [model.hidden.weight, model.head.weight]
+    not_decayed = [model.hidden.bias, model.norm.weight, model.norm.bias, model.head.bias]
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": not_decayed, "weight_decay": 0.0}], lr=3e-3
+    )
+
+    def lr_at(step):  # linear warmup, then half a cosine down to 0
+        if step < cfg.warmup_steps:
+            return cfg.lr * step / cfg.warmup_steps
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
+
+    stream = np.concatenate([np.random.default_rng([cfg.seed, epoch]).permutation(len(data)) for epoch in range(3)])
+    losses, lrs, grad_norms = [], [], []
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        indices = stream[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        x = torch.stack([data[i]["x"] for i in indices])
+        y = torch.stack([data[i]["y"] for i in indices])
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(decayed + not_decayed, cfg.max_grad_norm).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        lrs.append(lr_at(step))
+
+    # Float32 sums in a different order (two half-batches vs one batch): agreement to ~1e-7 relative.
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in result.metrics], lrs, rtol=1e-12, atol=1e-15)
+    # The gradient itself (before clipping): shows each micro-batch loss is scaled by 1/grad_accum.
+    np.testing.assert_allclose([r["grad_norm"] for r in result.metrics], grad_norms, rtol=1e-5)
+    trained = tiny.trainable_weights(result.model)
+    for name, expected in tiny.trainable_weights(model).items():
+        torch.testing.assert_close(trained[name], expected, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(0 <= r["accuracy"] <= 1 for r in result.metrics)
+
+
+def test_checkpoint_holds_trainable_state_only_and_a_finished_training_is_loaded_not_rerun(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
+    data = tiny.make_dataset()
+    model = tiny.build_model(dropout=0.1)
+    frozen_before = model.frozen.weight.clone()
+    first = train(model, tiny.loss_fn, data, cfg, tmp_path / "a")
+    assert torch.equal(model.frozen.weight.cpu(), frozen_before)
+    assert first.resumed_from is None and len(first.losses) == 4
+    with safe_open(str(tmp_path / "a" / "checkpoint" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert "hidden.weight" in saved and "norm.bias" in saved and not any(k.startswith("frozen.") for k in saved)
+    assert metrics_steps(tmp_path / "a") == [1, 2, 3, 4]
+    written = {p.name for p in tmp_path.joinpath("a").iterdir()} - {"tensorboard"}  # if tensorboard is installed
+    assert written == {"checkpoint", "done.json", "metrics.jsonl"}
+
+    # Same seed, same bytes.
+    train(tiny.build_model(dropout=0.1), tiny.loss_fn, data, cfg, tmp_path / "b")
+    for name in ("checkpoint/model.safetensors", "metrics.jsonl", "done.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    def must_not_train(model, batch):
+        raise AssertionError("a finished training was run again")
+
+    fresh = tiny.build_model(dropout=0.1)
+    again = train(fresh, must_not_train, data, cfg, tmp_path / "a")
+    assert again.model is fresh and again.resumed_from == 4
+    assert again.losses == first.losses and again.metrics == first.metrics
+    assert_same_weights(tiny.trainable_weights(fresh), tiny.trainable_weights(first.model))
+
+    with pytest.raises(ConfigError, match="lr: 0.001 -> 0.01"):
+        train(tiny.build_model(), must_not_train, data, cfg.model_copy(update={"lr": 0.01}), tmp_path / "a")
+
+
+def test_resume_after_a_crash_while_checkpointing(tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=6, batch_size=8, grad_accum=2, checkpoint_every=2, log_every=1)
+    data = tiny.make_dataset()
+    reference = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, None)
+
+    # Die while writing the second checkpoint (step 4), after its weights are written.
+    writes = 0
+    real_write = checkpoint_module.atomic_write_json
+
+    def dying_write(path, obj):
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise RuntimeError("simulated kill")
+        real_write(path, obj)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_json", dying_write)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, out)
+    monkeypatch.undo()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "checkpoint.tmp" / "model.safetensors").exists()
+    # And as if a kill had also hit a swap between its two renames.
+    os.replace(out / "checkpoint", out / "checkpoint.old")
+
+    resumed = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, out)
+    assert resumed.resumed_from == 2
+    assert resumed.losses == reference.losses
+    assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
+
+
+def run_helper(args: list[str], launcher: list[str] | None = None, extra_env: dict | None = None):
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
+    env.update(STITCHKIT_PROGRESS="0", **(extra_env or {}))
+    command = (launcher or [sys.executable]) + [str(HELPER), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_killed_training_resumes_to_exactly_the_weights_of_an_uninterrupted_one(tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=8, grad_accum=2, checkpoint_every=3, log_every=1)
+    out, result = tmp_path / "run", tmp_path / "result.safetensors"
+    args = ["--out", str(out), "--result", str(result), "--config", cfg.model_dump_json(), "--dropout", "0.3"]
+
+    killed = run_helper([*args, "--crash-at-step", "5"])  # dies in step 6, after the step-3 checkpoint
+    assert killed.returncode == 1, killed.stderr
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert metrics_steps(out) == [1, 2, 3, 4, 5] and not (out / "done.json").exists()
+
+    rerun = run_helper(args)
+    assert rerun.returncode == 0, rerun.stderr
+    weights, info = read_result(result)
+    assert info["resumed_from"] == 3
+
+    reference = train(tiny.build_model(dropout=0.3), tiny.loss_fn, tiny.make_dataset(), cfg, None)
+    assert_same_weights(weights, tiny.trainable_weights(reference.model))
+    assert info["losses"] == reference.losses
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_one_at_the_same_global_batch(tmp_path):
+    """DDP over gloo, with a frozen layer and a trainable head the loss never uses (which makes the
+    engine turn on find_unused_parameters). `accelerate launch --cpu` starts only one process
+    (accelerate issue #2741), so CPU processes go through its torchrun path with ACCELERATE_USE_CPU."""
+    cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, checkpoint_every=4, log_every=1, mixed_precision="no")
+    out, result = tmp_path / "run", tmp_path / "result.safetensors"
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+                "--main_process_port", str(free_port())]
+    launched = run_helper(["--out", str(out), "--result", str(result), "--config", cfg.model_dump_json(),
+                           "--unused-head", "--again"], launcher, {"ACCELERATE_USE_CPU": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoint").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    weights, info = read_result(result)
+
+    single = train(tiny.build_model(unused_head=True), tiny.loss_fn, tiny.make_dataset(), cfg, None)
+    # Same samples, same math; only float32 summation order differs (per-process micro-batches of 4
+    # vs 8, then an all-reduce mean), which moves losses by ~1e-7 relative: rtol 1e-5 leaves margin.
+    np.testing.assert_allclose(info["losses"], single.losses, rtol=1e-5)
+    assert info["losses_again"] == info["losses"]  # a second training in the same processes works alike
+    for name, expected in tiny.trainable_weights(single.model).items():
+        torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weights["unused_head.weight"], tiny.build_model(unused_head=True).unused_head.weight)
+
+
+def test_bf16_autocast_wraps_the_loss(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=8, mixed_precision="bf16", log_every=1)
+
+    def autocast_checking_loss(model, batch):
+        device = batch["x"].device.type
+        assert torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        return tiny.loss_fn(model, batch)
+
+    bf16 = train(tiny.build_model(), autocast_checking_loss, tiny.make_dataset(), cfg, None)
+    fp32_cfg = cfg.model_copy(update={"mixed_precision": "no"})
+    fp32 = train(tiny.build_model(), tiny.loss_fn, tiny.make_dataset(), fp32_cfg, None)
+    np.testing.assert_allclose(bf16.losses, fp32.losses, rtol=3e-2)  # bf16 keeps ~3 significant digits
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+
+
+def test_eval_fn_is_logged_and_does_not_disturb_training():
+    cfg = TrainConfig(steps=4, batch_size=8, log_every=2)
+    data = tiny.make_dataset()
+    evaluated = []
+
+    def eval_fn(model, step):
+        assert not model.training and not torch.is_grad_enabled()
+        torch.rand(3), random.random(), np.random.rand()  # consumes every RNG the training uses
+        evaluated.append(step)
+        everything = torch.utils.data.default_collate(data)
+        device = next(model.parameters()).device
+        return {"eval_loss": tiny.loss_fn(model, {k: v.to(device) for k, v in everything.items()})[0]}
+
+    with_eval = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, None, eval_fn=eval_fn, eval_every=3)
+    plain = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, None)
+    assert evaluated == [3, 4]
+    assert with_eval.losses == plain.losses
+    assert [sorted(r) for r in with_eval.metrics] == [
+        ["accuracy", "epoch", "grad_norm", "loss", "lr", "step"],
+        ["eval_loss", "step"],
+        ["accuracy", "epoch", "eval_loss", "grad_norm", "loss", "lr", "step"],
+    ]
+    assert with_eval.metrics[0]["loss"] == pytest.approx(np.mean(plain.losses[:2]))
+
+
+def test_user_errors_are_one_clear_message(tmp_path, monkeypatch):
+    data = tiny.make_dataset()
+    with pytest.raises(ConfigError, match="divisible by processes"):
+        train(tiny.build_model(), tiny.loss_fn, data, TrainConfig(steps=1, batch_size=10, grad_accum=4), None)
+    with pytest.raises(ConfigError, match="steps"):
+        validate_config(TrainConfig, {"steps": 0, "batch_size": 8})
+    with pytest.raises(ConfigError, match="lrr"):
+        validate_config(TrainConfig, {"steps": 1, "batch_size": 8, "lrr": 0.1})
+    frozen = tiny.build_model().requires_grad_(False)
+    with pytest.raises(StitchkitError, match="nothing to train"):
+        train(frozen, tiny.loss_fn, data, TrainConfig(steps=1, batch_size=8), None)
+
+    cfg = TrainConfig(steps=1, batch_size=8)
+    train(tiny.build_model(), tiny.loss_fn, data, cfg, tmp_path / "run")
+    with pytest.raises(InputError, match="do not fit this model"):
+        train(tiny.build_model(unused_head=True), tiny.loss_fn, data, cfg, tmp_path / "run")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StitchkitError, match="ACCELERATE_USE_CPU=1"):
+        train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+
+
+def test_seed_everything_seeds_every_rng():
+    seed_everything(11)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(11)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
