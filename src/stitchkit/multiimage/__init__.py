@@ -1,0 +1,34 @@
+"""MIMIC ("More Images, More Problems?", seed 001): a controlled multi-image benchmark built from any COCO-format
+annotation file, its scorers and its exports.
+
+    config.py      MimicConfig: tasks, sample counts, control-variable grids, area filter (pydantic)
+    index.py       MimicIndex: per-image class presence and counts, eligibility pools, built once
+    templates.py   the question bank (several templates per task)
+    generator.py   the four task samplers, answer recomputation, build_benchmark (`stitchkit mimic build`)
+    benchmark.py   the Sample record and the benchmark folder (samples.jsonl + benchmark.json)
+    protocol.py    prompts, the legacy_official and clean parsers, metrics (stdlib only; copied into exports)
+    scoring.py     predictions -> results.json, report.md, breakdowns, figures (`stitchkit mimic score`)
+    exports.py     HF datasets / parquet, lmms-eval task folder, VLMEvalKit TSVs (`stitchkit mimic export`)
+    adapters/      the lmms-eval utils.py and VLMEvalKit dataset class, copied into exports
+"""
+
+from stitchkit.multiimage.benchmark import CONTROLS, Benchmark, Sample, load_benchmark
+from stitchkit.multiimage.config import MimicConfig
+from stitchkit.multiimage.generator import build_benchmark, generate
+from stitchkit.multiimage.index import MimicIndex
+from stitchkit.multiimage.protocol import TASKS, Vocabulary, prompt_text, score_sample
+
+__all__ = [
+    "CONTROLS",
+    "TASKS",
+    "Benchmark",
+    "MimicConfig",
+    "MimicIndex",
+    "Sample",
+    "Vocabulary",
+    "build_benchmark",
+    "generate",
+    "load_benchmark",
+    "prompt_text",
+    "score_sample",
+]

@@ -1,0 +1,106 @@
+"""A built MIMIC benchmark on disk, and its sample record.
+
+    DIR/samples.jsonl    one sample per line (the record below), tasks in the order of protocol.TASKS
+    DIR/benchmark.json   images_root, class names and supercategories, the config, per-class pool sizes,
+                         rejection counts, skipped grid cells
+    DIR/summary.md       samples per task and control value
+    DIR/manifest.json, DIR/config.yaml   how it was made (runs.RunDir)
+
+A record carries everything a VLM evaluation needs -- the image files in order, the question, the answer --
+and every control variable, so scores can be broken down without the annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from stitchkit.errors import InputError
+from stitchkit.multiimage.protocol import TASKS, Vocabulary, prompt_text
+
+SAMPLES_FILE = "samples.jsonl"
+META_FILE = "benchmark.json"
+
+# the control variables a breakdown can group by (reference section 4.2, "Reporting")
+CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "category", "template_id", "odd_images")
+
+
+@dataclass
+class Sample:
+    id: str  # "<task>-NNNNNN"
+    task: str  # counting | listing | common | oddone
+    cell: str  # the grid cell it was drawn for, e.g. "balanced_k1_s2_d8_C4" (the official `task` sub-key)
+    question: str  # raw question; the prompt is protocol.prompt_text(task, question)
+    template_id: int
+    gt: str  # "4" | "zebra: 4, giraffe: 2" | "bear, cat, dog" | "dog"
+    images: list[str]  # file names relative to images_root, in the order shown to the model
+    image_ids: list[int]
+    n_images: int  # N
+    spread: int  # s: images holding target instances (counting / listing), the odd images (odd-one), N (common)
+    n_distractors: int  # N - s
+    k: int  # concepts: queried classes (counting), classes in the answer (listing), 1 otherwise
+    classes: list[str]  # counting: queried; listing: answer; common: [c]; odd-one: [odd, majority]
+    counts_per_image: list[list[int]]  # [image][class]: non-crowd instances of classes[j] in image i
+    target_positions: list[int]  # positions (0-based, in `images`) of the images holding target instances
+    balanced: Optional[bool]  # counting only
+    total_count: Optional[int]  # counting balanced: C, the per-class total
+    category: Optional[str]  # listing: the supercategory
+    odd_images: Optional[int]  # odd-one: images holding the odd class
+    filter_mode: str
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def prompt(self, legacy: bool = False) -> str:
+        return prompt_text(self.task, self.question, legacy=legacy)
+
+
+@dataclass
+class Benchmark:
+    root: Path
+    samples: list[Sample]
+    meta: dict[str, Any]
+
+    @property
+    def images_root(self) -> Path:
+        return Path(self.meta["images_root"])
+
+    def image_paths(self, sample: Sample) -> list[Path]:
+        return [self.images_root / name for name in sample.images]
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.meta["class_names"])
+
+    def by_id(self) -> dict[str, Sample]:
+        return {s.id: s for s in self.samples}
+
+    def tasks(self) -> list[str]:
+        present = {s.task for s in self.samples}
+        return [t for t in TASKS if t in present]
+
+
+def write_samples(path: str | os.PathLike, samples: list[Sample]) -> None:
+    from stitchkit.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(s.to_dict(), separators=(",", ":")) + "\n" for s in samples))
+
+
+def load_benchmark(root: str | os.PathLike) -> Benchmark:
+    """Read a folder written by `stitchkit mimic build`."""
+    root = Path(root)
+    samples_path, meta_path = root / SAMPLES_FILE, root / META_FILE
+    for path in (samples_path, meta_path):
+        if not path.is_file():
+            raise InputError(
+                f"{root} is not a MIMIC benchmark folder (no {path.name}); build one with `stitchkit mimic build`"
+            )
+    try:
+        meta = json.loads(meta_path.read_text())
+        samples = [Sample(**json.loads(line)) for line in samples_path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, TypeError) as err:
+        raise InputError(f"{root}: corrupt benchmark files ({err})") from None
+    return Benchmark(root, samples, meta)

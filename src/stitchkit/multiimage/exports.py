@@ -1,0 +1,264 @@
+"""Exports of a built benchmark: HF datasets (save_to_disk and parquet), an lmms-eval task folder, VLMEvalKit TSVs.
+
+    OUT/hf/<task>/                 DatasetDict {"test": ...} (datasets.load_from_disk), images embedded as a
+                                   sequence-of-Image feature
+    OUT/parquet/<task>/test-00000-of-00001.parquet   the same rows (datasets.load_dataset("parquet", ...))
+    OUT/lmms_eval/mimic/           group `mimic` (+ `mimic_legacy`), four task YAMLs, utils.py, the scorer
+    OUT/vlmevalkit/                MIMIC.tsv, mimic.py (dataset class), the scorer, README.md
+
+The scorer module (protocol.py) is copied byte for byte into both adapter folders, so an lmms-eval or
+VLMEvalKit run scores exactly as `stitchkit mimic score` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from stitchkit.errors import InputError
+from stitchkit.multiimage import protocol
+from stitchkit.multiimage.benchmark import Benchmark, Sample
+from stitchkit.runs import atomic_path, atomic_write_text
+
+FORMATS = ("hf", "parquet", "lmms-eval", "vlmevalkit")
+ADAPTERS = Path(__file__).parent / "adapters"
+VLMEVALKIT_NAMES = {"counting": "MIMIC_Counting", "common": "MIMIC_Common", "oddone": "MIMIC_OddOne",
+                    "listing": "MIMIC_Listing"}
+
+
+def hf_features():
+    from datasets import Features, Image, List, Value
+
+    int32, string = Value("int32"), Value("string")
+    return Features({
+        "id": string, "task": string, "cell": string, "question": string, "template_id": int32, "gt": string,
+        "images": List(Image()), "image_files": List(string), "image_ids": List(Value("int64")),
+        "n_images": int32, "spread": int32, "n_distractors": int32, "k": int32, "classes": List(string),
+        "counts_per_image": List(List(int32)), "target_positions": List(int32), "balanced": Value("bool"),
+        "total_count": int32, "category": string, "odd_images": int32, "filter_mode": string,
+        "seed": Value("int64"),
+    })
+
+
+def _read_image(bench: Benchmark, name: str) -> bytes:
+    path = bench.images_root / name
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read image {path}: {err.strerror}") from None
+
+
+def _hf_rows(bench: Benchmark, samples: list[Sample]):
+    for sample in samples:
+        row = sample.to_dict()
+        row["image_files"] = row.pop("images")
+        row["images"] = [{"bytes": _read_image(bench, n), "path": Path(n).name} for n in sample.images]
+        yield row
+
+
+def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: bool = True) -> dict[str, Path]:
+    """One DatasetDict per task (the official configs: counting, common, listing, oddone; split "test")."""
+    from datasets import Dataset, DatasetDict
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    written = {}
+    with tempfile.TemporaryDirectory(dir=out if out.exists() else None) as cache:
+        for task in bench.tasks():
+            samples = [s for s in bench.samples if s.task == task]
+            # from_generator streams rows to arrow files, so COCO-size exports need not fit in memory
+            dataset = Dataset.from_generator(
+                _hf_rows, features=hf_features(), cache_dir=cache, gen_kwargs={"bench": bench, "samples": samples},
+                fingerprint=hashlib.sha256(json.dumps([s.to_dict() for s in samples]).encode()).hexdigest()[:32],
+            )
+            if save_to_disk:
+                target = out / "hf" / task
+                _replace_dir(target, lambda tmp: DatasetDict({"test": dataset}).save_to_disk(str(tmp)))
+                written[f"hf/{task}"] = target
+            if parquet:
+                target = out / "parquet" / task / "test-00000-of-00001.parquet"
+                with atomic_path(target) as tmp:
+                    dataset.to_parquet(str(tmp))
+                written[f"parquet/{task}"] = target
+            del dataset
+    return written
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Write a folder next to `target`, then swap it in, so a killed export never leaves half a dataset."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+# -- lmms-eval -----------------------------------------------------------------------------------------------
+
+DEFAULT_TEMPLATE = """\
+# Shared by every MIMIC task in this folder (lmms-eval `include:`).
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_target: !function utils.doc_to_target
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: ""
+metadata:
+  - version: 1.0
+"""
+
+
+def _task_yaml(task: str, dataset_path: Path, legacy: bool) -> str:
+    name = f"mimic_legacy_{task}" if legacy else f"mimic_{task}"
+    suffix = "_legacy" if legacy else ""
+    metrics = [(f"{task}_score_overall", "aggregate_score"), ("mimic_score", "aggregate_score")]
+    if task == "listing":
+        metrics += [("listing_precision", "aggregate_precision"), ("listing_recall", "aggregate_recall")]
+    metric_lines = "".join(
+        f"  - metric: {metric}\n    aggregation: !function utils.{fn}\n    higher_is_better: true\n"
+        for metric, fn in metrics
+    )
+    return (
+        f"task: {name}\n"
+        f"task_alias: {task}{' (legacy_official)' if legacy else ''}\n"
+        f"include: _default_template_yaml\n"
+        f"dataset_path: {json.dumps(str(dataset_path))}\n"
+        f"doc_to_text: !function utils.doc_to_text{suffix}\n"
+        f"process_results: !function utils.process_results{suffix}\n"
+        f"generation_kwargs:\n"
+        f"  max_new_tokens: {protocol.GENERATION_MAX_NEW_TOKENS[task]}\n"
+        f"  temperature: 0\n"
+        f"  do_sample: false\n"
+        f"metric_list:\n{metric_lines}"
+    )
+
+
+def _group_yaml(group: str, tasks: list[str]) -> str:
+    task_lines = "".join(f"  - {t}\n" for t in tasks)
+    return (
+        f"group: {group}\n"
+        f"task:\n{task_lines}"
+        f"# the paper's MIMIC Avg: the unweighted mean of the four task scores (listing: F1)\n"
+        f"aggregate_metric_list:\n"
+        f"  - metric: mimic_score\n"
+        f"    aggregation: mean\n"
+        f"    weight_by_size: false\n"
+        f"metadata:\n"
+        f"  version: 1.0\n"
+    )
+
+
+def export_lmms_eval(bench: Benchmark, out: Path, hf_root: Path) -> Path:
+    """The task folder for `lmms-eval --include_path OUT/lmms_eval/mimic --tasks mimic` (needs export_hf)."""
+    folder = out / "lmms_eval" / "mimic"
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = bench.tasks()
+    files = {
+        "_default_template_yaml": DEFAULT_TEMPLATE,
+        "mimic.yaml": _group_yaml("mimic", [f"mimic_{t}" for t in tasks]),
+        "mimic_legacy.yaml": _group_yaml("mimic_legacy", [f"mimic_legacy_{t}" for t in tasks]),
+        "utils.py": (ADAPTERS / "lmms_eval_utils.py").read_text(),
+        "mimic_protocol.py": Path(protocol.__file__).read_text(),
+        "mimic_vocabulary.json": json.dumps(bench.meta["class_names"]) + "\n",
+    }
+    for task in tasks:
+        dataset_path = (hf_root / task).resolve()
+        files[f"mimic_{task}.yaml"] = _task_yaml(task, dataset_path, legacy=False)
+        files[f"mimic_legacy_{task}.yaml"] = _task_yaml(task, dataset_path, legacy=True)
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
+    return folder
+
+
+# -- VLMEvalKit ----------------------------------------------------------------------------------------------
+
+TSV_COLUMNS = ("index", "image", "image_path", "question", "answer", "task", "category", "n_images", "spread",
+               "n_distractors", "k", "balanced", "split", "id", "cell", "template_id", "classes", "counts_per_image")
+
+VLMEVALKIT_README = """\
+# MIMIC for VLMEvalKit
+
+1. Copy `mimic.py`, `mimic_protocol.py` and `mimic_vocabulary.json` into `vlmeval/dataset/`.
+2. Register the class in `vlmeval/dataset/__init__.py`: add `from .mimic import MIMICDataset` and append
+   `MIMICDataset` to the image-dataset class list (`IMAGE_DATASET`). Unregistered names silently fall back to
+   the generic custom-VQA class, which computes the wrong metrics.
+3. Copy `MIMIC.tsv` into `$LMUData` (default `~/LMUData`); every dataset name reads it, filtered by task.
+4. `python run.py --data MIMIC --model <model>` (or MIMIC_Counting, MIMIC_Common, MIMIC_OddOne, MIMIC_Listing).
+   Scores use the clean scorer; pass `legacy_official=True` in the judge kwargs for the official one.
+
+VLMEvalKit's base class dumps the images of a one-image row as `<index>.jpg` (re-encoded as JPEG); rows with
+several images keep their original encoding under the names in `image_path`.
+
+Keep the prompt, the image order and greedy decoding identical when comparing with lmms-eval or stitchkit;
+VLMEvalKit models apply their own chat templates and preprocessing, so record them next to the scores.
+"""
+
+
+def _tsv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", "\\n")
+
+
+def export_vlmevalkit(bench: Benchmark, out: Path) -> Path:
+    """MIMIC.tsv: one row per query, images inline as a list of base64 strings (streamed to disk: a COCO-size
+    benchmark does not fit in memory). The per-task dataset names read the same file, filtered by task."""
+    folder = out / "vlmevalkit"
+    folder.mkdir(parents=True, exist_ok=True)
+    md5 = hashlib.md5()
+    with atomic_path(folder / "MIMIC.tsv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as tsv:
+        header = "\t".join(TSV_COLUMNS) + "\n"
+        tsv.write(header)
+        md5.update(header.encode("utf-8"))
+        for index, sample in enumerate(bench.samples):
+            suffixes = [Path(n).suffix or ".png" for n in sample.images]
+            row = {
+                "index": index,
+                "image": repr([base64.b64encode(_read_image(bench, n)).decode("ascii") for n in sample.images]),
+                # dump names: one file per source image, shared by every query that reuses it
+                "image_path": repr([f"mimic_{i}{ext}" for i, ext in zip(sample.image_ids, suffixes)]),
+                "question": sample.question, "answer": sample.gt, "task": sample.task, "category": sample.category,
+                "n_images": sample.n_images, "spread": sample.spread, "n_distractors": sample.n_distractors,
+                "k": sample.k, "balanced": sample.balanced, "split": "test", "id": sample.id, "cell": sample.cell,
+                "template_id": sample.template_id, "classes": json.dumps(sample.classes),
+                "counts_per_image": json.dumps(sample.counts_per_image),
+            }
+            line = "\t".join(_tsv_cell(row[c]) for c in TSV_COLUMNS) + "\n"
+            tsv.write(line)
+            md5.update(line.encode("utf-8"))
+    digest = md5.hexdigest()
+    table = "".join(f'        "{name}": "{digest}",\n' for name in ("MIMIC", *VLMEVALKIT_NAMES.values()))
+    source = (ADAPTERS / "vlmevalkit_mimic.py").read_text()
+    source = source.replace("    DATASET_MD5 = {}\n", "    DATASET_MD5 = {\n" + table + "    }\n")
+    atomic_write_text(folder / "mimic.py", source)
+    atomic_write_text(folder / "mimic_protocol.py", Path(protocol.__file__).read_text())
+    atomic_write_text(folder / "mimic_vocabulary.json", json.dumps(bench.meta["class_names"]) + "\n")
+    atomic_write_text(folder / "README.md", VLMEVALKIT_README)
+    return folder
+
+
+def export_benchmark(bench: Benchmark, out: str | os.PathLike, formats: list[str] | None = None) -> dict[str, Path]:
+    formats = list(formats or FORMATS)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise InputError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if "hf" in formats or "parquet" in formats or "lmms-eval" in formats:
+        written.update(export_hf(bench, out, parquet="parquet" in formats,
+                                 save_to_disk="hf" in formats or "lmms-eval" in formats))
+    if "lmms-eval" in formats:
+        written["lmms-eval"] = export_lmms_eval(bench, out, out / "hf")
+    if "vlmevalkit" in formats:
+        written["vlmevalkit"] = export_vlmevalkit(bench, out)
+    return written

@@ -1,0 +1,159 @@
+"""Score predictions on a built MIMIC benchmark: task metrics, breakdowns by every control variable, a report.
+
+Predictions are a JSONL file of {"id": sample id, "prediction": generated text}, so any model -- ours, an
+lmms-eval run, a hand-written baseline -- can be scored. A sample without a prediction is scored as an empty
+answer (wrong) and counted in `missing`. Values are stored in [0, 1] and shown x100 in report.md; every header
+names the scoring mode, and only `legacy_official` is comparable with the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from stitchkit.errors import InputError
+from stitchkit.multiimage.benchmark import CONTROLS, Benchmark, load_benchmark
+from stitchkit.multiimage.protocol import TASKS, aggregate, mimic_average, score_sample
+
+# the figures the issue asks for: headline score against each of these controls, one line per task
+FIGURE_VARIABLES = {"spread": "information spread s", "n_distractors": "distractor images D",
+                    "n_images": "number of images N", "k": "concepts k"}
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """{sample id: prediction} from JSONL lines {"id": ..., "prediction": ...}; a bad line names its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"predictions file not found: {path}")
+    predictions: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "id" not in record or "prediction" not in record:
+            raise InputError(f"{path}:{number}: expected an object with \"id\" and \"prediction\"")
+        if not isinstance(record["prediction"], str):
+            raise InputError(f"{path}:{number}: \"prediction\" must be a string")
+        sample_id = str(record["id"])
+        if sample_id in predictions:
+            raise InputError(f"{path}:{number}: duplicate prediction for sample {sample_id}")
+        predictions[sample_id] = record["prediction"]
+    return predictions
+
+
+def score_predictions(bench: Benchmark, predictions: dict[str, str], mode: str = "clean") -> tuple[list[dict], dict]:
+    """(per-sample rows, results) for every sample of `bench`."""
+    known = bench.by_id()
+    unknown = [i for i in predictions if i not in known]
+    if unknown:
+        raise InputError(f"{len(unknown)} prediction id(s) are not in the benchmark, e.g. {', '.join(unknown[:3])}")
+    vocab = bench.vocabulary() if mode == "clean" else None
+    rows = []
+    for sample in bench.samples:
+        record = sample.to_dict()
+        prediction = predictions.get(sample.id)
+        score = score_sample(record, prediction or "", mode, vocab)
+        rows.append({"id": sample.id, "task": sample.task, "prediction": prediction, "gt": sample.gt,
+                     **{c: record[c] for c in CONTROLS}, "cell": sample.cell, "score": score})
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_task[row["task"]].append(row)
+    tasks = {task: aggregate(task, [r["score"] for r in by_task[task]], mode) for task in TASKS if by_task[task]}
+    results = {
+        "mode": mode,
+        "benchmark": str(bench.root),
+        "n_samples": len(rows),
+        "missing": sum(r["prediction"] is None for r in rows),
+        "tasks": tasks,
+        "mimic_avg": mimic_average({t: m["score"] for t, m in tasks.items()}),
+        "breakdowns": {task: breakdowns(task, by_task[task], mode) for task in tasks},
+    }
+    return rows, results
+
+
+def breakdowns(task: str, rows: list[dict], mode: str) -> dict[str, list[dict]]:
+    """For every control variable that takes more than one value in this task: one row per value."""
+    out = {}
+    for variable in (*CONTROLS, "cell"):
+        groups: dict[Any, list[dict]] = defaultdict(list)
+        for row in rows:
+            groups[row[variable]].append(row["score"])
+        if len(groups) < 2:
+            continue
+        out[variable] = [{variable: value, **aggregate(task, groups[value], mode)}
+                         for value in sorted(groups, key=lambda v: (v is None, str(type(v)), v))]
+    return out
+
+
+def write_score_report(out: str | os.PathLike, rows: list[dict], results: dict) -> Path:
+    """results.json, per_sample.jsonl, report.md and figures/*.png under `out`."""
+    from stitchkit.report import line_plot, markdown_table
+    from stitchkit.runs import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    figures = {}
+    for variable, label in FIGURE_VARIABLES.items():
+        series = {}
+        for task, table in results["breakdowns"].items():
+            points = [(r[variable], r["score"]) for r in table.get(variable, []) if r["score"] is not None]
+            if len(points) >= 2:
+                series[task] = ([x for x, _ in points], [100 * y for _, y in points])
+        if series:
+            path = line_plot(out / "figures" / f"score_vs_{variable}.png", series, xlabel=label,
+                             ylabel="score x100 (accuracy; listing F1)", title=f"MIMIC ({results['mode']})")
+            figures[variable] = str(path.relative_to(out))
+    results = {**results, "figures": figures}
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "per_sample.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def pct(table: list[dict], keys: tuple[str, ...]) -> list[dict]:
+        return [{k: (100 * v if k in keys and v is not None else v) for k, v in r.items()} for r in table]
+
+    score_keys = ("score", "precision", "recall", "f1", "macro_f1", "class_accuracy", "contains",
+                  "legacy_substring", "unparsed_rate", "multi_number_rate")
+    lines = [f"# MIMIC scores ({results['mode']})\n",
+             f"Benchmark `{results['benchmark']}`, {results['n_samples']} samples, scoring mode "
+             f"**{results['mode']}** (scores x100; listing: micro F1). "
+             + ("Comparable with the paper's numbers.\n" if results["mode"] == "legacy_official"
+                else "Not the paper's scorer: use --legacy-official to compare with published numbers.\n")]
+    if results["missing"]:
+        lines.append(f"**{results['missing']} samples had no prediction and were scored as wrong.**\n")
+    headline = [{"task": t, **m} for t, m in results["tasks"].items()]
+    columns = list(dict.fromkeys(["task", "n", "score", *(k for row in headline for k in row)]))
+    lines.append(markdown_table(pct(headline, score_keys), columns=columns, digits=1))
+    lines.append("\n(mae: mean absolute count error, in instances; every other column x100.)\n")
+    if results["mimic_avg"] is not None:
+        lines.append(f"\nMIMIC Avg (mean of common, counting, odd-one accuracy and listing F1): "
+                     f"**{100 * results['mimic_avg']:.1f}**\n")
+    for variable, path in figures.items():
+        lines.append(f"\n![score vs {variable}]({path})\n")
+    for task, tables in results["breakdowns"].items():
+        lines.append(f"\n## {task}: breakdowns\n")
+        for variable, table in tables.items():
+            keep = (variable, "n", "score", *(("precision", "recall") if task == "listing" else ()))
+            lines.append(f"\n### by {variable}\n\n"
+                         + markdown_table(pct([{k: r.get(k) for k in keep} for r in table], score_keys), digits=1))
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out
+
+
+def score_benchmark_dir(data: str | os.PathLike, predictions: str | os.PathLike, out: str | os.PathLike,
+                        legacy_official: bool = False, command: str | None = None) -> Path:
+    """`stitchkit mimic score`: read DIR and the predictions, write the report folder."""
+    from stitchkit.runs import RunDir
+
+    bench = load_benchmark(data)
+    mode = "legacy_official" if legacy_official else "clean"
+    preds = read_predictions(predictions)
+    rows, results = score_predictions(bench, preds, mode)
+    run = RunDir(out, config={"data": str(Path(data).resolve()), "predictions": str(Path(predictions).resolve()),
+                              "mode": mode}, inputs={"predictions": predictions}, command=command)
+    write_score_report(run.root, rows, results)
+    run.finish("score", mode=mode)
+    return run.root
