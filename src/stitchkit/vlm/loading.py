@@ -1,0 +1,140 @@
+"""load_vlm: a hub id, a local folder or a model object -> VLM; and the processor helpers behind it.
+
+transformers 5 builds the video processor of LLaVA-OneVision / Qwen2-VL processors with torchvision.
+Where torchvision is missing (our CPU environment), `load_processor` and `build_processor` make the
+model's own processor class without its video part: same class name, same image processor and
+tokenizer, same `__call__`, and it saves the same processor_config.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from stitchkit.errors import ModelNotFoundError
+from stitchkit.vlm.attention import AttentionPolicy
+from stitchkit.vlm.model import VLM
+
+MODEL_CLASSES = {
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def load_vlm(
+    source,
+    processor=None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+    policy: AttentionPolicy | None = None,
+    **options,
+) -> VLM:
+    """A VLM from a hub id or folder (model + processor), or from a model object and its processor.
+
+    LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL load with their own classes; any other image-text-to-text
+    model through AutoModelForImageTextToText. options: pool_factor, pool_pad, image_layout, chat_template.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        model = _load_model(str(source), dtype, attn_implementation)
+        processor = processor or load_processor(str(source))
+    else:
+        model = source
+        if processor is None:
+            raise ModelNotFoundError("load_vlm(model) needs the model's processor: load_vlm(model, processor)")
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return VLM(model, processor, policy=policy, **options)
+
+
+def _load_model(source: str, dtype, attn_implementation: str):
+    try:
+        config = AutoConfig.from_pretrained(source)
+        name = MODEL_CLASSES.get(config.model_type)
+        model_class = getattr(transformers, name) if name else AutoModelForImageTextToText
+        return model_class.from_pretrained(source, dtype=dtype or "auto", attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot load a VLM from {source!r}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+@functools.cache
+def processor_without_video(cls: type) -> type:
+    """`cls` with no video_processor argument: builds without torchvision, otherwise unchanged.
+
+    ProcessorMixin takes a processor's parts from its __init__ signature, and from_pretrained keeps only the
+    saved settings that are real __init__ parameters (it reads __init__.__code__), so the subclass gets a
+    real __init__ with the base's parameters, video_processor left out.
+    """
+    signature = inspect.signature(cls.__init__)
+    if "video_processor" not in signature.parameters:
+        return cls
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = [p for p in list(signature.parameters.values())[1:] if p.kind in kinds and p.name != "video_processor"]
+    defaults = {p.name: None if p.default is inspect.Parameter.empty else p.default for p in params}
+    source = (
+        "def __init__(self, " + "".join(f"{p.name}=_defaults[{p.name!r}], " for p in params) + "**kwargs):\n"
+        "    _base(self, video_processor=None, " + "".join(f"{p.name}={p.name}, " for p in params) + "**kwargs)\n"
+    )
+    namespace = {"_defaults": defaults, "_base": cls.__init__}
+    exec(source, namespace)  # noqa: S102 - a generated signature, from the base class's own parameter names
+    return type(cls.__name__, (cls,), {"__init__": namespace["__init__"], "__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+def build_processor(processor_class: type, image_processor, tokenizer, **kwargs):
+    """processor_class(image_processor, tokenizer, **kwargs), without a video processor if torchvision is missing."""
+    if _torchvision_available():
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+    return processor_without_video(processor_class)(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+def load_processor(source: str):
+    """AutoProcessor.from_pretrained(source), or the same processor class without its video part."""
+    if _torchvision_available():
+        try:
+            return AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"cannot load the processor of {source!r}: {_first_line(err)}") from None
+    name = _processor_class_name(source)
+    processor_class = getattr(transformers, name, None) if name else None
+    if processor_class is None:
+        raise ModelNotFoundError(f"cannot find the processor class of {source!r} (found {name!r})")
+    try:
+        return processor_without_video(processor_class).from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot load the processor of {source!r}: {_first_line(err)}") from None
+
+
+def _processor_class_name(source: str) -> str | None:
+    from huggingface_hub import hf_hub_download
+
+    for filename in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = Path(source) / filename
+        if not path.is_file():
+            try:
+                path = Path(hf_hub_download(source, filename))
+            except Exception:  # noqa: BLE001 - a missing file or no network: try the next file
+                continue
+        name = json.loads(path.read_text()).get("processor_class")
+        if name:
+            return name
+    return None

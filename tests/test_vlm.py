@@ -1,0 +1,292 @@
+"""The VLM layer against Hugging Face's own forward and generate, on tiny random-init models (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from vlm_tiny import images, tiny_llava, tiny_llava_onevision, tiny_qwen_vl
+
+from stitchkit.errors import ConfigError, InputError, StitchkitError
+from stitchkit.vlm import AttentionPolicy, find_image_spans, load_vlm, parse_layer_spec
+
+BUILDERS = {
+    "llava_onevision": tiny_llava_onevision,
+    "qwen2_vl": lambda: tiny_qwen_vl(version="2"),
+    "qwen2_5_vl": lambda: tiny_qwen_vl(version="2.5"),
+    "llava_generic": tiny_llava,
+}
+MASKABLE = ("llava_onevision", "qwen2_vl")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: one thread avoids OpenMP spin-waiting on a shared 2-core machine (100x faster here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mixed_batch(marker_row: bool = False):
+    """Three rows of different lengths (left padding): 2 images, 1 image, 3 images."""
+    ims = images(6)
+    prompts = ["how many shapes?", "what colour is this? how many shapes are there in the image", "which shape"]
+    return [ims[:2], ims[2:3], ims[3:6]], prompts
+
+
+# ---- prompts and spans --------------------------------------------------------------------------------
+
+
+def test_images_first_prompt_and_spans_llava_onevision():
+    vlm = load_vlm(*tiny_llava_onevision())
+    batch = vlm.encode(*mixed_batch())
+    assert batch.prompts[0] == "<|im_start|>user\n<image> <image>\nhow many shapes?<|im_end|>\n<|im_start|>assistant\n"
+    ids = batch.input_ids
+    image_id = vlm.adapter.image_token_id
+    # Multi-image rows: 16 SigLIP tokens + 1 newline per image; the single-image row is anyres: 16 + 16 + 4 newlines.
+    assert [[len(s) for s in row] for row in batch.spans] == [[17, 17], [36], [17, 17, 17]]
+    for row, spans in enumerate(batch.spans):
+        covered = torch.zeros(ids.shape[1], dtype=torch.bool)
+        for span in spans:
+            assert (ids[row, span.start : span.end] == image_id).all()
+            covered[span.start : span.end] = True
+        assert not (ids[row][~covered] == image_id).any()
+    assert (batch.attention_mask[:, -1] == 1).all() and (batch.attention_mask[:, 0] == 0).any()  # left padding
+
+
+def test_qwen_spans_include_vision_start_and_end():
+    vlm = load_vlm(*tiny_qwen_vl())
+    batch = vlm.encode(*mixed_batch())
+    tokens = vlm.tokenizer.convert_ids_to_tokens
+    for row, spans in enumerate(batch.spans):
+        for span in spans:
+            ids = batch.input_ids[row, span.start : span.end].tolist()
+            assert tokens(ids[0]) == "<|vision_start|>" and tokens(ids[-1]) == "<|vision_end|>"
+            assert set(tokens(ids[1:-1])) == {"<|image_pad|>"}
+            assert span.tokens == (span.start + 1, span.end - 1)
+
+
+def test_marker_layout_places_images_in_the_text():
+    vlm = load_vlm(*tiny_llava_onevision(), image_layout="markers")
+    ims = images(2)
+    batch = vlm.encode([ims], ["<image> is red and <image> is blue"])
+    (first, second), ids = batch.spans[0], batch.input_ids[0]
+    between = vlm.tokenizer.decode(ids[first.end : second.start])
+    assert between.split() == ["is", "red", "and"]
+    with pytest.raises(InputError, match="2 images"):
+        vlm.encode([ims], ["only <image> one marker"])
+    with pytest.raises(InputError, match="markers"):
+        load_vlm(*tiny_llava_onevision()).encode([ims], ["<image> here"])
+
+
+def test_adjacent_images_are_split_by_token_counts():
+    # The word-level tokenizer drops the space between "<image> <image>": blocks touch, counts split them.
+    ids = torch.tensor([[5, 7, 7, 7, 7, 7, 9]])
+    spans = find_image_spans(ids, 7, [2], [2, 3])
+    assert [(s.start, s.end) for s in spans[0]] == [(1, 3), (3, 6)]
+    assert [(s.start, s.end) for s in find_image_spans(ids, 7, [1])[0]] == [(1, 6)]
+    with pytest.raises(StitchkitError):
+        find_image_spans(ids, 7, [2])
+
+
+def test_layer_specs():
+    assert AttentionPolicy(masked_layers="default").layers(24) == frozenset(range(12, 24))
+    assert AttentionPolicy(masked_layers="default").layers(28) == frozenset(range(14, 28))
+    assert AttentionPolicy(masked_layers="0-3,8").layers(24) == frozenset({0, 1, 2, 3, 8})
+    assert AttentionPolicy(masked_layers=[1, 5]).layers(6) == frozenset({1, 5})
+    assert AttentionPolicy().layers(24) == frozenset()
+    assert parse_layer_spec("12-23") == list(range(12, 24))
+    with pytest.raises(ConfigError):
+        AttentionPolicy(masked_layers="12..23")
+    with pytest.raises(ConfigError, match="do not exist"):
+        AttentionPolicy(masked_layers="20-30").layers(24)
+
+
+# ---- dense policy == the unmodified model, bit for bit ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_dense_policy_is_the_unmodified_model(family):
+    model, processor = BUILDERS[family]()
+    vlm = load_vlm(model, processor)
+    batch = vlm.encode(*mixed_batch())
+    # Installed or not, a forward without masked layers runs the model's own attention.
+    vlm.policy = AttentionPolicy(masked_layers="none")
+    ours = vlm.forward(batch).logits
+    from stitchkit.vlm import uninstall_attention
+
+    uninstall_attention(model)
+    reference = model(**batch.text, **batch.pixels, position_ids=batch.position_ids).logits
+    assert torch.equal(ours, reference)
+    # An unpadded row with the model's default positions, too.
+    single = vlm.encode([images(2)], ["how many shapes?"])
+    assert torch.equal(vlm.forward(single).logits, model(**single.text, **single.pixels).logits)
+
+
+# ---- masked policy == a naive eager reference with an explicit 4-D boolean mask -----------------------
+
+_reference_masks: dict = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Naive eager attention that ignores the model's mask and uses the test's explicit per-layer masks."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    masks = _reference_masks
+    allowed = masks["masked"] if module.layer_idx in masks["layers"] else masks["dense"]
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    return (probs @ value).transpose(1, 2), probs
+
+
+AttentionInterface.register("test_reference", _reference_attention)
+AttentionMaskInterface.register("test_reference", sdpa_mask)
+
+
+def reference_blocks(ids: list[int], tokens, n_images: int) -> list[tuple[int, int]]:
+    """Image blocks found from the token strings alone: Qwen's <|vision_start|> .. <|vision_end|>, or runs of
+    <image> cut into 17-token images (16 SigLIP tokens + newline: the tiny LLaVA-OV's multi-image blocks)."""
+    names = tokens(ids)
+    if "<|vision_start|>" in names:
+        starts = [p for p, t in enumerate(names) if t == "<|vision_start|>"]
+        return [(s, names.index("<|vision_end|>", s) + 1) for s in starts]
+    blocks, p = [], 0
+    while p < len(names):
+        if names[p] == "<image>":
+            run_end = p
+            while run_end < len(names) and names[run_end] == "<image>":
+                run_end += 1
+            size = (run_end - p) if n_images == 1 else 17
+            blocks += [(b, b + size) for b in range(p, run_end, size)]
+            p = run_end
+        else:
+            p += 1
+    return blocks
+
+
+def explicit_masks(batch, tokens, n_images: list[int]):
+    """MIMIC's mask, built from scratch as a dense (B, S, S) boolean: dense causal+padding, and masked."""
+    ids, real = batch.input_ids, batch.attention_mask.bool()
+    rows, seq = ids.shape
+    block = torch.full((rows, seq), -1)
+    for row in range(rows):
+        blocks = reference_blocks(ids[row].tolist(), tokens, n_images[row])
+        assert len(blocks) == n_images[row]
+        if len(blocks) >= 2:  # single-image rows are not masked
+            for j, (start, end) in enumerate(blocks):
+                block[row, start:end] = j
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    dense = causal[None] & real[:, None, :]
+    masked = dense & ((block[:, :, None] < 0) | (block[:, :, None] == block[:, None, :]))
+    pad_self = torch.eye(seq, dtype=torch.bool)[None] & ~real[:, :, None]  # keeps padding rows finite
+    return dense | pad_self, masked | pad_self
+
+
+@pytest.mark.parametrize("kernel", ["fast", "dense_mask"])
+@pytest.mark.parametrize("family", MASKABLE)
+def test_masked_policy_matches_naive_reference(family, kernel):
+    model, processor = BUILDERS[family]()
+    vlm = load_vlm(model, processor, image_layout="markers")
+    ims = images(6)
+    prompts = [
+        "<image> <image> how many shapes?",  # images first
+        "what colour is this? <image> how many shapes are there",  # single image: not masked
+        "<image> which shape <image> is red and <image>",  # text between images
+    ]
+    batch = vlm.encode([ims[:2], ims[2:3], ims[3:6]], prompts)
+    vlm.policy = AttentionPolicy(masked_layers="default", kernel=kernel)
+    ours = vlm.forward(batch).logits
+
+    dense, masked = explicit_masks(batch, vlm.tokenizer.convert_ids_to_tokens, [2, 1, 3])
+    _reference_masks.update(dense=dense, masked=masked, layers={2, 3})
+    text_key = next(k for k in model.config.sub_configs if getattr(model.config, k) is model.config.text_config)
+    model.set_attn_implementation({text_key: "test_reference"})
+    reference = model(**batch.text, **batch.pixels, position_ids=batch.position_ids).logits
+    _reference_masks.update(layers=set())
+    unmasked = model(**batch.text, **batch.pixels, position_ids=batch.position_ids).logits
+
+    real = batch.attention_mask.bool()
+    assert (ours - reference)[real].abs().max() <= 1e-5
+    assert (unmasked - reference)[real].abs().max() > 1e-2  # the mask changes the model
+    single_row = real[1]
+    assert (ours[1] - unmasked[1])[single_row].abs().max() <= 1e-5  # the single-image row is unmasked
+
+
+def test_masked_gradients_match_dense_mask_kernel():
+    vlm = load_vlm(*tiny_llava_onevision())
+    batch = vlm.encode(*mixed_batch())
+    grads = {}
+    for kernel in ("fast", "dense_mask"):
+        vlm.policy = AttentionPolicy(masked_layers="all", kernel=kernel)
+        vlm.model.zero_grad()
+        logits = vlm.forward(batch).logits
+        logits[batch.attention_mask.bool()].logsumexp(-1).sum().backward()
+        grads[kernel] = torch.cat([p.grad.flatten() for p in vlm.model.parameters() if p.grad is not None])
+    assert torch.allclose(grads["fast"], grads["dense_mask"], atol=1e-4, rtol=1e-4)
+
+
+# ---- generate and score -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_greedy_generate_matches_hugging_face_generate(family):
+    model, processor = BUILDERS[family]()
+    vlm = load_vlm(model, processor)
+    ims, prompts = mixed_batch()
+    ours = vlm.generate_ids(ims, prompts, max_new_tokens=5)
+    batch = vlm.encode(ims, prompts)
+    theirs = model.generate(**batch.text, **batch.pixels, max_new_tokens=5, do_sample=False)[:, batch.input_ids.shape[1] :]
+    for mine, hf in zip(ours, theirs.tolist()):
+        assert mine == hf[: len(mine)] and (len(mine) == 5 or hf[len(mine)] in vlm.eos_token_ids)
+    texts = vlm.generate(ims, prompts, max_new_tokens=5)
+    assert texts == [vlm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ours]
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_score_matches_brute_force_forward_per_candidate(family):
+    model, processor = BUILDERS[family]()
+    vlm = load_vlm(model, processor)
+    ims = images(3)
+    candidates = [" two", " red star", " one two three", "square", " ar413"]
+    scores = vlm.score(ims, "how many shapes?", candidates, batch_size=2)
+    prompt = vlm.encode([ims], ["how many shapes?"])
+    length = prompt.input_ids.shape[1]
+    for candidate, score in zip(candidates, scores):
+        tokens = processor.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        assert list(score.token_ids) == tokens
+        ids = torch.cat([prompt.input_ids, torch.tensor([tokens])], dim=1)
+        extra = {k: F.pad(v, (0, len(tokens))) for k, v in prompt.text.items() if k == "mm_token_type_ids"}
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra, **prompt.pixels).logits[0].float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        brute = sum(float(logprobs[length - 1 + i, t]) for i, t in enumerate(tokens))
+        assert score.logprob == pytest.approx(brute, abs=1e-4)
+        assert score.first_token_logit == pytest.approx(float(logits[length - 1, tokens[0]]), abs=1e-5)
+    assert scores[-1].token_ids[0] == processor.tokenizer.convert_tokens_to_ids("a")  # ID strings fall back to characters
+
+
+def test_score_with_masked_policy_scores_the_masked_model():
+    vlm = load_vlm(*tiny_llava_onevision(), policy=AttentionPolicy(masked_layers="default"))
+    ims = images(2)
+    scores = vlm.score(ims, "how many shapes?", [" two", " red star"])
+    with torch.no_grad():
+        logits = vlm.forward(vlm.encode([ims], ["how many shapes?"])).logits[0, -1]
+    two = vlm.tokenizer(" two", add_special_tokens=False)["input_ids"][0]
+    assert scores[0].first_token_logit == pytest.approx(float(logits[two]), abs=1e-6)
+    dense = load_vlm(*tiny_llava_onevision()).score(ims, "how many shapes?", [" two"])
+    assert abs(dense[0].first_token_logit - scores[0].first_token_logit) > 1e-4
+
+
+def test_user_errors_are_one_message():
+    vlm = load_vlm(*tiny_llava_onevision())
+    with pytest.raises(InputError, match="at least one candidate"):
+        vlm.score(images(1), "hi", [])
+    with pytest.raises(InputError, match="image"):
+        vlm.encode([["not an image"]], ["how many?"])
+    with pytest.raises(StitchkitError, match="cannot load"):
+        load_vlm("/nonexistent/folder")
+    with pytest.raises(ConfigError):
+        vlm.pool_factor = 3
