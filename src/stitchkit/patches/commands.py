@@ -1,0 +1,82 @@
+"""`stitchkit patches ...` verbs: build a patch dataset, generate/check IDs, run an experiment."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _command_line() -> str:
+    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _parse_splits(text: str) -> list[int]:
+    from stitchkit.errors import InputError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--splits takes comma-separated integers such as 1,2,4,8, got {text!r}") from None
+
+
+@app.command()
+def build(
+    images: Path = typer.Option(..., "--images", help="Folder of the source images."),
+    names: Path = typer.Option(..., "--names", help="CSV (file,name[,id]) or JSON ({file: name}) naming every image."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder (hf/, patches/, manifest.jsonl, dataset.json)."),
+    splits: str = typer.Option("1,2,4,8", "--splits", help="Split factors f (f x f patches per image)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Check first-token distinctness of the IDs under this model's tokenizer (hub id, folder, zoo:micro_vlm)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated IDs."),
+    fmt: str = typer.Option("png", "--format", help="png, or jpeg (quality 75, as the official patches)."),
+    train_prompt: str = typer.Option("The shape shown is associated with ID", "--train-prompt", help="Prompt of every patch."),
+    reference_prompt: str = typer.Option("The {name} is associated with ID", "--reference-prompt", help="Text-only prompt, with {name}."),
+    response: str = typer.Option(" {id}", "--response", help="Target continuation, with {id}."),
+) -> None:
+    """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset."""
+    from stitchkit.errors import InputError
+    from stitchkit.patches.dataset import Templates, build_patch_dataset, read_names
+    from stitchkit.patches.models import load_tokenizer, resolve_model
+
+    if fmt not in ("png", "jpeg"):
+        raise InputError(f"--format must be png or jpeg, got {fmt!r}")
+    items = read_names(names, images)
+    tokenizer = load_tokenizer(resolve_model(model)) if model else None
+    meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response),
+                               id_seed=seed, tokenizer=tokenizer, fmt=fmt)  # fmt: skip
+    counts = ", ".join(f"{k}: {v}" for k, v in meta["counts"].items())
+    typer.echo(f"wrote {out / 'hf'} ({counts}); IDs in {out / 'dataset.json'}")
+
+
+@app.command()
+def ids(
+    n: int = typer.Option(20, "--n", help="How many IDs."),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer to check first-token distinctness under."),
+    response: str = typer.Option(" {id}", "--response", help="Template the IDs are scored in, with {id}."),
+) -> None:
+    """Generate IDs (two letters + three digits) with distinct first tokens."""
+    from stitchkit.patches.ids import generate_ids
+    from stitchkit.patches.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model)) if model else None
+    typer.echo(" ".join(generate_ids(n, seed, tokenizer, response)))
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment config (configs/patches/*.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (results.json, report.md, figures/)."),
+) -> None:
+    """Build the datasets, fine-tune per split factor and seed, evaluate mean ranks, write the report."""
+    from stitchkit.config import load_config
+    from stitchkit.patches.config import PatchesConfig
+    from stitchkit.patches.experiment import run_patches
+
+    report = run_patches(load_config(PatchesConfig, config), out, command=_command_line())
+    typer.echo(f"report: {report}")

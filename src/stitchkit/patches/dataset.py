@@ -1,0 +1,286 @@
+"""Patch datasets: cut every image into f x f patches, pair each patch with its image's ID, save an HF dataset.
+
+Cutting follows the official code exactly (visual_stitching.md §1.3): pw = floor(W / f), ph = floor(H / f);
+patch (i, j) covers x in [j pw, (j+1) pw), y in [i ph, (i+1) ph), row-major; the right and bottom remainders
+(W - f pw < f and H - f ph < f pixels) are dropped; no overlap, padding or resizing. f = 1 keeps the source
+file's bytes, as the official runs train on the original files.
+
+A built dataset folder:
+
+    patches/<f>x<f>/<key>-<row>_<col>.png   every patch, official naming (0-based row and column)
+    manifest.jsonl                          one line per patch: key, f, row, col, box, file, sha256
+    hf/                                     DatasetDict (datasets.load_from_disk): "f1", "f2", ... one row per
+                                            (patch, id) with its grid position; "images": the full images
+    dataset.json                            IDs, names, templates, splits, counts (written last)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from stitchkit.data import IMAGE_EXTENSIONS, load_image
+from stitchkit.errors import InputError
+from stitchkit.patches.ids import check_first_tokens, check_id_format, generate_ids
+from stitchkit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+PatchFormat = Literal["png", "jpeg"]
+DATASET_JSON = "dataset.json"
+KEY_PATTERN = re.compile(r"[^A-Za-z0-9_]+")
+DEFAULT_SPLITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Prompt texts (visual_stitching.md §2). train: the prompt of a patch (and of a full image in the
+    image-based test); reference: the text-only prompt of the reference-based test, with {name};
+    response: the target continuation, with {id}, its leading space included."""
+
+    train: str = "The shape shown is associated with ID"
+    reference: str = "The {name} is associated with ID"
+    response: str = " {id}"
+
+    def check(self) -> None:
+        if "{id}" not in self.response:
+            raise InputError(f"the response template must contain {{id}}: {self.response!r}")
+        if "{name}" not in self.reference:
+            raise InputError(f"the reference template must contain {{name}}: {self.reference!r}")
+        if "{name}" in self.train or "{id}" in self.train:
+            raise InputError(f"the training prompt must name neither the image nor its ID: {self.train!r}")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    key: str  # file-safe identifier (the file stem), used in patch file names
+    file: Path
+    name: str  # what the reference-based prompt calls the image ("red star", "apple pie")
+    id: str | None = None  # a user-given ID; generated when None
+
+
+@dataclass(frozen=True)
+class Patch:
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
+    image: Image.Image
+
+
+def cut_patches(image: Image.Image, f: int) -> list[Patch]:
+    """The f x f grid of `image`, row-major, floor division as the official `src/utils.py`."""
+    if f < 1:
+        raise InputError(f"the split factor must be at least 1, got {f}")
+    width, height = image.size
+    pw, ph = width // f, height // f
+    if pw == 0 or ph == 0:
+        raise InputError(f"a {width}x{height} image cannot be cut into {f}x{f} patches")
+    patches = []
+    for row in range(f):
+        for col in range(f):
+            box = (col * pw, row * ph, (col + 1) * pw, (row + 1) * ph)
+            patches.append(Patch(row, col, box, image.crop(box)))
+    return patches
+
+
+def encode_image(image: Image.Image, fmt: PatchFormat) -> bytes:
+    """PNG (lossless) or JPEG at PIL's default quality 75, as the official patch files are saved."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG" if fmt == "png" else "JPEG")
+    return buffer.getvalue()
+
+
+# ---- the names file -------------------------------------------------------------------------------------
+
+
+def _key(file: str) -> str:
+    return KEY_PATTERN.sub("_", Path(file).stem).strip("_") or "image"
+
+
+def read_names(names_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[SourceImage]:
+    """Source images from a names file: CSV with a header `file,name[,id]`, or JSON, either
+    {"file": "name", ...} or [{"file": ..., "name": ..., "id": ...}, ...]. Files are relative to images_dir."""
+    names_file, images_dir = Path(names_file), Path(images_dir)
+    if not names_file.is_file():
+        raise InputError(f"names file not found: {names_file}")
+    if not images_dir.is_dir():
+        raise InputError(f"image folder not found: {images_dir}")
+    rows = _read_rows(names_file)
+    if not rows:
+        raise InputError(f"{names_file} names no images")
+    items, keys = [], {}
+    for i, row in enumerate(rows):
+        where = f"{names_file}, entry {i + 1}"
+        file, name = str(row.get("file") or "").strip(), str(row.get("name") or "").strip()
+        if not file or not name:
+            raise InputError(f"{where}: every entry needs a file and a name")
+        path = images_dir / file
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise InputError(f"{where}: {file} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+        if not path.is_file():
+            raise InputError(f"{where}: image not found: {path}")
+        key = _key(file)
+        if key in keys:
+            raise InputError(f"{where}: {file} and {keys[key]} give the same patch file name {key!r}")
+        keys[key] = file
+        items.append(SourceImage(key, path, name, (str(row.get("id") or "").strip() or None)))
+    given = [item.id for item in items if item.id]
+    if given and len(given) != len(items):
+        raise InputError(f"{names_file}: give an id for every image or for none")
+    names = [item.name for item in items]
+    if len(set(names)) != len(names):
+        raise InputError(f"{names_file}: names must be distinct (the reference-based test tells images apart by name)")
+    return items
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read names file {path}: {err}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict):
+            return [{"file": k, "name": v} for k, v in data.items()]
+        if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+            return data
+        raise InputError(f"{path}: expected {{file: name}} or a list of {{file, name[, id]}} objects")
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"file", "name"} <= set(reader.fieldnames):
+        raise InputError(f"{path}: a CSV names file needs a header with the columns file,name (and optionally id)")
+    return list(reader)
+
+
+# ---- building -------------------------------------------------------------------------------------------
+
+
+def check_splits(splits: Sequence[int]) -> list[int]:
+    splits = list(splits)
+    if not splits or any(int(f) < 1 for f in splits) or len(set(splits)) != len(splits):
+        raise InputError(f"split factors must be distinct positive integers, got {splits}")
+    return sorted(int(f) for f in splits)
+
+
+def assign_ids(items: Sequence[SourceImage], seed: int, tokenizer=None, response: str = " {id}") -> list[str]:
+    """The user's IDs (checked) or generated ones; first tokens distinct under `tokenizer` when given."""
+    given = [item.id for item in items]
+    if all(given):
+        check_id_format(given)
+        if tokenizer is not None:
+            check_first_tokens(tokenizer, [response.format(id=i) for i in given])
+        return list(given)
+    return generate_ids(len(items), seed, tokenizer, response)
+
+
+def _features():
+    from datasets import Features, Image as ImageFeature, List, Value
+
+    int32, string = Value("int32"), Value("string")
+    common = {"image": ImageFeature(), "id": string, "name": string, "key": string, "file": string}
+    patch = Features({**common, "split_factor": int32, "row": int32, "col": int32, "box": List(int32),
+                      "prompt": string, "response": string})  # fmt: skip
+    full = Features({**common, "width": int32, "height": int32, "prompt": string, "reference_prompt": string,
+                     "response": string})  # fmt: skip
+    return patch, full
+
+
+def build_patch_dataset(
+    items: Sequence[SourceImage],
+    out: str | os.PathLike,
+    splits: Sequence[int] = DEFAULT_SPLITS,
+    templates: Templates = Templates(),
+    *,
+    id_seed: int = 0,
+    tokenizer=None,
+    fmt: PatchFormat = "png",
+) -> dict[str, Any]:
+    """Cut every image at every split factor and write the dataset folder (see the module docstring).
+    Returns the contents of dataset.json. A folder whose dataset.json matches is returned as is."""
+    from datasets import Dataset, DatasetDict
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    out = Path(out)
+    templates.check()
+    splits = check_splits(splits)
+    ids = assign_ids(items, id_seed, tokenizer, templates.response)
+    meta = {
+        "images": [{"key": it.key, "file": str(it.file), "name": it.name, "id": i} for it, i in zip(items, ids)],
+        "splits": splits,
+        "templates": {"train": templates.train, "reference": templates.reference, "response": templates.response},
+        "id_seed": id_seed,
+        "format": fmt,
+        "first_tokens_checked_with": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+    }
+    if (out / DATASET_JSON).is_file():
+        existing = json.loads((out / DATASET_JSON).read_text())
+        if {k: existing.get(k) for k in meta} == meta:
+            return existing
+
+    shutil.rmtree(out / "patches", ignore_errors=True)  # patches of an earlier build with other settings
+    patch_features, full_features = _features()
+    rows: dict[str, list[dict[str, Any]]] = {f"f{f}": [] for f in splits}
+    full_rows, manifest = [], []
+    ext = "png" if fmt == "png" else "jpg"
+    for item, id_ in zip(items, ids):
+        image = load_image(item.file)
+        source_bytes = item.file.read_bytes()
+        response = templates.response.format(id=id_)
+        full_rows.append({
+            "image": {"bytes": source_bytes, "path": item.file.name}, "id": id_, "name": item.name, "key": item.key,
+            "file": item.file.name, "width": image.width, "height": image.height, "prompt": templates.train,
+            "reference_prompt": templates.reference.format(name=item.name), "response": response,
+        })  # fmt: skip
+        for f in splits:
+            for patch in cut_patches(image, f):
+                # f = 1 trains on the original file, as the official runs do
+                data = source_bytes if f == 1 else encode_image(patch.image, fmt)
+                suffix = item.file.suffix.lstrip(".") if f == 1 else ext
+                rel = f"patches/{f}x{f}/{item.key}-{patch.row}_{patch.col}.{suffix}"
+                atomic_write_bytes(out / rel, data)
+                manifest.append({"key": item.key, "f": f, "row": patch.row, "col": patch.col, "box": list(patch.box),
+                                 "file": rel, "source": item.file.name, "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+                rows[f"f{f}"].append({
+                    "image": {"bytes": data, "path": Path(rel).name}, "id": id_, "name": item.name, "key": item.key,
+                    "file": item.file.name, "split_factor": f, "row": patch.row, "col": patch.col,
+                    "box": list(patch.box), "prompt": templates.train, "response": response,
+                })  # fmt: skip
+    atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
+    datasets = {name: Dataset.from_list(r, features=patch_features) for name, r in rows.items()}
+    datasets["images"] = Dataset.from_list(full_rows, features=full_features)
+    _replace_dir(out / "hf", lambda tmp: DatasetDict(datasets).save_to_disk(str(tmp)))
+    meta["counts"] = {name: len(d) for name, d in datasets.items()}
+    atomic_write_json(out / DATASET_JSON, meta)
+    return meta
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Write a folder next to `target`, then swap it in, so a killed build never leaves half a dataset."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load_patch_dataset(folder: str | os.PathLike):
+    """(DatasetDict, dataset.json contents) of a built folder."""
+    from datasets import load_from_disk
+
+    folder = Path(folder)
+    if not (folder / DATASET_JSON).is_file():
+        raise InputError(f"{folder} is not a built patch dataset (no {DATASET_JSON}); run `stitchkit patches build`")
+    return load_from_disk(str(folder / "hf")), json.loads((folder / DATASET_JSON).read_text())

@@ -1,0 +1,123 @@
+"""Moderation filters: images -> one Verdict (flagged or not) each (visual_stitching.md §6 "Filters").
+
+    MarkerFilter          built in, offline: the proxy "forbidden" concept of the shapes world, i.e. at least
+                          k complete white marker glyphs (shapes.py renders them). No harmful content anywhere.
+    HFClassifierFilter    any Hugging Face image-classification model: flagged iff the probability of the
+                          labels you name as forbidden reaches a threshold (softmax, or sigmoid for
+                          multi-label models, as transformers' image-classification pipeline computes them)
+
+Both are plain callables, so a user's own filter (an API client, ShieldGemma) plugs in the same way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stitchkit.errors import ConfigError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    flagged: bool
+    score: float  # the evidence: complete markers seen, or the probability of the forbidden labels
+
+
+class ModerationFilter(Protocol):
+    name: str
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[Verdict]: ...
+
+
+def complete_components(mask: np.ndarray, min_area: int) -> int:
+    """Number of 4-connected components of `mask` with >= min_area pixels that do not touch the border
+    (a glyph cut by a patch edge is not a complete glyph)."""
+    height, width = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    count = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, area, touches = deque([(y0, x0)]), 0, False
+        while queue:
+            y, x = queue.popleft()
+            area += 1
+            touches |= y == 0 or x == 0 or y == height - 1 or x == width - 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        count += area >= min_area and not touches
+    return count
+
+
+class MarkerFilter:
+    """Flags an image that shows at least `min_markers` complete marker glyphs: regions of the marker colour
+    (within `tolerance` per channel, so JPEG patches work) of at least `min_area` pixels, not cut by the edge."""
+
+    name = "markers"
+
+    def __init__(self, min_markers: int = 3, min_area: int = 12, tolerance: int = 40, colour=(255, 255, 255)):
+        if min_markers < 1 or min_area < 1:
+            raise ConfigError("the marker filter needs min_markers >= 1 and min_area >= 1")
+        self.min_markers, self.min_area, self.tolerance = min_markers, min_area, tolerance
+        self.colour = np.array(colour, dtype=np.int16)
+
+    def count(self, image: Image.Image) -> int:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        mask = (np.abs(pixels - self.colour) <= self.tolerance).all(-1)
+        return complete_components(mask, self.min_area)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[Verdict]:
+        counts = [self.count(image) for image in images]
+        return [Verdict(c >= self.min_markers, float(c)) for c in counts]
+
+
+class HFClassifierFilter:
+    """Any Hugging Face image-classification model (hub id or folder) as a filter.
+
+    flagged iff P(forbidden) >= threshold, where P(forbidden) is the summed softmax probability of the
+    `flagged_labels` (single-label models) or the largest sigmoid among them (multi-label models).
+    """
+
+    def __init__(self, model: str, flagged_labels: Sequence[str], threshold: float = 0.5, batch_size: int = 32, device=None):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        try:
+            self.model = AutoModelForImageClassification.from_pretrained(model).eval()
+            self.processor = AutoImageProcessor.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"cannot load image classifier {model!r}: {str(err).splitlines()[0]}") from None
+        if device is not None:
+            self.model.to(device)
+        labels = {name: int(i) for i, name in self.model.config.id2label.items()}
+        unknown = [name for name in flagged_labels if name not in labels]
+        if not flagged_labels or unknown:
+            raise ConfigError(f"flagged_labels must name labels of {model!r}: unknown {unknown}; it has {sorted(labels)}")
+        self.name = f"hf:{model}"
+        self.flagged_ids = [labels[name] for name in flagged_labels]
+        self.threshold, self.batch_size = threshold, batch_size
+        self.multi_label = self.model.config.problem_type == "multi_label_classification" or len(labels) == 1
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[Image.Image]) -> list[float]:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im.convert("RGB") for im in images[start : start + self.batch_size]]
+            inputs = self.processor(images=chunk, return_tensors="pt").to(self.model.device)
+            logits = self.model(**inputs).logits.float()
+            if self.multi_label:
+                out += logits.sigmoid()[:, self.flagged_ids].amax(-1).tolist()
+            else:
+                out += logits.softmax(-1)[:, self.flagged_ids].sum(-1).tolist()
+        return out
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[Verdict]:
+        return [Verdict(p >= self.threshold, p) for p in self.probabilities(images)]

@@ -1,0 +1,74 @@
+"""Which VLM a patches run fine-tunes: a hub id, a local folder, or `zoo:<recipe>` (the micro VLM, built on demand)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from stitchkit.errors import ConfigError, ModelNotFoundError
+from stitchkit.patches.config import ModelSettings
+from stitchkit.vlm import VLM, load_vlm
+
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_model(source: str) -> str:
+    """A loadable hub id or folder; `zoo:micro_vlm` (or `zoo:gpu/micro_vlm`, `zoo:path/to/recipe.yaml`) builds
+    the micro VLM from that recipe once and returns its cached folder."""
+    if source.startswith(ZOO_PREFIX):
+        from stitchkit.vlm.micro import build_micro_vlm
+
+        return str(build_micro_vlm(source[len(ZOO_PREFIX) :]))
+    return source
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def model_loader(settings: ModelSettings, source: str) -> Callable[[], VLM]:
+    """A function that loads a fresh copy of the model (every training starts from the pretrained weights)."""
+    device = "cuda" if torch.cuda.is_available() else None
+
+    def load() -> VLM:
+        vlm = load_vlm(source, dtype=getattr(torch, settings.dtype), device=device,
+                       chat_template=settings.chat_template, image_layout=settings.image_layout)  # fmt: skip
+        if settings.min_pixels is not None or settings.max_pixels is not None:
+            _set_pixel_bounds(vlm, settings.min_pixels, settings.max_pixels)
+        return vlm
+
+    return load
+
+
+def _set_pixel_bounds(vlm: VLM, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Qwen2-VL's image processor bounds (the official runs use 32*28^2 .. 128*28^2: 32 to 128 vision tokens)."""
+    image_processor = vlm.processor.image_processor
+    size = dict(getattr(image_processor, "size", None) or {})
+    if "shortest_edge" not in size or "longest_edge" not in size:
+        raise ConfigError("model.min_pixels / max_pixels apply to Qwen2-VL-style image processors only")
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    image_processor.size = size
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use n CPU threads inside the block (None: leave torch's setting alone)."""
+    if n is None or torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

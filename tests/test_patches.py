@@ -1,0 +1,249 @@
+"""Visual stitching data: patch cutting, IDs and their first tokens, mean rank, filters, the dataset builder, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stitchkit.config import load_config
+from stitchkit.errors import ConfigError, IncompatibleError, InputError
+from stitchkit.paths import CONFIGS
+from stitchkit.patches import (
+    MarkerFilter,
+    build_patch_dataset,
+    check_first_tokens,
+    cut_patches,
+    first_tokens,
+    generate_ids,
+    gold_probability,
+    load_patch_dataset,
+    random_baseline,
+    rank_of,
+    read_names,
+    summarize,
+)
+from stitchkit.patches.config import PatchesConfig
+from stitchkit.patches.filters import complete_components
+from stitchkit.patches.ids import ID_PATTERN
+from stitchkit.patches.shapes import ModerationSet, render_moderation_set
+from stitchkit.vlm.tokenizer import word_tokenizer
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ---- cutting ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(37, 23), (64, 64), (500, 375), (9, 8)])
+@pytest.mark.parametrize("f", [1, 2, 4, 8])
+def test_patches_tile_the_image_exactly_with_floor_division(size, f):
+    width, height = size
+    image = random_image(width, height)
+    patches = cut_patches(image, f)
+    pw, ph = width // f, height // f
+    assert len(patches) == f * f
+    assert [(p.row, p.col) for p in patches] == [(i, j) for i in range(f) for j in range(f)]  # row-major
+    coverage = np.zeros((height, width), dtype=int)
+    pixels = np.asarray(image)
+    for p in patches:
+        x0, y0, x1, y1 = p.box
+        assert (x0, y0, x1, y1) == (p.col * pw, p.row * ph, (p.col + 1) * pw, (p.row + 1) * ph)
+        assert p.image.size == (pw, ph)  # no resizing, no padding
+        np.testing.assert_array_equal(np.asarray(p.image), pixels[y0:y1, x0:x1])
+        coverage[y0:y1, x0:x1] += 1
+    # every pixel of [0, f pw) x [0, f ph) exactly once; only the right and bottom remainders (< f px) are lost
+    assert (coverage[: f * ph, : f * pw] == 1).all()
+    assert coverage[f * ph :].sum() == 0 and coverage[:, f * pw :].sum() == 0
+    assert width - f * pw < f and height - f * ph < f
+
+
+def test_cutting_refuses_images_smaller_than_the_grid():
+    with pytest.raises(InputError, match="cannot be cut"):
+        cut_patches(random_image(5, 20), 8)
+
+
+# ---- IDs ----------------------------------------------------------------------------------------------
+
+
+def tokenizer_without(letters: str):
+    """A word-level tokenizer whose alphabet lacks `letters`: IDs starting with them all tokenise to <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789" if c not in letters]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", *chars, *("##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789")])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_generated_ids_are_seeded_well_formed_and_start_with_distinct_letters():
+    ids = generate_ids(20, seed=3)
+    assert ids == generate_ids(20, seed=3) and ids != generate_ids(20, seed=4)
+    assert all(ID_PATTERN.match(i) for i in ids)
+    assert len({i[0] for i in ids}) == 20
+    tokenizer = word_tokenizer(["the", "id"])
+    tokens = first_tokens(tokenizer, [f" {i}" for i in ids])
+    assert len(set(tokens)) == 20
+    assert [tokenizer.convert_ids_to_tokens(t) for t in tokens] == [i[0] for i in ids]  # space dropped, first letter kept
+
+
+def test_ids_are_regenerated_until_first_tokens_differ_under_the_tokenizer():
+    tokenizer = tokenizer_without("qx")  # " q.." and " x.." both start with <unk>
+    plain = generate_ids(20, seed=0)
+    assert {"q", "x"} <= {i[0] for i in plain}  # the first draw clashes under this tokenizer ...
+    ids = generate_ids(20, seed=0, tokenizer=tokenizer)
+    assert not {"q", "x"} <= {i[0] for i in ids}  # ... so another draw was taken
+    check_first_tokens(tokenizer, [f" {i}" for i in ids])
+
+
+def test_a_first_token_clash_is_refused_with_the_clashing_ids():
+    with pytest.raises(IncompatibleError, match="qa123.*xb456"):
+        check_first_tokens(tokenizer_without("qx"), [" qa123", " xb456", " ab789"])
+    with pytest.raises(IncompatibleError):  # 26 IDs must use q and x: impossible under this tokenizer
+        generate_ids(26, seed=0, tokenizer=tokenizer_without("qx"))
+    with pytest.raises(InputError):
+        generate_ids(27, seed=0)
+
+
+# ---- mean rank ----------------------------------------------------------------------------------------
+
+
+def test_rank_and_mean_rank_against_a_hand_computed_example():
+    # scores of K = 5 candidates for three items; gold indices 0, 2, 4
+    items = [([2.0, 1.0, 0.5, 3.0, -1.0], 0), ([1.0, 1.0, 1.0, 0.0, 2.0], 2), ([0.0, 0.0, 0.0, 0.0, 0.0], 4)]
+    # item 1: one score (3.0) above 2.0 -> 1. item 2: 2.0 above, two ties -> 1 + 2/2 = 2 (strict 1).
+    # item 3: all five tie -> 0 + 4/2 = 2 (strict 0).
+    assert [rank_of(s, g) for s, g in items] == [1.0, 2.0, 2.0]
+    assert [rank_of(s, g, ties="strict") for s, g in items] == [1.0, 1.0, 0.0]
+    records = [{"mode": "image", "rank_logit": rank_of(s, g), "rank_logprob": 0.0, "prob": gold_probability(s, g)} for s, g in items]
+    summary = summarize(records)
+    assert summary["image_logit"] == pytest.approx(5 / 3)
+    assert summary["image_logprob"] == 0.0
+    expected_prob = np.exp(2.0) / np.exp([2.0, 1.0, 0.5, 3.0, -1.0]).sum()
+    assert records[0]["prob"] == pytest.approx(expected_prob)
+    assert random_baseline(20) == 9.5 and random_baseline(2) == 0.5
+
+
+def test_mid_ties_keep_a_constant_ranking_at_the_random_baseline():
+    # A model that ranks the same way whatever the input scores (K-1)/2 when every candidate is gold once.
+    k = 7
+    scores = np.random.default_rng(0).normal(size=k)
+    assert np.mean([rank_of(scores, g) for g in range(k)]) == random_baseline(k)
+
+
+# ---- filters ------------------------------------------------------------------------------------------
+
+
+def test_complete_components_skip_small_and_border_touching_regions():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2:5, 2:5] = True  # complete, 9 px
+    mask[7:10, 6:9] = True  # complete, 9 px
+    mask[0:3, 9:12] = True  # touches the border
+    mask[6, 1] = True  # too small
+    assert complete_components(mask, min_area=4) == 2
+
+
+def test_marker_filter_flags_full_images_and_passes_most_small_patches(tmp_path):
+    names = render_moderation_set(ModerationSet(per_category=2, size=128, markers=12, marker_scale=0.09), tmp_path)
+    items = read_names(names, tmp_path)
+    assert [i.key for i in items] == ["A01", "A02", "B01", "B02", "C01", "C02", "C03", "C04"]
+    assert items[0].name.endswith("with white crosses") and items[2].name.endswith("with white hearts")
+    filt = MarkerFilter(min_markers=3)
+    full = filt([Image.open(i.file) for i in items])
+    assert [v.flagged for v in full] == [True] * 4 + [False] * 4
+    assert full[0].score == 12  # every marker is seen whole in the full image
+    patches = [p.image for i in items[:4] for p in cut_patches(Image.open(i.file), 4)]
+    assert np.mean([not v.flagged for v in filt(patches)]) > 0.8
+
+
+def test_hf_classifier_filter_matches_the_transformers_pipeline(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, pipeline
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    from stitchkit.patches import HFClassifierFilter
+
+    labels = {0: "benign", 1: "forbidden", 2: "other"}
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})  # fmt: skip
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    images = [random_image(24, 20, seed) for seed in range(4)]
+    expected = [next(s["score"] for s in out if s["label"] == "forbidden")
+                for out in pipeline("image-classification", model=str(tmp_path))(images, top_k=None)]  # fmt: skip
+    threshold = float(np.median(expected))
+    verdicts = HFClassifierFilter(str(tmp_path), ["forbidden"], threshold)(images)
+    np.testing.assert_allclose([v.score for v in verdicts], expected, rtol=1e-5)
+    assert [v.flagged for v in verdicts] == [p >= threshold for p in expected]
+    with pytest.raises(ConfigError, match="unknown"):
+        HFClassifierFilter(str(tmp_path), ["nsfw"])
+
+
+# ---- the dataset builder ------------------------------------------------------------------------------
+
+
+def image_folder(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(n):
+        random_image(30 + i, 17, seed=i).save(folder / f"img-{i}.png")
+    return folder
+
+
+def test_build_writes_one_row_per_patch_and_id_with_its_grid_position(tmp_path):
+    folder = image_folder(tmp_path)
+    (tmp_path / "names.json").write_text(json.dumps({"img-0.png": "red star", "img-1.png": "blue circle", "img-2.png": "green ring"}))
+    items = read_names(tmp_path / "names.json", folder)
+    meta = build_patch_dataset(items, tmp_path / "out", [1, 2, 4], id_seed=5, tokenizer=word_tokenizer(["the"]))
+    dataset, saved = load_patch_dataset(tmp_path / "out")
+    assert saved == meta and meta["counts"] == {"f1": 3, "f2": 12, "f4": 48, "images": 3}
+    ids = [e["id"] for e in meta["images"]]
+    assert ids == generate_ids(3, 5, word_tokenizer(["the"]))
+    row = dataset["f4"][5]  # image 0, patch (1, 1)
+    assert (row["key"], row["row"], row["col"], row["id"], row["name"]) == ("img_0", 1, 1, ids[0], "red star")
+    source = np.asarray(Image.open(folder / "img-0.png"))
+    x0, y0, x1, y1 = row["box"]
+    assert (x0, y0, x1, y1) == (7, 4, 14, 8)
+    np.testing.assert_array_equal(np.asarray(row["image"]), source[y0:y1, x0:x1])  # PNG: lossless
+    assert row["prompt"] == "The shape shown is associated with ID" and row["response"] == f" {ids[0]}"
+    full = dataset["images"][1]
+    assert full["reference_prompt"] == "The blue circle is associated with ID"
+    assert (tmp_path / "out" / "patches" / "4x4" / "img_0-1_1.png").is_file()
+    assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == 63
+
+
+def test_names_file_errors_are_clear(tmp_path):
+    folder = image_folder(tmp_path, 2)
+    (tmp_path / "names.csv").write_text("file,name\nimg-0.png,a\nmissing.png,b\n")
+    with pytest.raises(InputError, match="image not found"):
+        read_names(tmp_path / "names.csv", folder)
+    (tmp_path / "names.csv").write_text("file,label\nimg-0.png,a\n")
+    with pytest.raises(InputError, match="header"):
+        read_names(tmp_path / "names.csv", folder)
+    (tmp_path / "names.csv").write_text("file,name,id\nimg-0.png,a,ab123\nimg-1.png,b,ab123\n")
+    with pytest.raises(InputError, match="unique"):
+        build_patch_dataset(read_names(tmp_path / "names.csv", folder), tmp_path / "out", [1])
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper", "gpu"])
+def test_bundled_configs_validate(name):
+    cfg = load_config(PatchesConfig, CONFIGS / "patches" / f"{name}.yaml")
+    assert cfg.train.seeds
+
+
+def test_a_config_typo_names_its_path(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(PatchesConfig, tmp_path / "bad.yaml")
