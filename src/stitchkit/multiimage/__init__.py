@@ -10,6 +10,11 @@ annotation file, its scorers and its exports.
     scoring.py     predictions -> results.json, report.md, breakdowns, figures (`stitchkit mimic score`)
     exports.py     HF datasets / parquet, lmms-eval task folder, VLMEvalKit TSVs (`stitchkit mimic export`)
     adapters/      the lmms-eval utils.py and VLMEvalKit dataset class, copied into exports
+    evaluate.py    a VLM on a benchmark: batched, resumable generation, then the scorer (`stitchkit mimic eval`)
+    imageops.py    the pixel down/up-sampling control and the image-stitching canvas
+    studies.py     the paper's experiments: FLOPs, pooling, stitching, attention, masked fine-tuning
+    experiment.py  one config -> every study, resumable, results.json + report.md (`stitchkit mimic run`)
+    quickstart.py  MIMIC's section of `stitchkit quickstart` (configs/mimic/quickstart.yaml)
 """
 
 from stitchkit.multiimage.benchmark import CONTROLS, Benchmark, Sample, load_benchmark

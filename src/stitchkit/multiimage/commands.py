@@ -1,4 +1,5 @@
-"""`stitchkit mimic ...` verbs: build a benchmark, export it, score predictions on it."""
+"""`stitchkit mimic ...` verbs: build a benchmark, export it, score predictions on it, evaluate a VLM on it, run
+the paper's experiments from a config."""
 
 from __future__ import annotations
 
@@ -67,4 +68,49 @@ def score(
     from stitchkit.multiimage.scoring import score_benchmark_dir
 
     root = score_benchmark_dir(data, predictions, out, legacy_official, command=_command_line())
+    typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
+
+
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="Hub id, local folder, or `micro` (the micro VLM; micro:RECIPE)."),
+    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build`."),
+    out: Path = typer.Option(..., "--out", help="Folder for predictions.jsonl, results.json, report.md, figures/."),
+    policy: str = typer.Option(
+        "dense", "--policy",
+        help="dense, or masked[:LAYERS]: image-block-diagonal attention in LAYERS (default second_half = "
+             "floor(L/2)..L-1; also all, first_half, or ranges like 12-23).",
+    ),
+    pool: list[int] = typer.Option(
+        [1], "--pool", help="1-D vision-token pooling factor 1|2|4|8|16 (repeatable: one evaluation each, and a figure)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+    max_images_per_batch: Optional[int] = typer.Option(
+        None, "--max-images-per-batch", help="Cap on the images of one batch (long prompts get smaller batches)."
+    ),
+    max_per_task: Optional[int] = typer.Option(None, "--max-per-task", help="Only the first N samples of each task."),
+    legacy_official: bool = typer.Option(
+        False, "--legacy-official", help="Headline scores from the released MIMIC scorer (both modes are stored)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: 1 for the micro VLM on CPU)."),
+) -> None:
+    """Evaluate a VLM on a MIMIC benchmark: batched greedy generation (resumable), scores, report, figures."""
+    from stitchkit.multiimage.evaluate import eval_command
+
+    root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy_official, device, dtype,
+                        threads, max_images_per_batch, command=_command_line())
+    typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment config (configs/mimic/quickstart.yaml, configs/mimic/paper.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (finished steps are skipped on re-run)."),
+) -> None:
+    """Run the paper's experiments from a config: baseline, masked fine-tuning, FLOPs, pooling, stitching, attention."""
+    from stitchkit.multiimage.experiment import load_experiment, run_experiment
+
+    root = run_experiment(load_experiment(config), out, command=_command_line())
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -407,8 +408,12 @@ def build_benchmark(
     out: str | os.PathLike,
     config: MimicConfig | None = None,
     command: str | None = None,
+    exclude_images: Collection[str | os.PathLike] = (),
 ) -> Path:
-    """Load the COCO file, index it once, generate every task, check the used images exist, write DIR."""
+    """Load the COCO file, index it once, generate every task, check the used images exist, write DIR.
+
+    `exclude_images`: image files (paths) that must not be used, e.g. every image of an evaluation benchmark
+    when this one is its training data; matched by normalised absolute path, so any source file works."""
     from stitchkit.data import load_coco
     from stitchkit.progress import make_progress
     from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
@@ -421,7 +426,9 @@ def build_benchmark(
     if not coco.images or not coco.categories:
         raise InputError(f"{annotations}: no images or no categories to build questions from")
     run = RunDir(out, config=config, seeds={"mimic": config.seed}, inputs={"annotations": annotations}, command=command)
-    index = MimicIndex.build(coco, config.filter)
+    excluded_files = {os.path.normpath(os.path.abspath(p)) for p in exclude_images}
+    excluded = [i for i, im in coco.images.items() if os.path.normpath(images_root / im.file_name) in excluded_files]
+    index = MimicIndex.build(coco, config.filter, exclude=excluded)
     with make_progress() as progress:
         samples, stats = generate(index, config, progress)
     missing = sorted({name for s in samples for name in s.images if not (images_root / name).is_file()})
@@ -440,6 +447,7 @@ def build_benchmark(
         "filter": config.filter.model_dump(),
         "config": config.model_dump(mode="json"),
         "n_samples": {t: sum(s.task == t for s in samples) for t in TASKS},
+        "excluded_images": len(excluded),
         **stats,
     }
     write_samples(run.path(SAMPLES_FILE), samples)

@@ -13,6 +13,7 @@ microseconds.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -41,7 +42,9 @@ class MimicIndex:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, coco: CocoIndex, filter: FilterConfig | None = None) -> "MimicIndex":
+    def build(cls, coco: CocoIndex, filter: FilterConfig | None = None, exclude: Collection[int] = ()) -> "MimicIndex":
+        """Index `coco`; images whose COCO id is in `exclude` never enter a query (e.g. a training set that must
+        not share images with an evaluation benchmark built from the same file)."""
         filter = filter or FilterConfig()
         image_ids = sorted(coco.images)
         position = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -71,6 +74,8 @@ class MimicIndex:
 
         t = filter.min_box_area_frac
         image_eligible = image_min_frac >= t if filter.mode == "image_strict" else np.ones(len(image_ids), bool)
+        if exclude:
+            image_eligible &= ~np.isin(np.asarray(image_ids), np.fromiter(exclude, np.int64))
         pair_eligible = ~pair_crowd & image_eligible[pair_image]
         if filter.mode == "targets_only":
             pair_eligible &= pair_min_frac >= t

@@ -1,0 +1,396 @@
+"""Run a VLM on a built MIMIC benchmark: batched greedy generation, resumable, then the scorer's report.
+
+    vlm, model_id = load_model("micro")                  # or a hub id / local folder
+    vlm.policy = attention_policy("masked:12-23", vlm.num_layers)
+    results = evaluate(vlm, load_benchmark(DIR), OUT, settings={"model": model_id, ...})
+
+Every sample is shown as in the official runs: its images first, then `sample.prompt()`, greedy decoding,
+16 new tokens (Listing 32). Samples are grouped by (task, number of images) so a batch holds prompts of one
+length and one generation budget. After every batch its predictions are appended to OUT/predictions.jsonl
+in one write (flushed and synced); a killed evaluation, re-run with the same settings, drops a torn last
+line and continues with the samples that have no prediction. Scoring then writes results.json, report.md,
+per_sample.jsonl and figures/ (scoring.write_score_report), in both scoring modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from stitchkit.errors import ConfigError, InputError
+from stitchkit.multiimage.benchmark import Benchmark, Sample
+from stitchkit.multiimage.protocol import GENERATION_MAX_NEW_TOKENS, TASKS
+from stitchkit.multiimage.scoring import score_predictions, write_score_report
+
+PREDICTIONS_FILE = "predictions.jsonl"
+MICRO = "micro"
+# named layer sets of the masking study (mimic.md section 6; Table 5 right): what "masked:NAME" means
+LAYER_SETS = ("none", "all", "first_half", "second_half")
+
+ImageTransform = Callable[[list, Sample], list]
+
+
+# ---- models and policies ----------------------------------------------------------------------------------
+
+
+def masked_layer_list(name: str, num_layers: int) -> list[int]:
+    """The decoder layers a named layer set masks: none, all, first_half (0 .. L/2-1), second_half
+    (floor(L/2) .. L-1, MIMIC's best setting), or a range string such as "12-23" or "0-3,8"."""
+    from stitchkit.vlm import AttentionPolicy
+
+    half = num_layers // 2
+    named = {"none": [], "all": list(range(num_layers)), "first_half": list(range(half)),
+             "second_half": list(range(half, num_layers)), "default": list(range(half, num_layers))}
+    if name in named:
+        return named[name]
+    return sorted(AttentionPolicy(masked_layers=name).layers(num_layers))
+
+
+def check_policy_spec(spec: str) -> str:
+    """Validate `dense | masked | masked:LAYERS` before a model is loaded; returns the LAYERS part ("none" for
+    dense, "second_half" for a bare "masked")."""
+    from stitchkit.vlm import parse_layer_spec
+
+    kind, _, layers = spec.partition(":")
+    if kind == "dense" and not layers:
+        return "none"
+    if kind != "masked":
+        raise ConfigError(f"--policy {spec!r}: expected dense, masked or masked:LAYERS (e.g. masked:12-23, masked:all)")
+    layers = layers or "second_half"
+    if layers not in (*LAYER_SETS, "default"):
+        parse_layer_spec(layers)  # raises ConfigError with the reason
+    return layers
+
+
+def attention_policy(spec: str, num_layers: int):
+    """An AttentionPolicy from `dense | masked | masked:LAYERS` for a model with `num_layers` decoder layers."""
+    from stitchkit.vlm import AttentionPolicy
+
+    layers = masked_layer_list(check_policy_spec(spec), num_layers)
+    return AttentionPolicy(masked_layers=layers or "none")
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r}: {err}") from None
+
+
+def is_micro(spec: str) -> bool:
+    return spec == MICRO or spec.startswith(MICRO + ":")
+
+
+def model_source(spec: str) -> tuple[str, str]:
+    """(what load_vlm reads, an identity recorded with the results). `micro` or `micro:RECIPE` is the micro
+    VLM, built through its recipe (configs/zoo/micro_vlm.yaml by default) if it is not cached yet."""
+    if is_micro(spec):
+        from stitchkit.vlm.micro import RECIPE_FILE, build_micro_vlm, load_micro_recipe
+
+        recipe = load_micro_recipe(spec.partition(":")[2] or RECIPE_FILE)
+        folder = build_micro_vlm(recipe)
+        return str(folder), f"micro:{recipe.folder_name}"
+    path = Path(spec)
+    return spec, str(path.resolve()) if path.exists() else spec
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
+    """(VLM, model identity) for `micro[:RECIPE]`, a hub id or a local folder."""
+    import torch
+
+    from stitchkit.vlm import load_vlm
+
+    source, identity = model_source(spec)
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    vlm = load_vlm(source, dtype=torch_dtype, device=resolve_device(device))
+    return vlm, identity
+
+
+def default_threads(spec: str, device: str) -> int | None:
+    """One CPU thread for the micro VLM on a CPU: its matrices are tiny, and on a busy machine OpenMP threads of
+    small ops spin waiting for each other (vlm/micro.py measured 10 s per step with 2 threads, 0.7 s with 1)."""
+    return 1 if is_micro(spec) and resolve_device(device).type == "cpu" else None
+
+
+# ---- samples and images -----------------------------------------------------------------------------------
+
+
+def first_per_task(samples: Sequence[Sample], per_task: int | None) -> list[Sample]:
+    """The first `per_task` samples of every task (all if None). The generator draws sample i of a task for
+    grid cell i mod (cells), so a prefix covers the grid evenly."""
+    if per_task is None:
+        return list(samples)
+    seen: dict[str, int] = {}
+    chosen = []
+    for sample in samples:
+        if seen.get(sample.task, 0) < per_task:
+            chosen.append(sample)
+            seen[sample.task] = seen.get(sample.task, 0) + 1
+    return chosen
+
+
+def generation_batches(samples: Sequence[Sample], batch_size: int, max_images: int | None = None) -> list[list[Sample]]:
+    """Batches of samples with the same task and number of images (one prompt length, one token budget),
+    in a fixed order: task order, then N, then sample order. `max_images` caps the images of a batch (a 35-image
+    MIMIC prompt is ~25k LLaVA-OV tokens), so batches of long prompts hold fewer of them."""
+    order = {t: i for i, t in enumerate(TASKS)}
+    ranked = sorted(enumerate(samples), key=lambda p: (order[p[1].task], p[1].n_images, p[0]))
+    batches = []
+    for (_, n_images), group in groupby((s for _, s in ranked), key=lambda s: (s.task, s.n_images)):
+        group = list(group)
+        size = batch_size if max_images is None else max(1, min(batch_size, max_images // max(n_images, 1)))
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+def sample_images(bench: Benchmark, sample: Sample) -> list:
+    from stitchkit.data import load_image
+
+    return [load_image(path) for path in bench.image_paths(sample)]
+
+
+class LazyImages(Sequence):
+    """A sample's images, read from disk when indexed: training sets of thousands of multi-image samples are
+    not held in memory."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from stitchkit.data import load_image
+
+        if isinstance(i, slice):
+            return [load_image(p) for p in self.paths[i]]
+        return load_image(self.paths[i])
+
+
+# ---- the prediction log -----------------------------------------------------------------------------------
+
+
+class PredictionLog:
+    """OUT/predictions.jsonl: one {"id", "prediction"} line per sample, appended one batch per write."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.done: dict[str, str] = {}
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):  # a batch torn by a kill: its complete lines stay, the torn one goes
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+        for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                self.done[str(record["id"])] = str(record["prediction"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{self.path}:{number}: corrupt prediction line; delete the file to start over") from None
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.done[r["id"]] = r["prediction"]
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    vlm,
+    bench: Benchmark,
+    out: str | os.PathLike,
+    *,
+    settings: dict[str, Any],
+    samples: Sequence[Sample] | None = None,
+    batch_size: int = 8,
+    max_images_per_batch: int | None = None,
+    transform: ImageTransform | None = None,
+    legacy_official: bool = False,
+    description: str = "MIMIC eval",
+    command: str | None = None,
+) -> dict:
+    """Generate (resumably) and score `samples` (default: the whole benchmark) with the VLM as it is set up
+    (policy, pooling). `settings` must name everything that changes the predictions (model, policy, pooling,
+    image transform, sample selection): a folder holding predictions made with other settings is refused.
+    `transform(images, sample)` changes a sample's PIL images before the model sees them (the studies'
+    controls). The prompt is the official one (`sample.prompt(legacy=True)`) when scoring legacy_official, the
+    clean one otherwise (they differ only for a Listing question that ends in "?"). A finished folder is not
+    evaluated again: its results are returned."""
+    from stitchkit.progress import make_progress
+    from stitchkit.runs import RunDir
+
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    samples = list(bench.samples if samples is None else samples)
+    if not samples:
+        raise InputError(f"{bench.root}: no samples to evaluate")
+    run = RunDir(out, config=settings, command=command)
+    mode = "legacy_official" if legacy_official else "clean"
+    if run.done("eval") and (run.root / "results.json").is_file():
+        results = json.loads((run.root / "results.json").read_text())
+        if results["mode"] == mode and "answers" in results:
+            return results  # else: re-score the stored predictions (other mode, older format); nothing is generated
+    log = PredictionLog(run.root / PREDICTIONS_FILE)
+    todo = [s for s in samples if s.id not in log.done]
+    started, generated = time.perf_counter(), 0
+    with make_progress() as progress:
+        bar = progress.add_task(description, total=len(samples), completed=len(samples) - len(todo), status="")
+        for batch in generation_batches(todo, batch_size, max_images_per_batch):
+            images = [sample_images(bench, s) for s in batch]
+            if transform is not None:
+                images = [transform(ims, s) for ims, s in zip(images, batch)]
+            prompts = [s.prompt(legacy=legacy_official) for s in batch]
+            answers = vlm.generate(images, prompts, max_new_tokens=GENERATION_MAX_NEW_TOKENS[batch[0].task])
+            log.append([{"id": s.id, "prediction": a} for s, a in zip(batch, answers)])
+            generated += len(batch)
+            progress.update(bar, advance=len(batch), status=f"{batch[0].task} N={batch[0].n_images}")
+    seconds = time.perf_counter() - started
+
+    subset = Benchmark(bench.root, samples, bench.meta)
+    predictions = {s.id: log.done[s.id] for s in samples}
+    rows, results = score_predictions(subset, predictions, mode)
+    other = score_predictions(subset, predictions, "clean" if legacy_official else "legacy_official")[1]
+    results[other["mode"]] = {"tasks": {t: m["score"] for t, m in other["tasks"].items()},
+                              "mimic_avg": other["mimic_avg"]}
+    results["answers"] = answer_statistics(samples, predictions, mode, subset.vocabulary() if mode == "clean" else None)
+    results["eval"] = {**settings, "batch_size": batch_size, "max_images_per_batch": max_images_per_batch,
+                       "generated_now": generated, "seconds_now": seconds,
+                       "samples_per_second": generated / seconds if generated else None}
+    write_score_report(run.root, rows, results)
+    run.finish("eval", samples=len(samples))
+    return json.loads((run.root / "results.json").read_text())
+
+
+def answer_statistics(samples: Sequence[Sample], predictions: dict[str, str], mode: str, vocab) -> dict:
+    """Context a score needs, per task: the share of the most common (normalised) answer -- a model that always
+    says the same thing scores whatever that answer is worth, and its trends across controls are artefacts of
+    the ground-truth mix -- and the score of the best constant answer among the 10 most common ground truths,
+    the floor a model that ignores the images can reach."""
+    from collections import Counter
+
+    from stitchkit.multiimage.protocol import aggregate, normalize, score_sample
+
+    out: dict[str, dict] = {"top_answer_share": {}, "top_answer": {}, "constant_answer_score": {}, "constant_answer": {}}
+    for task in TASKS:
+        rows = [s for s in samples if s.task == task]
+        if not rows:
+            continue
+        answers = Counter(normalize(predictions.get(s.id, "")) for s in rows)
+        answer, count = answers.most_common(1)[0]
+        out["top_answer"][task], out["top_answer_share"][task] = answer, count / len(rows)
+        best = (None, -1.0)
+        for candidate, _ in Counter(s.gt for s in rows).most_common(10):
+            score = aggregate(task, [score_sample(s.to_dict(), candidate, mode, vocab) for s in rows], mode)["score"]
+            best = max(best, (candidate, score), key=lambda pair: pair[1])
+        out["constant_answer"][task], out["constant_answer_score"][task] = best
+    return out
+
+
+def task_scores(results: dict) -> dict[str, float | None]:
+    """{task: headline score, ..., "avg": MIMIC Avg} of one evaluation's results."""
+    return {**{t: m["score"] for t, m in results["tasks"].items()}, "avg": results["mimic_avg"]}
+
+
+def eval_command(
+    model: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    policy: str = "dense",
+    pools: Sequence[int] = (1,),
+    batch_size: int = 8,
+    max_per_task: int | None = None,
+    legacy_official: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+    max_images_per_batch: int | None = None,
+    command: str | None = None,
+) -> Path:
+    """`stitchkit mimic eval`. One pooling factor: OUT holds the evaluation. Several: OUT/pool<F>/ each, and
+    OUT/results.json + report.md + figures/score_vs_pool_factor.png across them."""
+    from stitchkit.multiimage.benchmark import load_benchmark
+    from stitchkit.vlm.pooling import check_pool_factor
+
+    layers = check_policy_spec(policy)
+    pools = list(dict.fromkeys(pools or [1]))
+    for f in pools:
+        check_pool_factor(f)
+    bench = load_benchmark(data)
+    samples = first_per_task(bench.samples, max_per_task)
+    threads = threads if threads is not None else default_threads(model, device)
+    with cpu_threads(threads):
+        vlm, identity = load_model(model, device, dtype)
+        vlm.policy = attention_policy(policy, vlm.num_layers)
+        runs = {}
+        for f in pools:
+            vlm.pool_factor = f
+            folder = Path(out) if len(pools) == 1 else Path(out) / f"pool{f}"
+            settings = {"model": identity, "data": str(Path(data).resolve()), "policy": policy,
+                        "masked_layers": sorted(vlm.masked_layers), "pool_factor": f, "pool_pad": vlm.pool_pad,
+                        "max_per_task": max_per_task, "transform": "none"}
+            runs[f] = evaluate(vlm, bench, folder, settings=settings, samples=samples, batch_size=batch_size,
+                               max_images_per_batch=max_images_per_batch, legacy_official=legacy_official,
+                               description=f"MIMIC eval (pool {f})", command=command)
+    if len(pools) > 1:
+        write_pool_summary(Path(out), runs, identity, policy)
+    return Path(out)
+
+
+def write_pool_summary(out: Path, runs: dict[int, dict], model: str, policy: str) -> None:
+    from stitchkit.report import line_plot, markdown_table
+    from stitchkit.runs import atomic_write_json, atomic_write_text
+
+    factors = sorted(runs)
+    mode = runs[factors[0]]["mode"]
+    rows = [{"pool_factor": f, **task_scores(runs[f])} for f in factors]
+    xs = [math.log2(f) for f in factors]
+    series = {name: (xs, [100 * r[name] if r[name] is not None else float("nan") for r in rows])
+              for name in [*[t for t in TASKS if t in rows[0]], "avg"]}
+    figure = line_plot(out / "figures" / "score_vs_pool_factor.png", series, xlabel="log2 of the pooling factor f",
+                       ylabel="score x100", title=f"MIMIC vs 1-D token pooling ({mode})")
+    atomic_write_json(out / "results.json", {"model": model, "policy": policy, "mode": mode, "pool_factors": rows,
+                                             "runs": {f"pool{f}": f"pool{f}/results.json" for f in factors},
+                                             "figures": {"pool_factor": str(figure.relative_to(out))}})
+    table = [{k: (100 * v if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    atomic_write_text(out / "report.md", f"# MIMIC vs pooling factor ({mode})\n\nModel `{model}`, policy `{policy}`; "
+                      "scores x100 (listing: micro F1).\n\n" + markdown_table(table, digits=1)
+                      + f"\n![score vs pooling factor]({figure.relative_to(out)})\n")
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run a block with torch on n CPU threads (None: leave the setting alone)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ConfigError(f"threads must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
