@@ -51,10 +51,12 @@ def _add_subapps() -> None:
     from stitchkit.world.commands import app as world_app
     from stitchkit.multiimage.commands import app as mimic_app
     from stitchkit.patches.commands import app as patches_app
+    from stitchkit.stitching.commands import app as stitch_app
     from stitchkit.zoo.commands import app as zoo_app
 
     app.add_typer(world_app, name="world", help="The procedural shapes world.")
     app.add_typer(zoo_app, name="zoo", help="The micro vision zoo.")
+    app.add_typer(stitch_app, name="stitch", help="Model stitching of vision foundation models.")
     app.add_typer(mimic_app, name="mimic", help="MIMIC: the controlled multi-image benchmark.")
     app.add_typer(patches_app, name="patches", help="Visual stitching: scattered training patches.")
 

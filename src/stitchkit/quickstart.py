@@ -18,6 +18,9 @@ from stitchkit.runs import RunDir, atomic_write_text
 SECTIONS: dict[str, str] = {
     "world": "stitchkit.world.quickstart:quickstart",
     "zoo": "stitchkit.zoo.quickstart:quickstart",
+    "stitch": "stitchkit.stitching.quickstart:quickstart",
+    "mimic": "stitchkit.multiimage.quickstart:quickstart",
+    "patches": "stitchkit.patches.quickstart:quickstart",
 }
 
 

@@ -1,0 +1,39 @@
+"""`stitchkit stitch ...` verbs: the protocol sweep and the VFM Stitch Tree."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Model stitching: LFM, TLT, FFM, FFM→TLT, self-stitch, stitch tree.")
+
+
+def _command_line() -> str:
+    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="Sweep config YAML (see configs/stitch/)."),
+    out: Path = typer.Option(..., "--out", help="Run folder; re-running resumes and skips finished cells."),
+) -> None:
+    """Sweep pairs x stitch points x stitch layers x objectives (+ self-stitches and linear probes)."""
+    from stitchkit.stitching.experiment import run_sweep
+
+    report = run_sweep(config, out, command=_command_line())
+    typer.echo(f"report: {report}")
+
+
+@app.command("tree")
+def tree(
+    config: Path = typer.Argument(..., help="Stitch-tree config YAML (see configs/stitch/tree_quickstart.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Run folder; re-running resumes."),
+) -> None:
+    """VFM Stitch Tree: accuracy vs extra cost at every stitch point, and the normalised gain."""
+    from stitchkit.stitching.experiment import run_tree
+
+    report = run_tree(config, out, command=_command_line())
+    typer.echo(f"report: {report}")

@@ -1,0 +1,137 @@
+"""Configs of `stitchkit stitch run` (the protocol sweep) and `stitchkit stitch tree` (the VFM Stitch Tree).
+
+Defaults follow the reference spec §7 where it has one; learning rates and epochs are sized for the micro zoo.
+A model is named by a hub id, a local folder, or `zoo:NAME` for a micro-zoo model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+import pydantic
+
+from stitchkit.config import Config
+from stitchkit.stitching.data import DataConfig
+from stitchkit.stitching.objectives import Objective
+
+
+class StitchLayerConfig(Config):
+    kind: Literal["identity", "linear", "mlp", "lora"] = "mlp"
+    act: Literal["relu", "gelu"] = "relu"  # mlp only
+    hidden: int | None = pydantic.Field(None, ge=1, description="mlp hidden width; default: the target's width")
+    rank: int = pydantic.Field(16, ge=1)  # lora only
+    alpha: float = pydantic.Field(32.0, gt=0)  # lora only
+    init: Literal["random", "lstsq"] = "random"  # lstsq: closed-form LFM (linear, or lora's width projection)
+    ridge: float = pydantic.Field(1e-4, ge=0)
+
+    @property
+    def name(self) -> str:
+        base = {"mlp": f"mlp-{self.act}", "lora": f"lora-r{self.rank}"}.get(self.kind, self.kind)
+        return base + ("+lstsq" if self.init == "lstsq" else "")
+
+
+class OptimConfig(Config):
+    """One training stage: AdamW with warm-up and cosine decay (the engine's loop)."""
+
+    epochs: float = pydantic.Field(gt=0)
+    batch_size: int = pydantic.Field(64, ge=1)
+    lr: float = pydantic.Field(1e-3, gt=0)
+    weight_decay: float = pydantic.Field(0.05, ge=0)
+    warmup_fraction: float = pydantic.Field(0.03, ge=0, lt=1)
+    max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+    def steps(self, examples: int) -> int:
+        return max(1, round(self.epochs * examples / self.batch_size))
+
+
+class StitchRunConfig(Config):
+    task: Literal["classification", "segmentation"] = "classification"
+    data: DataConfig = DataConfig()
+    models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
+    image_size: dict[str, int] = pydantic.Field(default_factory=dict, description="per-model resolution override")
+    pairs: list[tuple[str, str]] | Literal["all"] = pydantic.Field(
+        "all", description="ordered (source, target) cross pairs; 'all' = every ordered pair of distinct models"
+    )
+    points: list[int] = pydantic.Field(min_length=1, description="source stitch points n (after block n, 1-indexed)")
+    stitch_layers: list[StitchLayerConfig] = pydantic.Field(default_factory=lambda: [StitchLayerConfig()], min_length=1)
+    objectives: list[Objective] = pydantic.Field(default_factory=lambda: ["tlt", "ffm_tlt"], min_length=1)
+    self_stitch: bool = True  # the control: source = target, same S, point, objective, data and seed
+    probes: bool = True  # linear probes of every model (baselines, and prediction overlap)
+    seeds: list[int] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    match_layer: Literal["last_normed", "last_raw"] | int = "last_normed"
+    prefix_policy: Literal["map", "learnable", "drop"] = "map"
+    grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
+    lfm: OptimConfig = OptimConfig(epochs=3, lr=1e-3)
+    ffm: OptimConfig = OptimConfig(epochs=1, lr=1e-3)
+    tlt: OptimConfig = OptimConfig(epochs=5, lr=1e-3)
+    probe: OptimConfig = OptimConfig(epochs=10, lr=1e-3)
+    init_images: int = pydantic.Field(256, ge=1, description="train images for least squares and prefix-token init")
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    eval_batch_size: int = pydantic.Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = pydantic.Field(
+        False, description="torch.compile the stitched model for training (GPU: ~1.4x faster steps at ViT-L size)"
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _names_exist(self):
+        names = set(self.models)
+        if self.pairs != "all":
+            for i, (source, target) in enumerate(self.pairs):
+                for role, name in (("source", source), ("target", target)):
+                    if name not in names:
+                        raise ValueError(f"pairs[{i}]: {role} {name!r} is not in models ({', '.join(sorted(names))})")
+        unknown = set(self.image_size) - names
+        if unknown:
+            raise ValueError(f"image_size: {', '.join(sorted(unknown))} not in models")
+        return self
+
+    def cross_pairs(self) -> list[tuple[str, str]]:
+        if self.pairs == "all":
+            return [(a, b) for a, b in itertools.permutations(self.models, 2)]
+        return [tuple(p) for p in self.pairs]
+
+    def all_pairs(self) -> list[tuple[str, str]]:
+        """Cross pairs, then (if self_stitch) each model that takes part as a self-stitch, in first-seen order."""
+        pairs = self.cross_pairs()
+        if self.self_stitch:
+            seen = list(dict.fromkeys(name for pair in pairs for name in pair))
+            pairs += [(name, name) for name in seen if (name, name) not in pairs]
+        return list(dict.fromkeys(pairs))
+
+
+class TreeConfig(Config):
+    task: Literal["classification"] = "classification"
+    data: DataConfig = DataConfig()
+    models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
+    image_size: dict[str, int] = pydantic.Field(default_factory=dict)
+    trunk: str = pydantic.Field(description="the model whose blocks 1..n are shared")
+    branches: list[str] = pydantic.Field(min_length=1, description="the other models; each gets a branch")
+    points: list[int] = pydantic.Field(min_length=1)
+    feature_layer: int = pydantic.Field(-2, description="block the consumer reads (-2 = N-1, LLaVA's choice)")
+    stitch: StitchLayerConfig = StitchLayerConfig()
+    prefix_policy: Literal["map", "learnable", "drop"] = "map"
+    grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
+    ffm: OptimConfig = OptimConfig(epochs=2, lr=1e-3)
+    probe: OptimConfig = OptimConfig(epochs=10, lr=1e-3)
+    seeds: list[int] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    timing_batches: int = pydantic.Field(5, ge=1, description="batches timed per variant")
+    eval_batch_size: int = pydantic.Field(64, ge=1)
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @pydantic.model_validator(mode="after")
+    def _names_exist(self):
+        for field, names in (("trunk", [self.trunk]), ("branches", self.branches)):
+            for name in names:
+                if name not in self.models:
+                    raise ValueError(f"{field}: {name!r} is not in models ({', '.join(sorted(self.models))})")
+        if self.trunk in self.branches:
+            raise ValueError(f"branches: the trunk {self.trunk!r} has its own branch already; list only the others")
+        if self.stitch.kind == "lora":
+            raise ValueError("stitch.kind: tree branches share the trunk's block n, so 'lora' cannot be used")
+        return self

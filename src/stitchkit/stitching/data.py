@@ -1,0 +1,188 @@
+"""Task data for the stitching protocol: in-memory uint8 images with class labels or semantic masks.
+
+Three sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) uint8 images at one size):
+    shapes   the procedural shapes world (classification: one object, labelled by category/colour;
+             segmentation: several objects, semantic maps)
+    folder   an image folder with one sub-folder per class (classification only)
+    coco     a COCO-format annotation file (segmentation: semantic maps from polygons or uncompressed
+             RLE; classification: the category of each image's largest annotation)
+Folder and COCO images are resized (squashed, no crop) to `image_size`, so every model sees the same field of
+view; each backbone then resizes to its own resolution. Splits of folder / COCO data are a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydantic
+from PIL import Image, ImageDraw
+
+from stitchkit.config import Config
+from stitchkit.errors import InputError
+
+Task = Literal["classification", "segmentation"]
+SPLITS = ("train", "val", "test")
+
+
+class DataConfig(Config):
+    source: Literal["shapes", "folder", "coco"] = "shapes"
+    path: str | None = pydantic.Field(None, description="image folder root, or COCO annotation JSON (images beside it)")
+    image_root: str | None = pydantic.Field(None, description="COCO image folder; default: the JSON's folder")
+    image_size: int = pydantic.Field(64, ge=8, description="every image is resized to this square size first")
+    train: int = pydantic.Field(1024, ge=1, description="shapes: images per split; folder/coco: cap (0 = all)")
+    val: int = pydantic.Field(256, ge=1)
+    test: int = pydantic.Field(512, ge=1)
+    seed: int = 0
+    target: Literal["category", "colour", "both"] = "category"  # shapes classification label
+    max_objects: int = pydantic.Field(3, ge=1)  # shapes segmentation
+    val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco splits
+    test_fraction: float = pydantic.Field(0.2, gt=0, lt=1)
+
+    @pydantic.model_validator(mode="after")
+    def _needs_path(self):
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r}")
+        return self
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int64 class index, or (N, S, S) int64 semantic map
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class TaskData:
+    task: Task
+    class_names: list[str]
+    splits: dict[str, Split]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_task_data(task: Task, cfg: DataConfig) -> TaskData:
+    if cfg.source == "shapes":
+        return _shapes(task, cfg)
+    if cfg.source == "folder":
+        if task != "classification":
+            raise InputError("data.source 'folder' has class labels only; use task classification or a COCO file")
+        return _folder(cfg)
+    return _coco(task, cfg)
+
+
+def _shapes(task: Task, cfg: DataConfig) -> TaskData:
+    from stitchkit.world.sets import classification_set, segmentation_set
+
+    splits, names = {}, []
+    # A different seed per split makes the splits disjoint draws of the same world.
+    for offset, split in enumerate(SPLITS):
+        n, seed = getattr(cfg, split), cfg.seed * 1000 + offset
+        if task == "classification":
+            data = classification_set(n, cfg.image_size, seed, target=cfg.target)
+            splits[split] = Split(data.images, data.labels.astype(np.int64))
+        else:
+            data = segmentation_set(n, cfg.image_size, seed, max_objects=cfg.max_objects)
+            splits[split] = Split(data.images, data.masks.astype(np.int64))
+        names = data.class_names
+    what = f"{cfg.target} classification" if task == "classification" else f"segmentation, <= {cfg.max_objects} objects"
+    return TaskData(task, list(names), splits, f"shapes world ({what}), {cfg.image_size} px")
+
+
+def _split_indices(n: int, cfg: DataConfig) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_test, n_val = max(1, round(n * cfg.test_fraction)), max(1, round(n * cfg.val_fraction))
+    if n - n_test - n_val < 1:
+        raise InputError(f"{cfg.path}: {n} images are too few to split into train / val / test")
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    # The per-split sizes cap how many images are used (handy for a quick run on a large folder).
+    return {k: np.sort(v[: getattr(cfg, k)]) for k, v in parts.items()}
+
+
+def _resized(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
+    return np.asarray(image.resize((size, size), resample))
+
+
+def _folder(cfg: DataConfig) -> TaskData:
+    from stitchkit.data import load_image, scan_image_folder
+
+    folder = scan_image_folder(cfg.path)
+    splits = {}
+    for split, idx in _split_indices(len(folder), cfg).items():
+        images = np.stack([_resized(load_image(folder.samples[i][0]), cfg.image_size) for i in idx])
+        labels = np.array([folder.samples[i][1] for i in idx], dtype=np.int64)
+        splits[split] = Split(images, labels)
+    return TaskData("classification", folder.classes, splits, f"image folder {cfg.path}, {cfg.image_size} px")
+
+
+def _coco(task: Task, cfg: DataConfig) -> TaskData:
+    from stitchkit.data import load_coco, load_image
+
+    index = load_coco(cfg.path)
+    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+    category_ids = sorted(index.categories)
+    image_ids = sorted(i for i in index.images if index.by_image.get(i))
+    if not image_ids:
+        raise InputError(f"{cfg.path}: no image has an annotation")
+    if task == "classification":
+        # The label of an image is the category of its largest object.
+        class_of = {cid: k for k, cid in enumerate(category_ids)}
+        class_names = [index.categories[c].name for c in category_ids]
+    else:
+        class_of = {cid: k + 1 for k, cid in enumerate(category_ids)}  # 0 = background
+        class_names = ["background"] + [index.categories[c].name for c in category_ids]
+        segmentations = _raw_segmentations(Path(cfg.path))
+    splits = {}
+    for split, idx in _split_indices(len(image_ids), cfg).items():
+        images, labels = [], []
+        for i in idx:
+            info = index.images[image_ids[i]]
+            annotations = index.by_image[info.id]
+            images.append(_resized(load_image(image_root / info.file_name), cfg.image_size))
+            if task == "classification":
+                labels.append(class_of[max(annotations, key=lambda a: a.area).category_id])
+            else:
+                semantic = np.zeros((info.height, info.width), dtype=np.uint8)
+                # Largest first, so a smaller object in front of a larger one stays visible.
+                for ann in sorted(annotations, key=lambda a: -a.area):
+                    mask = _annotation_mask(segmentations.get(ann.id), ann.bbox, info.height, info.width, cfg.path)
+                    semantic[mask] = class_of[ann.category_id]
+                labels.append(_resized(Image.fromarray(semantic), cfg.image_size, Image.Resampling.NEAREST))
+        splits[split] = Split(np.stack(images), np.stack(labels).astype(np.int64) if task != "classification" else np.array(labels, dtype=np.int64))
+    return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {cfg.image_size} px")
+
+
+def _raw_segmentations(path: Path) -> dict[int, object]:
+    # stitchkit.data.load_coco validates the file but does not keep segmentations; read them here.
+    data = json.loads(path.read_text())
+    return {int(a.get("id", i)): a.get("segmentation") for i, a in enumerate(data["annotations"])}
+
+
+def _annotation_mask(segmentation, bbox, height: int, width: int, path) -> np.ndarray:
+    """An annotation's pixels: polygons, uncompressed RLE, or (no segmentation) its box."""
+    if segmentation is None or segmentation == []:
+        x, y, w, h = bbox
+        mask = np.zeros((height, width), dtype=bool)
+        mask[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = True
+        return mask
+    if isinstance(segmentation, dict):
+        if isinstance(segmentation.get("counts"), str):
+            raise InputError(f"{path}: compressed RLE segmentations are not supported; export polygons or uncompressed RLE")
+        from stitchkit.world.coco import rle_to_mask
+
+        return rle_to_mask(segmentation)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in segmentation:
+        if len(polygon) >= 6:
+            draw.polygon([float(v) for v in polygon], fill=1)
+    return np.asarray(canvas, dtype=bool)

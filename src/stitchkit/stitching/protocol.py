@@ -1,0 +1,503 @@
+"""The stitching protocol sweep: pairs x stitch points x stitch layers x objectives x seeds, plus controls.
+
+For every cross pair (a, b) the self-stitches (a, a) and (b, b) run with the same S, point, objective, data
+and seed (the control of Mai et al. 2026: cross > self means complementary knowledge, not extra capacity),
+and every model gets a linear probe on its own pooled output (the baseline, and the reference for prediction
+overlap). Each finished cell is written to cells/<cell>.json and marked in the run manifest, so a killed
+sweep resumes where it stopped; an interrupted training resumes from its checkpoint (engine).
+
+One cell:
+    1. build S (seeded) and the stitched model; optionally least-squares init; learnable prefix tokens
+       start at the mean of the target's own prefix tokens at the stitch point
+    2. train S by the objective's stages on cached source activations (cache.py)
+    3. label-free objectives (LFM, FFM) fit a head on the frozen stitch; TLT stages train S and head
+    4. evaluate on the test split: score, D_n / D_fin / per-layer profile, prediction overlap
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.errors import ConfigError
+from stitchkit.runs import RunDir, atomic_write_json
+from stitchkit.stitching.cache import (
+    ArrayDataset,
+    FeatureStore,
+    batch_features,
+    float_tensor,
+    inference_autocast,
+    layer_key,
+    match_key,
+)
+from stitchkit.stitching.config import OptimConfig, StitchLayerConfig, StitchRunConfig
+from stitchkit.stitching.data import TaskData, load_task_data
+from stitchkit.stitching.diagnostics import DistanceMeter, prediction_overlap
+from stitchkit.stitching.layers import build_stitch, least_squares_init, stitch_input_layer
+from stitchkit.stitching.model import StitchedModel, build_head, check_point, map_depth, match_features, readout_token_weights
+from stitchkit.stitching.objectives import (
+    IGNORE_INDEX,
+    LABEL_FREE,
+    final_feature_matching_loss,
+    layer_feature_matching_loss,
+    resolve_match_layer,
+    stages,
+    task_loss,
+)
+
+
+# ---- models and devices -------------------------------------------------------------------------
+
+
+def resolve_model(spec: str, image_size: int | None = None, device: torch.device | None = None):
+    """A hub id, a local folder, or zoo:NAME -> a frozen VisionBackbone (`image_size` overrides its resolution).
+
+    On a GPU the frozen weights are loaded in bf16 (spec §7: frozen blocks in bf16; S, losses and distances stay
+    fp32 under autocast), which also saves the per-step weight casts of autocast.
+    """
+    kwargs = {"image_size": image_size}
+    if device is not None and device.type == "cuda":
+        kwargs.update(dtype=torch.bfloat16, device=device)
+    if spec.startswith("zoo:"):
+        from stitchkit.zoo import load_zoo_backbone
+
+        return load_zoo_backbone(spec[4:], **kwargs)
+    from stitchkit.backbones import load_backbone
+
+    return load_backbone(spec, **kwargs)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def train_config(optim: OptimConfig, examples: int, seed: int) -> TrainConfig:
+    steps = optim.steps(examples)
+    return TrainConfig(
+        steps=steps,
+        batch_size=min(optim.batch_size, examples),
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        warmup_steps=int(optim.warmup_fraction * steps),
+        max_grad_norm=optim.max_grad_norm,
+        checkpoint_every=max(1, steps // 4),
+        log_every=max(1, steps // 10),
+        seed=seed,
+        mixed_precision=optim.mixed_precision,
+    )
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def task_score(task: str, predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Top-1 accuracy (%) or mean IoU (%) over the classes present in labels or predictions."""
+    valid = labels != IGNORE_INDEX
+    if task == "classification":
+        return float((predictions[valid] == labels[valid]).mean() * 100)
+    pred, true = predictions[valid].astype(np.int64), labels[valid].astype(np.int64)
+    confusion = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    intersection = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0
+    return float((intersection[present] / union[present]).mean() * 100)
+
+
+def stack_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    source: str
+    target: str
+    point: int
+    stitch: StitchLayerConfig
+    objective: str
+    seed: int
+
+    @property
+    def is_self(self) -> bool:
+        return self.source == self.target
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}--{self.target}/n{self.point}/{self.stitch.name}/{self.objective}/seed{self.seed}"
+
+
+class Sweep:
+    """Everything one `stitchkit stitch run` needs: data, models, feature cache, run folder."""
+
+    def __init__(self, cfg: StitchRunConfig, out: str | Path, command: str | None = None):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "sweep": cfg.seeds}, command=command)
+        self.data: TaskData = load_task_data(cfg.task, cfg.data)
+        self.models = {name: resolve_model(spec, cfg.image_size.get(name), self.device) for name, spec in cfg.models.items()}
+        self.cells = [
+            Cell(source, target, point, stitch, objective, seed)
+            for seed in cfg.seeds
+            for source, target in cfg.all_pairs()
+            for point in cfg.points
+            for stitch in cfg.stitch_layers
+            for objective in cfg.objectives
+        ]
+        for cell in self.cells:
+            self._check_cell(cell)
+        self.store = FeatureStore(
+            self.run.root / "cache" if cfg.cache == "disk" else None,
+            mode="disk" if cfg.cache == "disk" else "memory",
+            batch_size=cfg.eval_batch_size,
+            device=self.device,
+            dtype=cfg.cache_dtype,
+        )
+        self._plan()
+        self.init_images = self.data.splits["train"].images[: cfg.init_images]
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def _check_cell(self, cell: Cell) -> None:
+        source, target = self.models[cell.source], self.models[cell.target]
+        check_point(cell.point, source.num_blocks, field="points")
+        resolve_match_layer(self.cfg.match_layer, target.num_blocks)
+        if cell.stitch.kind == "identity" and source.hidden_size != target.hidden_size:
+            raise ConfigError(
+                f"stitch_layers: 'identity' cannot join {cell.source} ({source.hidden_size} wide) and "
+                f"{cell.target} ({target.hidden_size} wide)"
+            )
+        if cell.stitch.init == "lstsq" and not (
+            cell.stitch.kind == "linear" or (cell.stitch.kind == "lora" and source.hidden_size != target.hidden_size)
+        ):
+            raise ConfigError(
+                f"stitch_layers: init 'lstsq' needs kind 'linear' (or 'lora' between different widths), got {cell.stitch.kind!r}"
+            )
+
+    def target_point(self, cell: Cell) -> int:
+        return map_depth(cell.point, self.models[cell.source].num_blocks, self.models[cell.target].num_blocks)
+
+    def match_key(self, target_name: str) -> str:
+        return match_key(*resolve_match_layer(self.cfg.match_layer, self.models[target_name].num_blocks))
+
+    def _plan(self) -> None:
+        """Tell the store every feature the sweep will read, so each (model, split) is computed in one pass."""
+        if self.cfg.cache == "none":
+            return
+        for name in self.models:
+            if self.cfg.probes:
+                for split in ("train", "val", "test"):
+                    self.store.plan(name, split, ["readout"])
+        for cell in self.cells:
+            source_layer = stitch_input_layer(cell.stitch.kind, cell.point)
+            for split in ("train", "val", "test"):
+                self.store.plan(cell.source, split, [layer_key(source_layer)])
+            m = self.target_point(cell)
+            self.store.plan(cell.target, "init", [layer_key(m)])
+            if cell.stitch.init == "lstsq":
+                self.store.plan(cell.source, "init", [layer_key(cell.point)])
+            if "lfm" in stages(cell.objective):
+                self.store.plan(cell.target, "train", [layer_key(m)])
+            if "ffm" in stages(cell.objective):
+                self.store.plan(cell.target, "train", [self.match_key(cell.target)])
+
+    def features(self, model: str, split: str, key: str) -> np.ndarray:
+        images = self.init_images if split == "init" else self.data.splits[split].images
+        return self.store.get(model, split, key, self.models[model], images, self.cfg.task)
+
+    # ---- probes -----------------------------------------------------------------------------
+
+    def probe(self, model: str, seed: int) -> dict:
+        """Linear probe of one frozen model on its own readout (the baseline; spec §2)."""
+        step = f"probe/{model}/seed{seed}"
+        folder = self.run.path("probes", model, f"seed{seed}", ".")
+        if self.run.done(step):
+            return json.loads((folder / "result.json").read_text())
+        backbone = self.models[model]
+        seed_everything(seed)
+        head = build_head(self.cfg.task, backbone, self.data.num_classes, self.cfg.data.image_size)
+        features = {split: self._readout_features(model, split) for split in ("train", "val", "test")}
+        started = time.perf_counter()
+        self._fit_head(head, features["train"], folder / "train", seed)
+        result = {"kind": "probe", "model": model, "seed": seed, "train_seconds": time.perf_counter() - started}
+        for split in ("val", "test"):
+            predictions = self._head_predictions(head, features[split])
+            result[f"score_{split}"] = task_score(self.cfg.task, predictions, self.data.splits[split].labels, self.data.num_classes)
+            if split == "test":
+                np.save(folder / "test_predictions.npy", predictions)
+        atomic_write_json(folder / "result.json", result)
+        self.run.finish(step)
+        return result
+
+    def _readout_features(self, model: str, split: str) -> np.ndarray:
+        if self.cfg.cache != "none":
+            return self.features(model, split, "readout")
+        from stitchkit.stitching.cache import compute_features
+
+        images = self.data.splits[split].images
+        return compute_features(self.models[model], images, ["readout"], self.cfg.task, self.cfg.eval_batch_size, self.device)["readout"]
+
+    def _fit_head(self, head: torch.nn.Module, train_features: np.ndarray, out_dir: Path, seed: int) -> None:
+        labels = self.data.splits["train"].labels
+        dataset = ArrayDataset(features=train_features, label=labels)
+
+        def loss_fn(model, batch):
+            return task_loss(model(batch["features"].float()), batch["label"])
+
+        cfg = train_config(self.cfg.probe, len(dataset), seed)
+        train(head, loss_fn, dataset, cfg, out_dir, description="head")
+
+    @torch.no_grad()
+    def _head_predictions(self, head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+        head.to(self.device).eval()
+        predictions = []
+        for start in range(0, len(features), self.cfg.eval_batch_size):
+            batch = float_tensor(features[start : start + self.cfg.eval_batch_size], self.device)
+            predictions.append(head(batch).argmax(1).cpu().numpy())
+        return np.concatenate(predictions)
+
+    # ---- cells ------------------------------------------------------------------------------
+
+    def build_model(self, cell: Cell) -> StitchedModel:
+        """S (seeded), prefix tokens, least-squares init: everything before training."""
+        source, target = self.models[cell.source], self.models[cell.target]
+        seed_everything(cell.seed)
+        m = self.target_point(cell)
+        stitch = build_stitch(
+            cell.stitch.kind,
+            source.hidden_size,
+            target.hidden_size,
+            act=cell.stitch.act,
+            hidden=cell.stitch.hidden,
+            rank=cell.stitch.rank,
+            alpha=cell.stitch.alpha,
+            source_block=source.block(cell.point - 1),
+            call_block=source.call_block,
+        )
+        model = StitchedModel(
+            source,
+            target,
+            cell.point,
+            stitch,
+            target_point=m,
+            prefix_policy=self.cfg.prefix_policy,
+            grid_policy=self.cfg.grid_policy,
+            task=self.cfg.task,
+            match_layer=self.cfg.match_layer,
+        )
+        if model.prefix.tokens is not None or cell.stitch.init == "lstsq":
+            target_init = float_tensor(self._init_features(cell.target, layer_key(m)))
+            model.prefix.init_learnable(target_init[:, : target.num_prefix_tokens].mean(0))
+            if cell.stitch.init == "lstsq":
+                source_init = float_tensor(self._init_features(cell.source, layer_key(cell.point)))
+                # Pair source and target patch tokens on the target grid (a linear S commutes with resampling).
+                patches = model.grid(source_init[:, source.num_prefix_tokens :])
+                least_squares_init(stitch, patches, target_init[:, target.num_prefix_tokens :], cell.stitch.ridge)
+        return model
+
+    def _init_features(self, model: str, key: str) -> np.ndarray:
+        if self.cfg.cache != "none":
+            return self.features(model, "init", key)
+        from stitchkit.stitching.cache import compute_features
+
+        return compute_features(self.models[model], self.init_images, [key], self.cfg.task, self.cfg.eval_batch_size, self.device)[key]
+
+    def stage_dataset(self, cell: Cell, model: StitchedModel, stage: str) -> ArrayDataset:
+        """Training rows for one stage: cached source activations plus the stage's target (or the images)."""
+        split = self.data.splits["train"]
+        if self.cfg.cache == "none":
+            return ArrayDataset(images=split.images, label=split.labels)
+        arrays = {"hidden": self.features(cell.source, "train", layer_key(model.source_layer))}
+        if stage == "lfm":
+            arrays["reference"] = self.features(cell.target, "train", layer_key(model.target_point))
+        elif stage == "ffm":
+            arrays["reference"] = self.features(cell.target, "train", self.match_key(cell.target))
+        else:
+            arrays["label"] = split.labels
+        return ArrayDataset(**arrays)
+
+    def _online_inputs(self, model: StitchedModel, stage: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Without a cache: the source prefix (and the stage's target) recomputed from the images every step."""
+        pixels = images.cpu().numpy()
+        device = images.device
+        hidden = model.source_hidden(model.source.preprocess(pixels).to(device))
+        reference = None
+        if stage in ("lfm", "ffm"):
+            key = layer_key(model.target_point) if stage == "lfm" else match_key(model.match_end, model.match_normed)
+            px = model.target.preprocess(pixels).to(device)
+            reference = batch_features(model.target, px, [key], self.cfg.task)[key]
+        return hidden, reference
+
+    def loss_function(self, model: StitchedModel, stage: str):
+        """The stage's loss on a batch; every term goes through model.forward (DDP-safe)."""
+        token_weights = readout_token_weights(model.target)
+        compiled = {}
+
+        def loss_fn(wrapped, batch):
+            if self.cfg.compile:
+                # Compiled once per stage; benchmarks/bench_stitch.py measures exactly this path.
+                if "forward" not in compiled:
+                    compiled["forward"] = torch.compile(wrapped)
+                wrapped = compiled["forward"]
+            if self.cfg.cache == "none":
+                hidden, reference = self._online_inputs(model, stage, batch["images"])
+            else:
+                hidden, reference = batch["hidden"].float(), batch.get("reference")
+                reference = reference.float() if reference is not None else None
+            if stage == "lfm":
+                return layer_feature_matching_loss(wrapped(hidden, output="bridge"), reference)
+            if stage == "ffm":
+                weights = token_weights.to(hidden.device)
+                return final_feature_matching_loss(wrapped(hidden, output="match"), reference, weights)
+            return task_loss(wrapped(hidden), batch["label"])
+
+        return loss_fn
+
+    def run_cell(self, cell: Cell, probes: dict[tuple[str, int], dict]) -> dict:
+        step = f"cell/{cell.name}"
+        folder = self.run.path("cells", *cell.name.split("/"), ".")
+        if self.run.done(step):
+            return json.loads((folder / "result.json").read_text())
+        model = self.build_model(cell)
+        started = time.perf_counter()
+        losses = {}
+        for stage in stages(cell.objective):
+            if stage == "tlt":
+                seed_everything(cell.seed + 1)  # a fresh head, the same for every cell with this seed
+                model.head = build_head(self.cfg.task, model.target, self.data.num_classes, self.cfg.data.image_size)
+            optim = getattr(self.cfg, stage)
+            dataset = self.stage_dataset(cell, model, stage)
+            result = train(
+                model,
+                self.loss_function(model, stage),
+                dataset,
+                train_config(optim, len(dataset), cell.seed),
+                folder / stage,
+                description=f"{cell.name} {stage}",
+            )
+            losses[stage] = result.losses[-1] if result.losses else None
+        if cell.objective in LABEL_FREE:
+            # S was trained without labels: the task score comes from a head fitted on the frozen stitch.
+            seed_everything(cell.seed + 1)
+            model.head = build_head(self.cfg.task, model.target, self.data.num_classes, self.cfg.data.image_size)
+            train_features = self.stitched_features(model, cell.source, "train")
+            self._fit_head(model.head, train_features, folder / "head", cell.seed)
+        train_seconds = time.perf_counter() - started
+        result = {
+            "kind": "stitch",
+            "source": cell.source,
+            "target": cell.target,
+            "self_stitch": cell.is_self,
+            "point": cell.point,
+            "target_point": model.target_point,
+            "stitch": cell.stitch.name,
+            "objective": cell.objective,
+            "seed": cell.seed,
+            "trainable_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")),
+            "prefix": model.prefix.describe(),
+            "final_losses": losses,
+            "train_seconds": train_seconds,
+        }
+        result.update(self.evaluate(model, cell, probes, folder))
+        atomic_write_json(folder / "result.json", result)
+        self.run.finish(step)
+        return result
+
+    @torch.no_grad()
+    def stitched_features(self, model: StitchedModel, source: str, split: str) -> np.ndarray:
+        model.to(self.device).eval()
+        with inference_autocast(self.device):
+            outputs = [model(hidden, output="features").float().cpu() for hidden in self._hidden_batches(model, source, split)]
+        return torch.cat(outputs).numpy()
+
+    def _hidden_batches(self, model: StitchedModel, source: str, split: str):
+        """Source activations at the stitch point for a split, batch by batch, on the device."""
+        size = self.cfg.eval_batch_size
+        if self.cfg.cache != "none":
+            cached = self.features(source, split, layer_key(model.source_layer))
+            for start in range(0, len(cached), size):
+                yield float_tensor(cached[start : start + size], self.device)
+        else:
+            images = self.data.splits[split].images
+            for start in range(0, len(images), size):
+                yield model.source_hidden(model.source.preprocess(images[start : start + size]).to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, model: StitchedModel, cell: Cell, probes: dict, folder: Path) -> dict:
+        """Scores on val and test; on test also D_n, D_fin, the per-layer profile and prediction overlap."""
+        model.to(self.device).eval()
+        out: dict = {}
+        with inference_autocast(self.device):
+            for split in ("val", "test"):
+                predictions, distances = self._predict(model, cell.source, split, with_distances=split == "test")
+                labels = self.data.splits[split].labels
+                out[f"score_{split}"] = task_score(self.cfg.task, predictions, labels, self.data.num_classes)
+        np.save(folder / "test_predictions.npy", predictions)
+        out.update(distances)
+        if (cell.source, cell.seed) in probes and (cell.target, cell.seed) in probes:
+            probe_predictions = [
+                np.load(self.run.root / "probes" / name / f"seed{cell.seed}" / "test_predictions.npy")
+                for name in (cell.source, cell.target)
+            ]
+            out["overlap"] = prediction_overlap(*(p == labels for p in probe_predictions), predictions == labels)
+        return out
+
+    def _predict(self, model: StitchedModel, source: str, split: str, with_distances: bool) -> tuple[np.ndarray, dict]:
+        """Predictions on a split and, if asked, distances to the target's own features on the same images.
+
+        D_k compares the stitched and the target's hidden states after every target block m..N (D_m is D_n of the
+        paper, the LFM objective); D_fin compares them at the match layer (the FFM objective). Tokens: patches
+        and CLS, the ones the target reads out.
+        """
+        target = model.target
+        keep = readout_token_weights(target).bool()
+        images = self.data.splits[split].images
+        predictions, profile, final, start = [], None, DistanceMeter(), 0
+        for hidden in self._hidden_batches(model, source, split):
+            predictions.append(model(hidden).argmax(1).cpu().numpy())
+            if not with_distances:
+                continue
+            reference = target.hidden_states(target.preprocess(images[start : start + len(hidden)]).to(self.device))
+            start += len(hidden)
+            stitched = model.target_profile(model.bridge(hidden))  # states after blocks m, m+1, ..., N
+            profile = profile or [DistanceMeter() for _ in stitched]
+            for meter, state, k in zip(profile, stitched, range(model.target_point, target.num_blocks + 1)):
+                meter.update(state[:, keep], reference[k][:, keep])
+            end, normed = model.match_end, model.match_normed
+            stitched_match = match_features(target, stitched[end - model.target_point], normed)
+            final.update(stitched_match[:, keep], match_features(target, reference[end], normed)[:, keep])
+        distances = {}
+        if with_distances:
+            layers = [meter.result() for meter in profile]
+            distances = {
+                "distance_stitch": layers[0]["distance"],
+                "distance_stitch_rel": layers[0]["relative"],
+                "distance_final": final.result()["distance"],
+                "distance_final_rel": final.result()["relative"],
+                "profile_rel": [r["relative"] for r in layers],
+            }
+        return np.concatenate(predictions), distances
+
+    # ---- everything -------------------------------------------------------------------------
+
+    def run_all(self) -> dict:
+        from stitchkit.progress import track
+
+        probes = {}
+        if self.cfg.probes:
+            for seed in self.cfg.seeds:
+                for name in self.models:
+                    probes[(name, seed)] = self.probe(name, seed)
+        cells = [self.run_cell(cell, probes) for cell in track(self.cells, "stitch cells")]
+        return {"probes": list(probes.values()), "cells": cells}

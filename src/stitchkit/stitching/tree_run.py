@@ -1,0 +1,299 @@
+"""`stitchkit stitch tree`: a VFM Stitch Tree at every stitch point, against one model and all models.
+
+For each point n and seed: every branch's S_i is trained by FFM against model i's own features at its feature
+layer (patch tokens, raw, block N-1 by default: what a multi-encoder MLLM reads; spec §1.5), label-free. The
+consumer is a linear probe (BatchNorm + Linear) on the concatenated mean-pooled patch features of all branches,
+standing in for the MLLM of the paper. Baselines: the trunk model alone ("single") and every model run in full
+("dual", or k-model). Reported per n: score, normalised gain (tree - single)/(dual - single), and extra cost over
+single in blocks, analytic FLOPs and measured forward time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stitchkit.engine import seed_everything, train
+from stitchkit.report import line_plot, markdown_table
+from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
+from stitchkit.stitching.cache import ArrayDataset, FeatureStore, float_tensor, inference_autocast, layer_key
+from stitchkit.stitching.config import TreeConfig
+from stitchkit.stitching.data import load_task_data
+from stitchkit.stitching.layers import build_stitch
+from stitchkit.stitching.model import StitchedModel, check_point
+from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
+from stitchkit.stitching.protocol import pick_device, resolve_model, task_score, train_config
+from stitchkit.stitching.tree import (
+    StitchTree,
+    block_flops,
+    feature_layer_of,
+    normalised_gain,
+    sequence_length,
+    vst_overhead,
+)
+
+
+def probe_head(dim: int, num_classes: int) -> nn.Module:
+    """The stand-in consumer: BatchNorm (feature scales differ by model) and a linear map."""
+    return nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, num_classes))
+
+
+class TreeExperiment:
+    def __init__(self, cfg: TreeConfig, out: str | Path, command: str | None = None):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "tree": cfg.seeds}, command=command)
+        self.data = load_task_data(cfg.task, cfg.data)
+        self.names = [cfg.trunk, *cfg.branches]
+        self.models = {name: resolve_model(cfg.models[name], cfg.image_size.get(name), self.device) for name in self.names}
+        self.trunk = self.models[cfg.trunk]
+        self.bridge_options = {"prefix_policy": cfg.prefix_policy, "grid_policy": cfg.grid_policy}
+        self.layers = {name: feature_layer_of(bb, cfg.feature_layer) for name, bb in self.models.items()}
+        for name, layer in self.layers.items():
+            if not 1 <= layer <= self.models[name].num_blocks:
+                from stitchkit.errors import ConfigError
+
+                raise ConfigError(f"feature_layer: {cfg.feature_layer} is no block of {name}")
+        for point in cfg.points:
+            check_point(point, min(self.layers[cfg.trunk], self.trunk.num_blocks), field="points")
+        self.store = FeatureStore(
+            self.run.root / "cache" if cfg.cache == "disk" else None,
+            mode="disk" if cfg.cache == "disk" else "memory",
+            batch_size=cfg.eval_batch_size,
+            device=self.device,
+            dtype=cfg.cache_dtype,
+        )
+        for split in ("train", "val", "test"):
+            for name in self.names:
+                self.store.plan(name, split, [layer_key(self.layers[name])])
+            self.store.plan(cfg.trunk, split, [layer_key(n) for n in cfg.points])
+
+    def features(self, name: str, split: str, key: str) -> np.ndarray:
+        return self.store.get(name, split, key, self.models[name], self.data.splits[split].images, self.cfg.task)
+
+    def pooled(self, name: str, split: str) -> np.ndarray:
+        """Mean-pooled patch tokens of a model at its own feature layer (the unstitched model)."""
+        tokens = self.features(name, split, layer_key(self.layers[name]))
+        patches = np.asarray(tokens[:, self.models[name].num_prefix_tokens :], dtype=np.float32)
+        return patches.mean(1)
+
+    def fit_probe(self, features: dict[str, np.ndarray], folder: Path, seed: int) -> dict[str, float]:
+        seed_everything(seed)
+        head = probe_head(features["train"].shape[1], self.data.num_classes)
+        dataset = ArrayDataset(features=features["train"], label=self.data.splits["train"].labels)
+        train(
+            head,
+            lambda model, batch: task_loss(model(batch["features"].float()), batch["label"]),
+            dataset,
+            train_config(self.cfg.probe, len(dataset), seed),
+            folder,
+            description="probe",
+        )
+        head.eval()
+        scores = {}
+        with torch.no_grad():
+            for split in ("val", "test"):
+                logits = head(torch.as_tensor(features[split]).float())
+                predictions = logits.argmax(1).numpy()
+                scores[split] = task_score("classification", predictions, self.data.splits[split].labels, self.data.num_classes)
+        return scores
+
+    def train_branch(self, name: str, point: int, seed: int) -> StitchedModel:
+        """S_i for one branch, trained by FFM on model i's patch tokens at its feature layer (label-free)."""
+        target = self.models[name]
+        seed_everything(seed)
+        stitch = build_stitch(self.cfg.stitch.kind, self.trunk.hidden_size, target.hidden_size, act=self.cfg.stitch.act, hidden=self.cfg.stitch.hidden)
+        model = StitchedModel(self.trunk, target, point, stitch, match_layer=self.layers[name], **self.bridge_options)
+        if model.prefix.tokens is not None:
+            reference = np.asarray(self.features(name, "train", layer_key(model.target_point))[:, : target.num_prefix_tokens], dtype=np.float32)
+            model.prefix.init_learnable(torch.as_tensor(reference.mean(0)))
+        weights = torch.zeros(sequence_length(target))
+        weights[target.num_prefix_tokens :] = 1.0  # the consumer reads patch tokens only
+        dataset = ArrayDataset(
+            hidden=self.features(self.cfg.trunk, "train", layer_key(point)),
+            reference=self.features(name, "train", layer_key(self.layers[name])),
+        )
+
+        def loss_fn(wrapped, batch):
+            stitched = wrapped(batch["hidden"].float(), output="match")
+            return final_feature_matching_loss(stitched, batch["reference"].float(), weights.to(stitched.device))
+
+        folder = self.run.path("branches", f"n{point}", name, f"seed{seed}", ".")
+        train(model, loss_fn, dataset, train_config(self.cfg.ffm, len(dataset), seed), folder, description=f"branch {name} n{point}")
+        return model
+
+    @torch.no_grad()
+    def tree_features(self, tree: StitchTree, point: int, split: str) -> np.ndarray:
+        tree.to(self.device).eval()
+        hidden_all = self.features(self.cfg.trunk, split, layer_key(point))
+        outputs = []
+        for start in range(0, len(hidden_all), self.cfg.eval_batch_size):
+            hidden = float_tensor(hidden_all[start : start + self.cfg.eval_batch_size], self.device)
+            with inference_autocast(self.device):
+                branches = tree(hidden)
+            outputs.append(torch.cat([branches[name].float().mean(1) for name in self.names], dim=1).cpu())
+        return torch.cat(outputs).numpy()
+
+    @torch.no_grad()
+    def time_forward(self, forward, px_by_model) -> float:
+        """Median seconds per image of a forward pass from pixels, over `timing_batches` batches."""
+        times = []
+        for _ in range(self.cfg.timing_batches + 1):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            with inference_autocast(self.device):
+                forward(px_by_model)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        batch = len(next(iter(px_by_model.values())))
+        return statistics.median(times[1:]) / batch  # the first call warms up
+
+    def _model_forward(self, name: str):
+        """Model `name` run in full up to its feature layer, from pixels (what a multi-encoder MLLM pays)."""
+        backbone = self.models[name]
+
+        def forward(pixels):
+            tokens, ctx = backbone.embed(pixels[name])
+            return backbone.run_blocks(tokens, 0, self.layers[name], ctx)
+
+        return forward
+
+    def baseline(self, seed: int) -> dict:
+        """Linear probes on the trunk model alone ("single") and on all models run in full ("dual")."""
+        step, folder = f"baselines/seed{seed}", self.run.path("baselines", f"seed{seed}", ".")
+        if not self.run.done(step):
+            splits = ("train", "val", "test")
+            single = self.fit_probe({s: self.pooled(self.cfg.trunk, s) for s in splits}, folder / "single", seed)
+            all_models = {s: np.concatenate([self.pooled(n, s) for n in self.names], 1) for s in splits}
+            dual = self.fit_probe(all_models, folder / "dual", seed)
+            atomic_write_json(folder / "result.json", {"seed": seed, "single": single, "dual": dual})
+            self.run.finish(step)
+        return json.loads((folder / "result.json").read_text())
+
+    def tree(self, point: int, seed: int, pixels: dict) -> dict:
+        """Train the branches of VST-n, probe its features, count and time it against the trunk alone."""
+        step, folder = f"tree/n{point}/seed{seed}", self.run.path("trees", f"n{point}", f"seed{seed}", ".")
+        if self.run.done(step):
+            return json.loads((folder / "result.json").read_text())
+        branches = {name: (self.models[name], self.train_branch(name, point, seed).stitch) for name in self.cfg.branches}
+        tree = StitchTree(
+            self.trunk, point, {self.cfg.trunk: (self.trunk, None), **branches}, feature_layer=self.cfg.feature_layer, **self.bridge_options
+        )
+        scores = self.fit_probe({s: self.tree_features(tree, point, s) for s in ("train", "val", "test")}, folder / "probe", seed)
+        cost = tree.cost()
+        single_blocks = self.layers[self.cfg.trunk]
+        single_flops = single_blocks * block_flops(self.trunk, sequence_length(self.trunk))
+        # Timed side by side with the trunk alone, so both see the same machine load.
+        single_time = self.time_forward(self._model_forward(self.cfg.trunk), pixels)
+        tree_time = self.time_forward(lambda p: tree.forward_pixels(p[self.cfg.trunk]), pixels)
+        record = {
+            "point": point,
+            "seed": seed,
+            "score_val": scores["val"],
+            "score_test": scores["test"],
+            "blocks": cost["blocks"],
+            "flops": cost["flops"],
+            "seconds_per_image": tree_time,
+            "extra_blocks": cost["blocks"] / single_blocks - 1,
+            "extra_flops": cost["flops"] / single_flops - 1,
+            "extra_time": tree_time / single_time - 1,
+            "formula_overhead": vst_overhead(single_blocks, point, len(self.names)),
+        }
+        atomic_write_json(folder / "result.json", record)
+        self.run.finish(step)
+        return record
+
+    def run_all(self) -> dict:
+        images = self.data.splits["test"].images[: self.cfg.eval_batch_size]
+        pixels = {name: bb.to(self.device).preprocess(images).to(self.device) for name, bb in self.models.items()}
+        baselines = [self.baseline(seed) for seed in self.cfg.seeds]
+        trees = [self.tree(point, seed, pixels) for seed in self.cfg.seeds for point in self.cfg.points]
+
+        single_score = statistics.fmean(b["single"]["test"] for b in baselines)
+        dual_score = statistics.fmean(b["dual"]["test"] for b in baselines)
+        for record in trees:
+            record["normalised_gain"] = normalised_gain(record["score_test"], single_score, dual_score)
+        single_blocks = self.layers[self.cfg.trunk]
+        single_flops = single_blocks * block_flops(self.trunk, sequence_length(self.trunk))
+        dual_blocks = sum(self.layers.values())
+        dual_flops = sum(self.layers[n] * block_flops(self.models[n], sequence_length(self.models[n])) for n in self.names)
+        single_time = self.time_forward(self._model_forward(self.cfg.trunk), pixels)
+        dual_time = self.time_forward(lambda p: [self._model_forward(n)(p) for n in self.names], pixels)
+        return {
+            "baselines": baselines,
+            "trees": trees,
+            "single": {"score_test": single_score, "blocks": single_blocks, "flops": single_flops, "seconds_per_image": single_time},
+            "dual": {
+                "score_test": dual_score,
+                "blocks": dual_blocks,
+                "flops": dual_flops,
+                "seconds_per_image": dual_time,
+                "extra_blocks": dual_blocks / single_blocks - 1,
+                "extra_flops": dual_flops / single_flops - 1,
+                "extra_time": dual_time / single_time - 1,
+            },
+        }
+
+
+def write_tree_outputs(out: Path, cfg: TreeConfig, description: str, results: dict) -> Path:
+    atomic_write_json(out / "results.json", {"data": description, **results})
+    rows = [
+        {"variant": f"single ({cfg.trunk})", "score": f"{results['single']['score_test']:.1f}", "extra blocks": "0%", "extra FLOPs": "0%", "extra time": "0%", "norm. gain": "0"},
+        {
+            "variant": f"all {len(cfg.branches) + 1} models",
+            "score": f"{results['dual']['score_test']:.1f}",
+            "extra blocks": f"{results['dual']['extra_blocks']:.1%}",
+            "extra FLOPs": f"{results['dual']['extra_flops']:.1%}",
+            "extra time": f"{results['dual']['extra_time']:.1%}",
+            "norm. gain": "1",
+        },
+    ]
+    by_point: dict[int, list[dict]] = {}
+    for record in results["trees"]:
+        by_point.setdefault(record["point"], []).append(record)
+    for point, records in sorted(by_point.items()):
+        scores = [r["score_test"] for r in records]
+        gains = [r["normalised_gain"] for r in records]
+        rows.append(
+            {
+                "variant": f"VST-{point}",
+                "score": f"{statistics.fmean(scores):.1f}" + (f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""),
+                "extra blocks": f"{records[0]['extra_blocks']:.1%}",
+                "extra FLOPs": f"{records[0]['extra_flops']:.1%}",
+                "extra time": f"{statistics.fmean(r['extra_time'] for r in records):.1%}",
+                "norm. gain": f"{statistics.fmean(gains):.2f}",
+            }
+        )
+    xs = sorted(by_point)
+    figure = line_plot(
+        out / "figures" / "tree_score_vs_cost.png",
+        {
+            "VST-n": ([by_point[n][0]["extra_blocks"] * 100 for n in xs], [statistics.fmean(r["score_test"] for r in by_point[n]) for n in xs]),
+            f"{cfg.trunk} alone": ([0], [results["single"]["score_test"]]),
+            "all models in full": ([results["dual"]["extra_blocks"] * 100], [results["dual"]["score_test"]]),
+        },
+        xlabel="extra cost over one model (% of blocks)",
+        ylabel="top-1 accuracy (%)",
+        title=f"VFM Stitch Tree, trunk {cfg.trunk}",
+    )
+    text = "\n".join(
+        [
+            "# VFM Stitch Tree\n",
+            f"Trunk `{cfg.trunk}`, branches {', '.join(f'`{b}`' for b in cfg.branches)}; features from block L = "
+            f"{cfg.feature_layer} (patch tokens, mean-pooled, concatenated) into a linear probe; data: {description}. "
+            "Extra cost is relative to the trunk model alone; normalised gain = (tree − single)/(all − single).\n",
+            markdown_table(rows),
+            f"\n![score vs cost](figures/{figure.name})\n",
+        ]
+    )
+    report = out / "report.md"
+    atomic_write_text(report, text)
+    return report

@@ -1,0 +1,192 @@
+"""Build (train, save, probe) a zoo recipe once; later calls reuse the cached model.
+
+stitchkit_home()/zoo/<name>-<hash>/ holds
+    config.json, model.safetensors, preprocessor_config.json   the model, loadable with load_backbone
+    vocab.json      the word vocabulary (image-text recipes only)
+    recipe.yaml     the recipe in canonical form (what the hash is taken of)
+    train/          the engine's folder: metrics.jsonl, checkpoint/, done.json; a killed build resumes here
+    zoo.json        written last: metadata, probe accuracies, train time; its presence means "built"
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
+from stitchkit.engine import seed_everything, train
+from stitchkit.paths import stitchkit_home
+from stitchkit.runs import atomic_write_json, atomic_write_text, library_versions
+from stitchkit.world import ONTOLOGY, classification_set
+from stitchkit.zoo.models import make_trainable
+from stitchkit.zoo.probe import linear_probe
+from stitchkit.zoo.recipes import ZooRecipe, load_recipe, recipe_hash, recipe_yaml
+from stitchkit.zoo.text import WordVocab
+
+ZOO_JSON = "zoo.json"
+VOCAB_JSON = "vocab.json"
+
+
+class ColumnDataset(torch.utils.data.Dataset):
+    """Equal-length tensors as columns; item i is {column: tensor[i]}."""
+
+    def __init__(self, **columns: torch.Tensor):
+        self.columns = columns
+        self.length = len(next(iter(columns.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: column[i] for name, column in self.columns.items()}
+
+
+def zoo_root() -> Path:
+    return stitchkit_home() / "zoo"
+
+
+def _resolve(name_or_recipe: str | ZooRecipe) -> ZooRecipe:
+    return name_or_recipe if isinstance(name_or_recipe, ZooRecipe) else load_recipe(name_or_recipe)
+
+
+def zoo_path(name_or_recipe: str | ZooRecipe) -> Path | None:
+    """The folder of the built model for this recipe (as it is now), or None if it is not built."""
+    folder = zoo_root() / _resolve(name_or_recipe).folder_name
+    return folder if (folder / ZOO_JSON).is_file() else None
+
+
+def zoo_info(name_or_recipe: str | ZooRecipe) -> dict[str, Any] | None:
+    """zoo.json of the built model, or None if it is not built."""
+    folder = zoo_path(name_or_recipe)
+    return json.loads((folder / ZOO_JSON).read_text()) if folder else None
+
+
+def summary_row(recipe: ZooRecipe) -> dict[str, Any]:
+    """One row for tables of the zoo (`stitchkit zoo list`, the quickstart report); None where not built."""
+    info = zoo_info(recipe)
+    grid = f"{recipe.encoder.grid}x{recipe.encoder.grid}"
+    probe, trained = (info["probe"], info["train"]) if info else ({}, {})
+    return {
+        "recipe": recipe.name,
+        "class": recipe.hf_class,
+        "tokens": f"{grid}+{info['prefix_tokens']}" if info else grid,
+        "params": f"{info['params'] / 1e6:.2f}M" if info else None,
+        "train s": round(trained["seconds"]) if info else None,
+        "probe %": round(100 * probe["accuracy"], 1) if info else None,
+        "random init %": round(100 * probe["random_init_accuracy"], 1) if info else None,
+        "chance %": round(100 * probe["chance"], 1) if info else None,
+    }
+
+
+def load_zoo_backbone(name_or_recipe: str | ZooRecipe, **load_kwargs) -> VisionBackbone:
+    """The recipe's trained encoder as a VisionBackbone, built first if it is not cached yet."""
+    return load_backbone(build(name_or_recipe), **load_kwargs)
+
+
+def caption_vocabulary(captions: list[str]) -> WordVocab:
+    """Every word of the training captions, plus every category (singular and plural) and colour name, so
+    captions of other images of the same world rarely need <unk>."""
+    names = [c.name for c in ONTOLOGY.categories] + [c.plural for c in ONTOLOGY.categories]
+    return WordVocab.from_texts(captions + names + [c.name for c in ONTOLOGY.colours])
+
+
+def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
+    """Train, save and probe a recipe, unless it is already built (force: delete and rebuild). Returns its folder."""
+    recipe = _resolve(name_or_recipe)
+    folder = zoo_root() / recipe.folder_name
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
+    if (folder / ZOO_JSON).is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "recipe.yaml", recipe_yaml(recipe))
+
+    encoder, objective = recipe.encoder, recipe.objective
+    labels = objective.target if objective.kind == "supervised" else "both"  # "both": every colour x category
+    data = classification_set(recipe.data.images, encoder.image_size, recipe.data.seed, labels, recipe.data.world)
+    columns = {"image": torch.from_numpy(data.images), "label": torch.from_numpy(data.labels)}
+    vocab = None
+    if objective.kind in ("clip", "siglip"):
+        vocab = caption_vocabulary(data.captions)
+        columns["caption_ids"], columns["caption_mask"] = vocab.encode(data.captions, objective.text.max_words)
+
+    seed_everything(recipe.train.seed)  # the initial weights; the engine reseeds for the data order
+    model = make_trainable(recipe, num_classes=len(data.class_names), vocab_size=len(vocab) if vocab else 0)
+    random_init = copy.deepcopy(model.vision_encoder())  # the baseline: same architecture, untrained
+
+    started = time.perf_counter()
+    result = train(
+        model,
+        lambda m, batch: m(batch),
+        ColumnDataset(**columns),
+        recipe.train,
+        folder / "train",
+        description=f"zoo {recipe.name}",
+    )
+    train_seconds = time.perf_counter() - started
+
+    trained = model.vision_encoder()
+    save_backbone(trained, folder, image_size=encoder.image_size, mean=encoder.mean, std=encoder.std)
+    if vocab is not None:
+        vocab.save(folder / VOCAB_JSON)
+
+    device = "cuda" if torch.cuda.is_available() else None
+    backbone = load_backbone(folder, device=device)
+    baseline = load_backbone(random_init, image_size=encoder.image_size, mean=encoder.mean, std=encoder.std, device=device)
+    probe = recipe.probe
+    probe_train = classification_set(probe.train_images, encoder.image_size, probe.seed, probe.target, recipe.data.world)
+    probe_test = classification_set(probe.test_images, encoder.image_size, probe.seed + 1, probe.target, recipe.data.world)
+    started = time.perf_counter()
+    accuracy = linear_probe(backbone, probe_train, probe_test)
+    random_accuracy = linear_probe(baseline, probe_train, probe_test)
+    probe_seconds = time.perf_counter() - started
+
+    atomic_write_json(
+        folder / ZOO_JSON,
+        {
+            "name": recipe.name,
+            "hash": recipe_hash(recipe),
+            "description": recipe.description,
+            "objective": objective.kind,
+            "hf_class": type(trained).__name__,
+            "vision_class": type(backbone.model).__name__,
+            "params": sum(p.numel() for p in backbone.model.parameters()),
+            "saved_params": sum(p.numel() for p in trained.parameters()),
+            "image_size": encoder.image_size,
+            "patch_size": encoder.patch_size,
+            "grid": encoder.grid,
+            "hidden_size": encoder.hidden_size,
+            "num_layers": encoder.num_layers,
+            "prefix_tokens": backbone.num_prefix_tokens,
+            "probe": {
+                "target": probe.target,
+                "classes": len(probe_train.class_names),
+                "chance": 1 / len(probe_train.class_names),
+                "train_images": probe.train_images,
+                "test_images": probe.test_images,
+                "accuracy": accuracy,
+                "random_init_accuracy": random_accuracy,
+                "seconds": probe_seconds,
+            },
+            "train": {
+                "steps": result.steps,
+                "images": recipe.data.images,
+                "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+                "first_loss": result.losses[0],
+                "seconds": train_seconds,
+                "resumed_from": result.resumed_from,
+                "device": str(next(model.parameters()).device),
+            },
+            "recipe": recipe.model_dump(mode="json"),
+            "versions": library_versions(),
+            "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return folder

@@ -1,0 +1,24 @@
+"""The micro zoo's part of `stitchkit quickstart`: build the four CPU recipes and tabulate them."""
+
+from __future__ import annotations
+
+from stitchkit.report import markdown_table
+from stitchkit.runs import RunDir, atomic_write_json
+from stitchkit.zoo.build import build, summary_row, zoo_info
+from stitchkit.zoo.recipes import list_recipes, load_recipe
+
+
+def quickstart(run: RunDir) -> str:
+    recipes = [load_recipe(name) for name in list_recipes(include_gpu=False)]
+    for recipe in recipes:
+        build(recipe)  # cached by recipe hash: later suites load the same models
+    atomic_write_json(run.path("zoo", "models.json"), [zoo_info(r) for r in recipes])
+    return (
+        "## Micro zoo\n\n"
+        "Small encoders of four Hugging Face classes, each trained here with its own objective (supervised "
+        "cross-entropy, CLIP softmax contrastive, SigLIP sigmoid, DINO self-distillation with registers). "
+        "tokens: patch grid + prefix tokens (CLS, registers). probe: linear probe on the encoder's own pooled "
+        "output, held-out shapes-world images, next to the same architecture at random init.\n\n"
+        + markdown_table([summary_row(r) for r in recipes])
+        + f"\nMetadata of every model: `{run.path('zoo', 'models.json').relative_to(run.root)}`.\n"
+    )

@@ -1,0 +1,182 @@
+"""The stitching sweep, the stitch tree and the CLI on tiny random-init models saved as local folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import pytest
+import torch
+import transformers as hf
+import yaml
+from typer.testing import CliRunner
+
+from stitchkit.backbones import save_backbone
+from stitchkit.config import validate_config
+from stitchkit.errors import ConfigError
+from stitchkit.stitching.commands import app
+from stitchkit.stitching.config import StitchRunConfig
+from stitchkit.stitching.experiment import run_sweep, run_tree
+from stitchkit.stitching.protocol import Sweep
+
+TINY = dict(num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)
+FAST = {"epochs": 1, "batch_size": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per op
+    collapse (measured 5x slower); the suite's other modules get their setting back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    models = {
+        "dino": hf.Dinov2WithRegistersModel(
+            hf.Dinov2WithRegistersConfig(**TINY, hidden_size=32, intermediate_size=64, num_register_tokens=2)
+        ),
+        "clip": hf.CLIPVisionModel(hf.CLIPVisionConfig(**TINY, hidden_size=48, intermediate_size=96)),
+        "siglip": hf.SiglipVisionModel(hf.SiglipVisionConfig(**dict(TINY, image_size=48, patch_size=16), hidden_size=32, intermediate_size=64)),
+    }
+    return {name: str(save_backbone(model, root / name)) for name, model in models.items()}
+
+
+def sweep_config(model_dirs, **overrides) -> dict:
+    cfg = {
+        "data": {"image_size": 32, "train": 32, "val": 16, "test": 16},
+        "models": {"dino": model_dirs["dino"], "clip": model_dirs["clip"]},
+        "pairs": [["dino", "clip"]],
+        "points": [1, 2],
+        "objectives": ["ffm_tlt", "lfm"],
+        "lfm": FAST, "ffm": FAST, "tlt": FAST, "probe": FAST,
+        "init_images": 16,
+        "eval_batch_size": 16,
+        "device": "cpu",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def test_sweep_writes_the_paper_table_and_resumes_without_recomputing(model_dirs, tmp_path):
+    cfg = validate_config(StitchRunConfig, sweep_config(model_dirs))
+    report = run_sweep(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    cells = results["cells"]
+    # dino->clip plus the self-stitch controls dino->dino and clip->clip, at 2 points x 2 objectives.
+    assert len(cells) == 3 * 2 * 2 and {(c["source"], c["target"]) for c in cells} == {("dino", "clip"), ("dino", "dino"), ("clip", "clip")}
+    assert {p["model"] for p in results["probes"]} == {"dino", "clip"}
+    for cell in cells:
+        assert 0 <= cell["score_test"] <= 100 and cell["distance_final_rel"] > 0
+        assert sum(cell["overlap"][k] for k in ("000", "001", "010", "011", "100", "101", "110", "111")) == 16
+        assert len(cell["profile_rel"]) == 3 - cell["target_point"] + 1
+    text = report.read_text()
+    assert "| pair / init | L1 | L2 |" in text and "dino→clip, FFM→TLT" in text and "dino→dino (self), LFM + head" in text
+    assert "Cross − self" in text and (tmp_path / "run" / "results.csv").exists()
+    assert len(list((tmp_path / "run" / "figures").glob("*.png"))) == 3 * 2
+
+    # A second run finds every cell finished: no model pass, no training, the same report.
+    again = Sweep(cfg, tmp_path / "run")
+    assert again.run_all()["cells"] == cells and again.store.computed_passes == 0
+    assert run_sweep(cfg, tmp_path / "run").read_text() == text
+
+
+def test_same_seed_gives_the_same_results_and_cached_training_matches_online(model_dirs, tmp_path):
+    base = sweep_config(model_dirs, points=[2], objectives=["ffm_tlt"], self_stitch=False, probes=False, cache_dtype="float32")
+    runs = {}
+    for name, cache in (("a", "memory"), ("b", "memory"), ("online", "none")):
+        cfg = validate_config(StitchRunConfig, {**base, "cache": cache})
+        runs[name] = Sweep(cfg, tmp_path / name).run_all()["cells"][0]
+    strip = lambda cell: {k: v for k, v in cell.items() if k != "train_seconds"}  # noqa: E731
+    assert strip(runs["a"]) == strip(runs["b"])
+    for stage in ("ffm", "tlt"):  # recomputing the frozen prefix every step trains the same S
+        assert runs["online"]["final_losses"][stage] == pytest.approx(runs["a"]["final_losses"][stage], rel=1e-4)
+    assert runs["online"]["score_test"] == runs["a"]["score_test"]
+
+
+def test_segmentation_lora_and_least_squares_cells(model_dirs, tmp_path):
+    cfg = sweep_config(
+        model_dirs,
+        task="segmentation",
+        data={"image_size": 32, "train": 16, "val": 8, "test": 8, "max_objects": 2},
+        models={"dino": model_dirs["dino"], "siglip": model_dirs["siglip"]},
+        pairs=[["siglip", "dino"]],
+        points=[2],
+        objectives=["lfm_tlt"],
+        self_stitch=False,
+        grid_policy="bilinear",
+        stitch_layers=[{"kind": "linear", "init": "lstsq"}, {"kind": "lora", "rank": 2}],
+    )
+    results = json.loads((run_sweep(validate_config(StitchRunConfig, cfg), tmp_path / "seg").parent / "results.json").read_text())
+    assert [c["stitch"] for c in results["cells"]] == ["linear+lstsq", "lora-r2"]
+    assert all(0 <= c["score_test"] <= 100 for c in results["cells"])
+    assert results["cells"][0]["prefix"] == "learnable, learnable, learnable"  # SigLIP has no CLS or registers
+
+
+def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):
+    cfg = {
+        "data": {"image_size": 32, "train": 32, "val": 16, "test": 16},
+        "models": model_dirs,
+        "trunk": "dino",
+        "branches": ["clip", "siglip"],
+        "points": [1],
+        "grid_policy": "bilinear",
+        "ffm": FAST, "probe": FAST,
+        "timing_batches": 1,
+        "eval_batch_size": 16,
+        "device": "cpu",
+    }
+    path = tmp_path / "tree.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = run_tree(path, tmp_path / "tree")
+    results = json.loads((tmp_path / "tree" / "results.json").read_text())
+    (tree,) = results["trees"]
+    # L = block 2 of 3 for every model: VST-1 with 3 models runs 1 + 3 * (2 - 1) blocks against single's 2.
+    assert tree["blocks"] == 4 and tree["extra_blocks"] == pytest.approx(1.0) == tree["formula_overhead"]
+    assert "normalised_gain" in tree and "VST-1" in report.read_text()
+
+
+def test_cli_errors_name_the_field(model_dirs, tmp_path):
+    runner = CliRunner()
+    bad = {
+        "points": ({**sweep_config(model_dirs), "points": [3]}, "points: stitch point 3 is out of range"),
+        "objectives": ({**sweep_config(model_dirs), "objectives": ["ffn"]}, "objectives.0"),
+        "pairs": ({**sweep_config(model_dirs), "pairs": [["dino", "vit"]]}, "pairs[0]: target 'vit'"),
+    }
+    for name, (cfg, message) in bad.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / name)])
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), (name, result.exception)
+
+
+def test_image_folder_and_coco_data(tmp_path):
+    from PIL import Image
+
+    from stitchkit.stitching.data import DataConfig, load_task_data
+    from stitchkit.world.coco import render_coco
+    from stitchkit.world.ontology import ONTOLOGY
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
+    folder = load_task_data("classification", DataConfig(source="folder", path=str(tmp_path / "folder"), image_size=16))
+    assert folder.class_names == ["cats", "dogs"] and folder.splits["train"].images.shape[1:] == (16, 16, 3)
+    assert sum(len(s) for s in folder.splits.values()) == 12
+
+    annotations = render_coco(tmp_path / "coco", n_images=12, size=32, seed=0)
+    seg = load_task_data("segmentation", DataConfig(source="coco", path=str(annotations), image_size=32))
+    categories = [c.name for c in ONTOLOGY.categories]
+    assert seg.class_names == ["background", *categories]
+    labels = np.concatenate([s.labels for s in seg.splits.values()])
+    assert labels.shape == (12, 32, 32) and 0 < (labels > 0).mean() < 1 and labels.max() <= len(categories)
+    cls = load_task_data("classification", DataConfig(source="coco", path=str(annotations), image_size=32))
+    assert cls.class_names == categories

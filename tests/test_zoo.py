@@ -1,0 +1,200 @@
+"""Zoo recipes, builds and the `stitchkit zoo` verbs, on tiny variants of the bundled recipes (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stitchkit.backbones import load_backbone
+from stitchkit.config import validate_config
+from stitchkit.engine.checkpoint import load_trainable_state_dict
+from stitchkit.errors import ConfigError
+from stitchkit.world import classification_set
+from stitchkit.zoo import ZooRecipe, build, linear_probe, list_recipes, load_recipe, recipe_hash, zoo_info, zoo_path
+from stitchkit.zoo.augment import Augmentation
+from stitchkit.zoo.build import VOCAB_JSON, caption_vocabulary
+from stitchkit.zoo.models import make_trainable, training_pixels
+from stitchkit.zoo.recipes import RECIPES_DIR
+from stitchkit.zoo.text import WordVocab
+
+CPU_RECIPES = ("supervised", "clip", "siglip", "dino")
+
+
+@pytest.fixture(autouse=True)
+def zoo_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STITCHKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STITCHKIT_PROGRESS", "0")
+
+
+def tiny(name: str) -> ZooRecipe:
+    """The bundled recipe shrunk to seconds: same objective, class and prefix tokens, 2 blocks, 16 px."""
+    data = load_recipe(name).model_dump(mode="json")
+    patch = 8 if data["encoder"]["patch_size"] == 16 else 4  # keep the 64 px / 128 px models' grids equal
+    data["encoder"].update(image_size=4 * patch, patch_size=patch, hidden_size=16, num_layers=2, num_heads=2)
+    if "text" in data["objective"]:
+        data["objective"]["text"].update(hidden_size=16, num_layers=1, num_heads=2)
+    if data["objective"]["kind"] == "dino":
+        data["objective"].update(head_hidden_size=16, bottleneck_size=8, num_prototypes=16)
+    data["data"]["images"] = 24
+    data["train"].update(steps=3, batch_size=8, warmup_steps=1, checkpoint_every=2)
+    data["probe"].update(train_images=40, test_images=10)
+    return validate_config(ZooRecipe, data, source=f"tiny {name}")
+
+
+def test_bundled_recipes_are_valid_and_comparable():
+    names = list_recipes()
+    assert set(CPU_RECIPES) <= set(names)
+    assert {f"gpu/{n}" for n in CPU_RECIPES} <= set(names)
+    for tier in (CPU_RECIPES, [f"gpu/{n}" for n in CPU_RECIPES]):
+        recipes = [load_recipe(n) for n in tier]
+        assert len({r.encoder.num_layers for r in recipes}) == 1  # same depth: stitching compares block k to k
+        assert len({r.encoder.grid for r in recipes}) == 1  # same patch grid
+        assert {r.objective.kind: r.hf_class for r in recipes} == {
+            "supervised": "ViTModel",
+            "clip": "CLIPModel",
+            "siglip": "SiglipModel",
+            "dino": "Dinov2WithRegistersModel",
+        }
+        assert [r.encoder.num_registers for r in recipes] == [0, 0, 0, 4]
+
+
+def test_a_typo_in_a_recipe_names_the_field(tmp_path):
+    text = (RECIPES_DIR / "dino.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("hidden_size:", "hiden_size:"))
+    with pytest.raises(ConfigError, match=r"encoder\.hiden_size: Extra inputs"):
+        load_recipe(bad)
+    bad.write_text(text.replace("num_prototypes:", "prototypes:"))
+    with pytest.raises(ConfigError, match=r"objective\.dino\.prototypes"):
+        load_recipe(bad)
+    bad.write_text(text.replace("patch_size: 8", "patch_size: 7"))
+    with pytest.raises(ConfigError, match="not a multiple of patch_size"):
+        load_recipe(bad)
+    bad.write_text(text.replace("kind: dino", "kind: mae"))
+    with pytest.raises(ConfigError, match="objective"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="unknown zoo recipe 'dinov9'; choose from: clip, dino"):
+        load_recipe("dinov9")
+
+
+def test_registers_need_the_dino_objective():
+    data = load_recipe("clip").model_dump(mode="json")
+    data["encoder"]["num_registers"] = 4
+    with pytest.raises(ConfigError, match="num_registers needs the dino objective"):
+        validate_config(ZooRecipe, data)
+
+
+def test_hash_follows_the_content_not_the_formatting(tmp_path):
+    recipe = load_recipe("supervised")
+    text = (RECIPES_DIR / "supervised.yaml").read_text()
+    reformatted = tmp_path / "supervised.yaml"
+    lr_line = next(line for line in text.splitlines() if line.strip().startswith("lr:"))
+    same_value = lr_line.split(":")[0] + f": {float(lr_line.split(':')[1]):.10f}"  # same number, other spelling
+    reformatted.write_text("# a comment\n" + text.replace(lr_line, same_value))
+    assert recipe_hash(load_recipe(reformatted)) == recipe_hash(recipe)
+    changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": recipe.train.lr * 2})})
+    assert recipe_hash(changed) != recipe_hash(recipe)
+    assert changed.folder_name.startswith("supervised-") and changed.folder_name != recipe.folder_name
+    assert load_recipe("gpu/dino").folder_name.startswith("gpu-dino-")
+
+
+def _hf_pooled(recipe: ZooRecipe, folder, pixels: torch.Tensor) -> torch.Tensor:
+    """The trained model's pooled image features from Hugging Face's own forward, rebuilt from the engine's
+    final checkpoint (independent of save_backbone / load_backbone)."""
+    vocab_size = len(WordVocab.load(folder / VOCAB_JSON)) if (folder / VOCAB_JSON).exists() else 0
+    model = make_trainable(recipe, num_classes=130, vocab_size=vocab_size)
+    load_trainable_state_dict(model, folder / "train" / "checkpoint" / "model.safetensors")
+    model.eval()
+    with torch.no_grad():
+        kind = recipe.objective.kind
+        if kind == "supervised":
+            return model.encoder(pixel_values=pixels).last_hidden_state[:, 0]
+        if kind in ("clip", "siglip"):
+            return model.model.vision_model(pixel_values=pixels).pooler_output
+        return model.teacher.backbone(pixel_values=pixels).pooler_output  # DINO saves its teacher
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_tiny_build_saves_a_backbone_that_loads_with_identical_features(name):
+    recipe = tiny(name)
+    folder = build(recipe)
+    assert zoo_path(recipe) == folder and folder.name == recipe.folder_name
+    info = zoo_info(recipe)
+    assert info["train"]["steps"] == 3 and len(info["recipe"]) > 0
+    assert 0 <= info["probe"]["accuracy"] <= 1 and 0 <= info["probe"]["random_init_accuracy"] <= 1
+    assert info["prefix_tokens"] == {"supervised": 1, "clip": 1, "siglip": 0, "dino": 5}[name]
+
+    images = classification_set(6, recipe.encoder.image_size, seed=5, target="both").images
+    bb = load_backbone(folder)
+    assert type(bb.model).__name__ == {
+        "supervised": "ViTModel",
+        "clip": "CLIPVisionModel",
+        "siglip": "SiglipVisionModel",
+        "dino": "Dinov2WithRegistersModel",
+    }[name]
+    with torch.no_grad():
+        loaded = bb.pool(bb.forward_features(bb.preprocess(images)))
+    pixels = training_pixels(torch.from_numpy(images), Augmentation(), recipe.encoder)
+    assert torch.allclose(loaded, _hf_pooled(recipe, folder, pixels), atol=1e-5)
+    # Training moved the weights away from the random init the probe compares against.
+    baseline = load_backbone(make_trainable(recipe, 130, 64).vision_encoder(), image_size=recipe.encoder.image_size)
+    trained_weights, initial_weights = bb.model.state_dict(), baseline.model.state_dict()
+    assert trained_weights.keys() == initial_weights.keys()
+    assert any(not torch.equal(trained_weights[k], initial_weights[k]) for k in trained_weights)
+
+
+def test_build_is_cached_deterministic_and_forced_rebuilds_match():
+    recipe = tiny("dino")
+    folder = build(recipe)
+    weights = (folder / "model.safetensors").read_bytes()
+    stamp = (folder / "zoo.json").stat().st_mtime_ns
+    assert build(recipe) == folder and (folder / "zoo.json").stat().st_mtime_ns == stamp  # cached: not rebuilt
+    (folder / "zoo.json").unlink()  # as if killed after training: the engine's finished training is reused
+    build(recipe)
+    assert zoo_info(recipe)["train"]["resumed_from"] == 3
+    assert (folder / "model.safetensors").read_bytes() == weights
+    build(recipe, force=True)
+    assert zoo_info(recipe)["train"]["resumed_from"] is None
+    assert (folder / "model.safetensors").read_bytes() == weights  # same seed, same bytes
+
+
+def test_image_text_builds_store_their_vocabulary():
+    recipe = tiny("clip")
+    folder = build(recipe)
+    vocab = WordVocab.load(folder / VOCAB_JSON)
+    assert {"star", "stars", "red", "a"} <= set(vocab.tokens)
+    data = json.loads((folder / "config.json").read_text())
+    assert data["model_type"] == "clip" and data["text_config"]["vocab_size"] == len(vocab)
+
+
+def test_probe_of_a_random_encoder_reads_colour_far_above_chance():
+    # Colour is linear in the mean pixel, so even a random-init encoder's pooled output separates it.
+    recipe = tiny("supervised")
+    bb = load_backbone(make_trainable(recipe, 10, 0).vision_encoder(), image_size=recipe.encoder.image_size)
+    train_set = classification_set(200, 16, seed=1, target="colour")
+    test_set = classification_set(100, 16, seed=2, target="colour")
+    assert linear_probe(bb, train_set, test_set) > 0.6  # chance: 0.1
+
+
+def _cli(*args: str, home) -> subprocess.CompletedProcess:
+    env = {"STITCHKIT_HOME": str(home), "STITCHKIT_PROGRESS": "0", "PATH": ""}
+    return subprocess.run([sys.executable, "-m", "stitchkit.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_lists_recipes_and_rejects_unknown_ones(tmp_path):
+    listed = _cli("zoo", "list", home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    for name in CPU_RECIPES:
+        assert name in listed.stdout
+    unknown = _cli("zoo", "train", "nosuch", home=tmp_path)
+    assert unknown.returncode == 2
+    assert "unknown zoo recipe 'nosuch'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_caption_vocabulary_covers_every_category_and_colour():
+    vocab = caption_vocabulary(["a red star"])
+    assert {"hexagons", "crosses", "brown", "cyan"} <= set(vocab.tokens)
