@@ -14,30 +14,9 @@ the objectives of the real foundation-model zoo (supervised ViT, CLIP, SigLIP, D
     build.py       build / zoo_path / load_zoo_backbone: train through stitchkit.engine, save, probe, cache
 """
 
-import importlib
-
-# Imported on first use, so that `stitchkit --help` (which mounts zoo/commands.py) does not pay for torch and
-# transformers just because Python imports this package first.
-_EXPORTS = {
-    "build": "build",
-    "load_zoo_backbone": "build",
-    "zoo_info": "build",
-    "zoo_path": "build",
-    "zoo_root": "build",
-    "linear_probe": "probe",
-    "ridge_probe_accuracy": "probe",
-    "ZooRecipe": "recipes",
-    "list_recipes": "recipes",
-    "load_recipe": "recipes",
-    "recipe_hash": "recipes",
-}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"stitchkit.zoo.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'stitchkit.zoo' has no attribute {name!r}")
-
+from stitchkit.zoo.build import build, load_zoo_backbone, zoo_info, zoo_path, zoo_root
+from stitchkit.zoo.probe import linear_probe, ridge_probe_accuracy
+from stitchkit.zoo.recipes import ZooRecipe, list_recipes, load_recipe, recipe_hash
 
 __all__ = [
     "ZooRecipe",
