@@ -23,9 +23,8 @@ from rich.table import Table
 from stitchkit.backbones import load_backbone
 from stitchkit.config import validate_config
 from stitchkit.engine import seed_everything, train
-from stitchkit.world import classification_set
 from stitchkit.zoo import ZooRecipe, linear_probe, list_recipes, load_recipe
-from stitchkit.zoo.build import ColumnDataset, caption_vocabulary
+from stitchkit.zoo.build import probe_sets, training_data
 from stitchkit.zoo.models import make_trainable
 
 PROBE_TARGETS = ("category", "both")
@@ -44,31 +43,20 @@ def with_overrides(recipe: ZooRecipe, settings: list[str]) -> ZooRecipe:
     return validate_config(ZooRecipe, data, source="--set")
 
 
-def learning_curve(recipe: ZooRecipe, every: int, probe_images: int = 2000) -> list[dict]:
-    encoder, objective = recipe.encoder, recipe.objective
-    labels = objective.target if objective.kind == "supervised" else "both"
-    data = classification_set(recipe.data.images, encoder.image_size, recipe.data.seed, labels, recipe.data.world)
-    columns = {"image": torch.from_numpy(data.images), "label": torch.from_numpy(data.labels)}
-    vocab_size = 0
-    if objective.kind in ("clip", "siglip"):
-        vocab = caption_vocabulary(data.captions)
-        vocab_size = len(vocab)
-        columns["caption_ids"], columns["caption_mask"] = vocab.encode(data.captions, objective.text.max_words)
-    probe_sets = {
-        target: (
-            classification_set(probe_images, encoder.image_size, recipe.probe.seed, target, recipe.data.world),
-            classification_set(probe_images // 2, encoder.image_size, recipe.probe.seed + 1, target, recipe.data.world),
-        )
-        for target in PROBE_TARGETS
-    }
+def learning_curve(recipe: ZooRecipe, every: int) -> list[dict]:
+    encoder = recipe.encoder
+    dataset, num_classes, vocab = training_data(recipe)
+    sets = {target: probe_sets(recipe, target) for target in PROBE_TARGETS}
 
     def probe(vision_model) -> dict[str, float]:
         # deepcopy: load_backbone freezes the module it wraps, and this one is still training.
         bb = load_backbone(copy.deepcopy(vision_model), image_size=encoder.image_size, mean=encoder.mean, std=encoder.std)
-        return {target: linear_probe(bb, *sets) for target, sets in probe_sets.items()}
+        accuracies = {target: linear_probe(bb, *pair) for target, pair in sets.items()}
+        print(f"  {recipe.name}: " + ", ".join(f"{t} {a:.3f}" for t, a in accuracies.items()), flush=True)
+        return accuracies
 
     seed_everything(recipe.train.seed)
-    model = make_trainable(recipe, num_classes=len(data.class_names), vocab_size=vocab_size)
+    model = make_trainable(recipe, num_classes=num_classes, vocab_size=len(vocab) if vocab else 0)
     rows = [{"step": 0, "seconds": 0.0, **probe(model.vision_encoder())}]
     clock = {"train": 0.0, "since": time.perf_counter()}
 
@@ -78,7 +66,7 @@ def learning_curve(recipe: ZooRecipe, every: int, probe_images: int = 2000) -> l
         clock["since"] = time.perf_counter()
         return {}
 
-    train(model, lambda m, batch: m(batch), ColumnDataset(**columns), recipe.train, None,
+    train(model, lambda m, batch: m(batch), dataset, recipe.train, None,
           description=f"bench {recipe.name}", eval_fn=eval_fn, eval_every=every)
     return rows
 

@@ -15,6 +15,7 @@ from stitchkit.zoo.objectives import (
     clip_contrastive_loss,
     cosine_momentum,
     dino_cross_entropy,
+    ema_update,
     sigmoid_pairwise_loss,
     update_center,
 )
@@ -90,6 +91,30 @@ def test_dino_center_and_momentum_schedule():
     assert cosine_momentum(0.996, 0, 100) == pytest.approx(0.996)
     assert cosine_momentum(0.996, 50, 100) == pytest.approx(0.998)
     assert cosine_momentum(0.996, 100, 100) == pytest.approx(1.0)
+
+
+def test_teacher_ema_and_the_dino_model_keep_the_teacher_in_buffers():
+    student = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        student.bias.fill_(4.0)
+    teacher = {"weight": torch.zeros(1, 2), "bias": torch.tensor([8.0])}
+    ema_update(teacher, student, momentum=0.75)
+    assert torch.allclose(teacher["weight"], torch.tensor([[0.25, 0.5]])) and teacher["bias"].item() == 7.0
+
+    from stitchkit.zoo.models import SelfDistillation
+    from stitchkit.zoo.recipes import load_recipe
+
+    model = SelfDistillation(load_recipe("dino"))
+    assert not list(model.teacher.parameters())  # not optimised, but in state_dict (the engine's checkpoint)
+    assert any(k.startswith("teacher.backbone.") for k in model.state_dict())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = dict(model.teacher.named_buffers())["head.prototypes"].clone()
+    m = model.update_teacher()
+    after = dict(model.teacher.named_buffers())["head.prototypes"]
+    assert torch.allclose(after, m * before + (1 - m) * (before + 1.0), atol=1e-6)
 
 
 def test_default_augmentation_is_the_identity_and_flip_only_mirrors():

@@ -69,7 +69,8 @@ def zoo_info(name_or_recipe: str | ZooRecipe) -> dict[str, Any] | None:
 
 
 def summary_row(recipe: ZooRecipe) -> dict[str, Any]:
-    """One row for tables of the zoo (`stitchkit zoo list`, the quickstart report); None where not built."""
+    """One row of display strings for tables of the zoo (`stitchkit zoo list`, the quickstart report);
+    None where the recipe is not built."""
     info = zoo_info(recipe)
     grid = f"{recipe.encoder.grid}x{recipe.encoder.grid}"
     probe, trained = (info["probe"], info["train"]) if info else ({}, {})
@@ -79,9 +80,9 @@ def summary_row(recipe: ZooRecipe) -> dict[str, Any]:
         "tokens": f"{grid}+{info['prefix_tokens']}" if info else grid,
         "params": f"{info['params'] / 1e6:.2f}M" if info else None,
         "train s": round(trained["seconds"]) if info else None,
-        "probe %": round(100 * probe["accuracy"], 1) if info else None,
-        "random init %": round(100 * probe["random_init_accuracy"], 1) if info else None,
-        "chance %": round(100 * probe["chance"], 1) if info else None,
+        "probe %": f"{100 * probe['accuracy']:.1f}" if info else None,
+        "random init %": f"{100 * probe['random_init_accuracy']:.1f}" if info else None,
+        "chance %": f"{100 * probe['chance']:.1f}" if info else None,
     }
 
 
@@ -97,6 +98,30 @@ def caption_vocabulary(captions: list[str]) -> WordVocab:
     return WordVocab.from_texts(captions + names + [c.name for c in ONTOLOGY.colours])
 
 
+def training_data(recipe: ZooRecipe) -> tuple[ColumnDataset, int, WordVocab | None]:
+    """The recipe's training images as a dataset of batches for its model, the number of label classes, and
+    the caption vocabulary (image-text objectives only)."""
+    encoder, objective, data_spec = recipe.encoder, recipe.objective, recipe.data
+    labels = objective.target if objective.kind == "supervised" else "both"  # "both": every colour x category
+    data = classification_set(data_spec.images, encoder.image_size, data_spec.seed, labels, data_spec.world)
+    columns = {"image": torch.from_numpy(data.images), "label": torch.from_numpy(data.labels)}
+    vocab = None
+    if objective.kind in ("clip", "siglip"):
+        vocab = caption_vocabulary(data.captions)
+        columns["caption_ids"], columns["caption_mask"] = vocab.encode(data.captions, objective.text.max_words)
+    return ColumnDataset(**columns), len(data.class_names), vocab
+
+
+def probe_sets(recipe: ZooRecipe, target: str | None = None):
+    """The held-out (train, test) ClassificationSets of the recipe's probe; `target` overrides its label."""
+    probe, size, world = recipe.probe, recipe.encoder.image_size, recipe.data.world
+    target = target or probe.target
+    return (
+        classification_set(probe.train_images, size, probe.seed, target, world),
+        classification_set(probe.test_images, size, probe.seed + 1, target, world),
+    )
+
+
 def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     """Train, save and probe a recipe, unless it is already built (force: delete and rebuild). Returns its folder."""
     recipe = _resolve(name_or_recipe)
@@ -109,23 +134,16 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     atomic_write_text(folder / "recipe.yaml", recipe_yaml(recipe))
 
     encoder, objective = recipe.encoder, recipe.objective
-    labels = objective.target if objective.kind == "supervised" else "both"  # "both": every colour x category
-    data = classification_set(recipe.data.images, encoder.image_size, recipe.data.seed, labels, recipe.data.world)
-    columns = {"image": torch.from_numpy(data.images), "label": torch.from_numpy(data.labels)}
-    vocab = None
-    if objective.kind in ("clip", "siglip"):
-        vocab = caption_vocabulary(data.captions)
-        columns["caption_ids"], columns["caption_mask"] = vocab.encode(data.captions, objective.text.max_words)
-
+    dataset, num_classes, vocab = training_data(recipe)
     seed_everything(recipe.train.seed)  # the initial weights; the engine reseeds for the data order
-    model = make_trainable(recipe, num_classes=len(data.class_names), vocab_size=len(vocab) if vocab else 0)
+    model = make_trainable(recipe, num_classes=num_classes, vocab_size=len(vocab) if vocab else 0)
     random_init = copy.deepcopy(model.vision_encoder())  # the baseline: same architecture, untrained
 
     started = time.perf_counter()
     result = train(
         model,
         lambda m, batch: m(batch),
-        ColumnDataset(**columns),
+        dataset,
         recipe.train,
         folder / "train",
         description=f"zoo {recipe.name}",
@@ -141,8 +159,7 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     backbone = load_backbone(folder, device=device)
     baseline = load_backbone(random_init, image_size=encoder.image_size, mean=encoder.mean, std=encoder.std, device=device)
     probe = recipe.probe
-    probe_train = classification_set(probe.train_images, encoder.image_size, probe.seed, probe.target, recipe.data.world)
-    probe_test = classification_set(probe.test_images, encoder.image_size, probe.seed + 1, probe.target, recipe.data.world)
+    probe_train, probe_test = probe_sets(recipe)
     started = time.perf_counter()
     accuracy = linear_probe(backbone, probe_train, probe_test)
     random_accuracy = linear_probe(baseline, probe_train, probe_test)

@@ -35,6 +35,7 @@ from stitchkit.zoo.objectives import (
     clip_contrastive_loss,
     cosine_momentum,
     dino_cross_entropy,
+    ema_update,
     sigmoid_pairwise_loss,
     update_center,
 )
@@ -209,18 +210,16 @@ class SelfDistillation(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self) -> float:
-        """theta_t <- m theta_t + (1 - m) theta_s (Caron et al. 2021, Section 3.1), m on a cosine schedule to 1."""
+        """One EMA step of the teacher towards the student, with the momentum on DINO's cosine schedule."""
         m = cosine_momentum(self.recipe.objective.teacher_momentum, int(self.teacher_updates), self.recipe.train.steps)
-        teacher = dict(self.teacher.named_buffers())
-        for name, param in self.student.named_parameters():
-            teacher[name].mul_(m).add_(param.detach(), alpha=1 - m)
+        ema_update(dict(self.teacher.named_buffers()), self.student, m)
         self.teacher_updates += 1
         return m
 
     def forward(self, batch: dict[str, torch.Tensor]):
         objective = self.recipe.objective
-        # The engine calls us once per optimiser step (grad_accum = 1), so updating here, before the loss,
-        # moves the teacher after every optimiser step: it trails the student by one step.
+        # The engine calls us once per optimiser step (recipes keep grad_accum = 1), so updating here, before
+        # the loss, moves the teacher after every optimiser step: it trails the student by one step.
         momentum = self.update_teacher()
         images = batch["image"]
         views = torch.cat([training_pixels(images, self.recipe.augment, self.recipe.encoder) for _ in range(2)])

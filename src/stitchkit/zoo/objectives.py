@@ -63,10 +63,11 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
-    """Momentum teacher (DINO, Caron et al. 2021, Section 3.1): theta_t <- m theta_t + (1 - m) theta_s."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+def ema_update(teacher: dict[str, torch.Tensor], student: torch.nn.Module, momentum: float) -> None:
+    """Momentum teacher (DINO, Caron et al. 2021, Section 3.1): theta_t <- m theta_t + (1 - m) theta_s,
+    for every parameter of `student`; `teacher` holds the teacher's tensors under the same names."""
+    for name, param in student.named_parameters():
+        teacher[name].mul_(momentum).add_(param.detach(), alpha=1 - momentum)
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:

@@ -5,6 +5,11 @@ Hugging Face class), augmentations, the training images, the engine's TrainConfi
 recipes live in configs/zoo/<name>.yaml (CPU, minutes) and configs/zoo/gpu/<name>.yaml (named "gpu/<name>").
 A built model is cached under a folder named by the recipe's name and content hash, so editing a recipe
 builds a new model instead of silently reusing a stale one.
+
+Why the CPU recipes use 4x4 patch grids (32 px / patch 8, SigLIP 64 px / patch 16): small ViTs learn shape
+slowly (a few hundred steps buy tens of percent), and a 4x4 grid costs about a quarter of an 8x8 one per step,
+so within the ~4 minutes the four CPU builds may take together they learn visibly more
+(benchmarks/bench_zoo.py prints the learning curves). The GPU recipes use 16x16 grids.
 """
 
 from __future__ import annotations
@@ -23,14 +28,13 @@ from stitchkit.engine import TrainConfig
 from stitchkit.errors import ConfigError
 from stitchkit.paths import CONFIGS
 from stitchkit.world import WorldConfig
+from stitchkit.world.sets import Target
 from stitchkit.zoo.augment import Augmentation
 
 RECIPES_DIR = CONFIGS / "zoo"
 # Part of every recipe hash: bump it when a change to the zoo's training code changes what a recipe builds,
 # so cached models made by the old code are not reused.
 ZOO_FORMAT_VERSION = 1
-
-Target = Literal["category", "colour", "both"]
 
 
 class Encoder(Config):
@@ -134,8 +138,8 @@ class Probe(Config):
     """Linear probe on held-out images (seeds far from the training data's)."""
 
     target: Target = "both"
-    train_images: int = pydantic.Field(1000, ge=10)
-    test_images: int = pydantic.Field(500, ge=1)
+    train_images: int = pydantic.Field(2000, ge=10)
+    test_images: int = pydantic.Field(1000, ge=1)
     seed: int = 1_000_000
 
 
@@ -153,6 +157,8 @@ class ZooRecipe(Config):
     def _check(self) -> "ZooRecipe":
         if self.encoder.num_registers and self.objective.kind != "dino":
             raise ValueError("encoder.num_registers needs the dino objective (only Dinov2WithRegistersModel has registers)")
+        if self.objective.kind == "dino" and self.train.grad_accum != 1:
+            raise ValueError("the dino objective needs train.grad_accum = 1 (the teacher moves once per forward pass)")
         return self
 
     @property
