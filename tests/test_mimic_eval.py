@@ -49,12 +49,7 @@ BUILD = {
 WORLD = WorldConfig(min_size=0.25, max_size=0.45, max_overlap=0.0, max_objects=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from stitchkit.vlm.model import IGNORE_INDEX
 IDS = [" ab123", " cd456", " ef789"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pil(n: int, seed: int = 0) -> list[Image.Image]:

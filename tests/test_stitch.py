@@ -47,14 +47,7 @@ def images(n: int = 3, size: int = 32) -> np.ndarray:
 KINDS = ["dinov2", "dinov2_registers", "dinov3", "clip", "siglip"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per op
-    collapse (measured 5x slower); the suite's other modules get their setting back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

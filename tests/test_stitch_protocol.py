@@ -24,14 +24,7 @@ TINY = dict(num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size
 FAST = {"epochs": 1, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per op
-    collapse (measured 5x slower); the suite's other modules get their setting back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

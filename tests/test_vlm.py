@@ -21,13 +21,7 @@ BUILDERS = {
 MASKABLE = ("llava_onevision", "qwen2_vl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread avoids OpenMP spin-waiting on a shared 2-core machine (100x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mixed_batch(marker_row: bool = False):

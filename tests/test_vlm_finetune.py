@@ -13,12 +13,7 @@ from stitchkit.vlm import AttentionPolicy, load_vlm
 from stitchkit.vlm.finetune import FinetuneConfig, Sample, collate_for, finetune, merge_lora, vlm_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def samples() -> list[Sample]:

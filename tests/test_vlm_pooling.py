@@ -12,12 +12,7 @@ from stitchkit.vlm import AttentionPolicy, VisionLayout, average_pool_tokens, ca
 from stitchkit.vlm.analysis import attention_analysis
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- pooling --------------------------------------------------------------------------------------------
