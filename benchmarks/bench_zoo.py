@@ -24,7 +24,7 @@ from stitchkit.backbones import load_backbone
 from stitchkit.config import validate_config
 from stitchkit.engine import seed_everything, train
 from stitchkit.zoo import ZooRecipe, linear_probe, list_recipes, load_recipe
-from stitchkit.zoo.build import probe_sets, training_data
+from stitchkit.zoo.builder import probe_sets, training_data
 from stitchkit.zoo.models import make_trainable
 
 PROBE_TARGETS = ("category", "both")

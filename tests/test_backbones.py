@@ -275,6 +275,36 @@ def test_hub_id_loads_from_the_local_cache_offline(tmp_path):
         assert torch.equal(torch.load(tmp_path / "out.pt"), bb.forward_features(pixels))
 
 
+def test_unreachable_hub_fails_fast(tmp_path):
+    """Without HF_HUB_OFFLINE and without a reachable hub, an id that is not cached fails in well under a
+    second instead of after ~25 s of huggingface_hub retries, and a cached id lacking
+    preprocessor_config.json still loads without waiting. A fresh interpreter, as HF_HOME and HF_ENDPOINT
+    are read at import; the endpoint is a closed local port, so this holds with or without internet."""
+    repo = tmp_path / "hf_home" / "hub" / "models--stitchkit-tests--tiny-vit"
+    revision = "0" * 40
+    save_backbone(build("vit"), repo / "snapshots" / revision)
+    (repo / "snapshots" / revision / "preprocessor_config.json").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    script = (
+        "import time; from stitchkit.backbones import load_backbone; from stitchkit.errors import ModelNotFoundError\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    load_backbone('stitchkit-tests/not-cached')\n"
+        "    raise SystemExit('loaded a model that does not exist')\n"
+        "except ModelNotFoundError as err:\n"
+        "    assert 'not in the Hugging Face cache' in str(err) and 'cannot connect' in str(err), err\n"
+        "assert load_backbone('stitchkit-tests/tiny-vit').image_size == 32\n"
+        "elapsed = time.monotonic() - start\n"
+        "assert elapsed < 8, f'took {elapsed:.1f} s'\n"
+    )
+    unset = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_missing_models_give_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as err:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
+import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,21 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp files left behind
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_atomic_writes_get_the_normal_file_mode(tmp_path):
+    """Not mkstemp's 0o600: what open() would create under the current umask."""
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o640, "b.bin": 0o640, "plain.txt": 0o640}
+
+
 def test_run_dir_records_manifest_and_skips_finished_steps(tmp_path):
     cfg = Outer(name="x", train=Inner(steps=2))
     run = RunDir(tmp_path / "run", config=cfg, seeds={"world": 7})
@@ -99,6 +118,30 @@ def test_cli_help_lists_the_suites():
     assert out.returncode == 0
     for verb in ("quickstart", "world", "zoo"):
         assert verb in out.stdout
+
+
+def test_cli_import_stays_light():
+    """`stitchkit --help` must not pay for torch/transformers: package __init__ files export lazily."""
+    code = "import sys, stitchkit.cli; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _packages() -> list[str]:
+    import stitchkit
+
+    return sorted(m.name for m in pkgutil.iter_modules(stitchkit.__path__) if m.ispkg)
+
+
+@pytest.mark.parametrize("name", _packages())
+def test_package_public_names_resolve(name):
+    """Every name in a package's __all__ resolves (lazily) to the object, never to a same-named submodule."""
+    package = importlib.import_module(f"stitchkit.{name}")
+    submodules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+    public = getattr(package, "__all__", [])
+    assert not set(public) & submodules, "a public name equal to a submodule's is hidden once that submodule loads"
+    for attr in public:
+        assert attr in dir(package)
+        assert not isinstance(getattr(package, attr), types.ModuleType), attr
 
 
 def test_cli_unknown_command_exits_2():

@@ -16,7 +16,7 @@ from stitchkit.errors import ConfigError
 from stitchkit.world import classification_set
 from stitchkit.zoo import ZooRecipe, build, linear_probe, list_recipes, load_recipe, recipe_hash, zoo_info, zoo_path
 from stitchkit.zoo.augment import Augmentation
-from stitchkit.zoo.build import VOCAB_JSON, caption_vocabulary
+from stitchkit.zoo.builder import VOCAB_JSON, caption_vocabulary
 from stitchkit.zoo.models import make_trainable, training_pixels
 from stitchkit.zoo.recipes import RECIPES_DIR
 from stitchkit.zoo.text import WordVocab

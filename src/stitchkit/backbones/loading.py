@@ -143,7 +143,7 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     import transformers
 
     folder = Path(source).expanduser()
-    if not folder.exists() and _looks_like_path(source):
+    if not folder.exists() and looks_like_path(source):
         raise ModelNotFoundError(f"no such model folder: {folder}")
     if folder.exists():
         if not (folder / "config.json").is_file():
@@ -153,10 +153,10 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
             )
         source = str(folder)
 
-    config = _from_hub(source, lambda **kw: transformers.AutoConfig.from_pretrained(source, **kw))
+    config = from_hub(source, lambda **kw: transformers.AutoConfig.from_pretrained(source, **kw))
     family = family_of(config)
     vision_class = getattr(transformers, family.vision_class)
-    model, info = _from_hub(
+    model, info = from_hub(
         source,
         lambda **kw: vision_class.from_pretrained(source, dtype=dtype, output_loading_info=True, **kw),
     )
@@ -178,12 +178,12 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     return vision_tower(model), settings
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else with a separator or a leading ./~ is a path."""
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def _from_hub(source: str, load):
+def from_hub(source: str, load):
     """Call `load(local_files_only=...)`: the local cache first, then the hub unless offline.
 
     Every failure becomes one ModelNotFoundError that says where to get the model from.
@@ -194,11 +194,17 @@ def _from_hub(source: str, load):
     except (OSError, ValueError) as err:
         reason = err
     if not _hub_offline() and not Path(source).exists():
-        try:
-            with _quiet_transformers():
-                return load(local_files_only=False)
-        except (OSError, ValueError) as err:
-            reason = err
+        # Not in the cache: ask the hub once, without retries, before transformers' download (which
+        # retries a dead connection for ~25 s); an unreachable hub fails right away with the same error.
+        unreachable = _hub_connection_error(source, "config.json")
+        if unreachable is not None:
+            reason = unreachable
+        else:
+            try:
+                with _quiet_transformers():
+                    return load(local_files_only=False)
+            except (OSError, ValueError) as err:
+                reason = err
     if Path(source).exists():
         raise ModelNotFoundError(f"cannot load the model in {source}: {_first_line(reason)}") from None
     how = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else f"downloading failed: {_first_line(reason)}"
@@ -217,6 +223,8 @@ def _optional_file(source: str, filename: str) -> str | None:
     from transformers.utils import cached_file
 
     for local_only in (True, False) if not _hub_offline() else (True,):
+        if not local_only and _hub_connection_error(source, filename) is not None:
+            return None
         try:
             found = cached_file(
                 source,
@@ -229,6 +237,22 @@ def _optional_file(source: str, filename: str) -> str | None:
             found = None
         if found:
             return found
+    return None
+
+
+def _hub_connection_error(source: str, filename: str) -> ConnectionError | None:
+    """One HEAD request for a file of a hub repo, without retries: a ConnectionError when the hub cannot
+    be reached (no network, DNS, proxy, timeout after HF_HUB_ETAG_TIMEOUT seconds), else None, including
+    when the hub answers with an error (missing repo or file, gated repo) that the real load reports itself."""
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(source, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx.TransportError as err:
+        return ConnectionError(f"cannot connect to {constants.ENDPOINT} ({_first_line(err)})")
+    except Exception:  # noqa: BLE001 - any answer from the hub means it is reachable
+        return None
     return None
 
 

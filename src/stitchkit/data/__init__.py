@@ -4,8 +4,13 @@ Every suite reads real data through here, so a corrupt image or a COCO file with
 clear `InputError` naming the file and the field, whichever suite the user ran.
 """
 
-from stitchkit.data.coco import CocoAnnotation, CocoCategory, CocoImage, CocoIndex, load_coco
-from stitchkit.data.images import IMAGE_EXTENSIONS, ImageFolder, load_image, scan_image_folder
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.data.coco import CocoAnnotation, CocoCategory, CocoImage, CocoIndex, load_coco
+    from stitchkit.data.images import IMAGE_EXTENSIONS, ImageFolder, load_image, scan_image_folder
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -18,3 +23,11 @@ __all__ = [
     "load_image",
     "scan_image_folder",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "coco": ["CocoAnnotation", "CocoCategory", "CocoImage", "CocoIndex", "load_coco"],
+        "images": ["IMAGE_EXTENSIONS", "ImageFolder", "load_image", "scan_image_folder"],
+    },
+)

@@ -17,11 +17,16 @@ annotation file, its scorers and its exports.
     quickstart.py  MIMIC's section of `stitchkit quickstart` (configs/mimic/quickstart.yaml)
 """
 
-from stitchkit.multiimage.benchmark import CONTROLS, Benchmark, Sample, load_benchmark
-from stitchkit.multiimage.config import MimicConfig
-from stitchkit.multiimage.generator import build_benchmark, generate
-from stitchkit.multiimage.index import MimicIndex
-from stitchkit.multiimage.protocol import TASKS, Vocabulary, prompt_text, score_sample
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.multiimage.benchmark import CONTROLS, Benchmark, Sample, load_benchmark
+    from stitchkit.multiimage.config import MimicConfig
+    from stitchkit.multiimage.generator import build_benchmark, generate
+    from stitchkit.multiimage.index import MimicIndex
+    from stitchkit.multiimage.protocol import TASKS, Vocabulary, prompt_text, score_sample
 
 __all__ = [
     "CONTROLS",
@@ -37,3 +42,14 @@ __all__ = [
     "prompt_text",
     "score_sample",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "benchmark": ["CONTROLS", "Benchmark", "Sample", "load_benchmark"],
+        "config": ["MimicConfig"],
+        "generator": ["build_benchmark", "generate"],
+        "index": ["MimicIndex"],
+        "protocol": ["TASKS", "Vocabulary", "prompt_text", "score_sample"],
+    },
+)

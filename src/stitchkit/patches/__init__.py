@@ -11,10 +11,15 @@
     report.py      the paper-style table, curves, moderation tables and figures
 """
 
-from stitchkit.patches.dataset import Patch, SourceImage, Templates, build_patch_dataset, cut_patches, load_patch_dataset, read_names
-from stitchkit.patches.evaluate import EvalItem, gold_probability, random_baseline, rank_of, score_items, summarize
-from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter, Verdict
-from stitchkit.patches.ids import check_first_tokens, first_token_clashes, first_tokens, generate_ids
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.patches.dataset import Patch, SourceImage, Templates, build_patch_dataset, cut_patches, load_patch_dataset, read_names
+    from stitchkit.patches.evaluate import EvalItem, gold_probability, random_baseline, rank_of, score_items, summarize
+    from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter, Verdict
+    from stitchkit.patches.ids import check_first_tokens, first_token_clashes, first_tokens, generate_ids
 
 __all__ = [
     "EvalItem",
@@ -39,3 +44,21 @@ __all__ = [
     "score_items",
     "summarize",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "dataset": [
+            "Patch",
+            "SourceImage",
+            "Templates",
+            "build_patch_dataset",
+            "cut_patches",
+            "load_patch_dataset",
+            "read_names",
+        ],
+        "evaluate": ["EvalItem", "gold_probability", "random_baseline", "rank_of", "score_items", "summarize"],
+        "filters": ["HFClassifierFilter", "MarkerFilter", "ModerationFilter", "Verdict"],
+        "ids": ["check_first_tokens", "first_token_clashes", "first_tokens", "generate_ids"],
+    },
+)

@@ -21,7 +21,8 @@ import numpy as np
 from stitchkit.patches.config import ImageSet, PatchesConfig
 from stitchkit.patches.dataset import build_patch_dataset, load_patch_dataset, read_names
 from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
-from stitchkit.patches.models import load_tokenizer, model_loader, resolve_model, torch_threads
+from stitchkit.engine.devices import torch_threads
+from stitchkit.patches.models import load_tokenizer, model_loader, resolve_model
 from stitchkit.patches.shapes import render_shapes_set
 from stitchkit.patches.train import PatchSample, finetune_with_curve
 from stitchkit.runs import RunDir, atomic_write_json

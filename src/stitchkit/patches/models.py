@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -60,15 +59,3 @@ def _set_pixel_bounds(vlm: VLM, min_pixels: int | None, max_pixels: int | None) 
     image_processor.size = size
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Use n CPU threads inside the block (None: leave torch's setting alone)."""
-    if n is None or torch.cuda.is_available():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine.devices import pick_device
 from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.stitching.cache import (
@@ -71,14 +72,6 @@ def resolve_model(spec: str, image_size: int | None = None, device: torch.device
     from stitchkit.backbones import load_backbone
 
     return load_backbone(spec, **kwargs)
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def train_config(optim: OptimConfig, examples: int, seed: int) -> TrainConfig:

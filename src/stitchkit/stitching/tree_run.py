@@ -28,7 +28,8 @@ from stitchkit.stitching.data import load_task_data
 from stitchkit.stitching.layers import build_stitch
 from stitchkit.stitching.model import StitchedModel, check_point
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
-from stitchkit.stitching.protocol import pick_device, resolve_model, task_score, train_config
+from stitchkit.engine.devices import pick_device
+from stitchkit.stitching.protocol import resolve_model, task_score, train_config
 from stitchkit.stitching.tree import (
     StitchTree,
     block_flops,

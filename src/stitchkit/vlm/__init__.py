@@ -12,21 +12,26 @@
     loading.py    load_vlm, and processors without torchvision
 """
 
-from stitchkit.vlm.attention import (
-    AttentionPolicy,
-    VisionLayout,
-    attention_core_flops,
-    causal_pairs,
-    install_attention,
-    layout_pairs,
-    masked_pairs,
-    parse_layer_spec,
-    uninstall_attention,
-)
-from stitchkit.vlm.loading import build_processor, load_processor, load_vlm
-from stitchkit.vlm.model import IMAGE_MARKER, CandidateScore, VLM, VLMBatch
-from stitchkit.vlm.pooling import POOL_FACTORS, average_pool_tokens, pooled_length
-from stitchkit.vlm.spans import ImageSpan, block_ids, find_image_spans
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.vlm.attention import (
+        AttentionPolicy,
+        VisionLayout,
+        attention_core_flops,
+        causal_pairs,
+        install_attention,
+        layout_pairs,
+        masked_pairs,
+        parse_layer_spec,
+        uninstall_attention,
+    )
+    from stitchkit.vlm.loading import build_processor, load_processor, load_vlm
+    from stitchkit.vlm.model import IMAGE_MARKER, CandidateScore, VLM, VLMBatch
+    from stitchkit.vlm.pooling import POOL_FACTORS, average_pool_tokens, pooled_length
+    from stitchkit.vlm.spans import ImageSpan, block_ids, find_image_spans
 
 __all__ = [
     "IMAGE_MARKER",
@@ -52,3 +57,24 @@ __all__ = [
     "pooled_length",
     "uninstall_attention",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "attention": [
+            "AttentionPolicy",
+            "VisionLayout",
+            "attention_core_flops",
+            "causal_pairs",
+            "install_attention",
+            "layout_pairs",
+            "masked_pairs",
+            "parse_layer_spec",
+            "uninstall_attention",
+        ],
+        "loading": ["build_processor", "load_processor", "load_vlm"],
+        "model": ["IMAGE_MARKER", "CandidateScore", "VLM", "VLMBatch"],
+        "pooling": ["POOL_FACTORS", "average_pool_tokens", "pooled_length"],
+        "spans": ["ImageSpan", "block_ids", "find_image_spans"],
+    },
+)

@@ -25,7 +25,6 @@ baseline (`micro_vlm.json`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -43,6 +42,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from stitchkit.config import Config, load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine.devices import torch_threads
 from stitchkit.errors import ConfigError
 from stitchkit.paths import CONFIGS, stitchkit_home
 from stitchkit.runs import atomic_write_json, atomic_write_text, library_versions
@@ -51,7 +51,7 @@ from stitchkit.vlm.loading import build_processor, load_vlm
 from stitchkit.vlm.model import VLM
 from stitchkit.vlm.tokenizer import CHAT_SPECIAL_TOKENS, chat_template, word_tokenizer
 from stitchkit.world import ONTOLOGY, WorldConfig, caption, render_scene, sample_scene
-from stitchkit.world.caption import NUMBER_WORDS
+from stitchkit.world.captions import NUMBER_WORDS
 from stitchkit.world.scene import Scene, sample_object
 
 RECIPE_FILE = CONFIGS / "zoo" / "micro_vlm.yaml"
@@ -293,19 +293,6 @@ def counting_accuracy(vlm: VLM, samples: list[Sample], batch_size: int = 32) -> 
 # ---- build ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int):
-    """Run CPU work of these tiny matrices on n threads: on a busy machine, OpenMP threads of small ops spin
-    waiting for each other (measured here: 10 s per step with 2 threads, 0.7 s with 1)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def micro_root() -> Path:
@@ -339,7 +326,7 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     model.requires_grad_(True)
     model.model.vision_tower.requires_grad_(recipe.train_vision)
     model.train()
-    with _cpu_threads(1):
+    with torch_threads(1):
         started = time.perf_counter()
         result = train(model, vlm_loss, samples, recipe.train, folder / "train", collate_fn=collate_for(vlm), description="micro VLM")
         train_seconds = time.perf_counter() - started

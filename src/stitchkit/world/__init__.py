@@ -3,17 +3,22 @@
     ontology.py  categories in supercategories, named colours, sizes, positions (ONTOLOGY)
     scene.py     WorldConfig and the scene sampler (objects, geometry, occlusion control)
     render.py    outlines, backgrounds, rasteriser with exact instance masks and semantic maps
-    caption.py   "two red stars and a blue circle"
+    captions.py  "two red stars and a blue circle"
     coco.py      COCO-format export (PNG files + annotations.json with RLE masks)
     sets.py      in-memory numpy classification and segmentation sets
 """
 
-from stitchkit.world.caption import caption
-from stitchkit.world.coco import mask_to_rle, render_coco, rle_to_mask
-from stitchkit.world.ontology import ONTOLOGY, Category, Colour, Ontology, position_name
-from stitchkit.world.render import RenderedScene, render_scene
-from stitchkit.world.scene import Scene, SceneObject, WorldConfig, sample_object, sample_scene
-from stitchkit.world.sets import ClassificationSet, SegmentationSet, classification_set, segmentation_set
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.world.captions import caption
+    from stitchkit.world.coco import mask_to_rle, render_coco, rle_to_mask
+    from stitchkit.world.ontology import ONTOLOGY, Category, Colour, Ontology, position_name
+    from stitchkit.world.render import RenderedScene, render_scene
+    from stitchkit.world.scene import Scene, SceneObject, WorldConfig, sample_object, sample_scene
+    from stitchkit.world.sets import ClassificationSet, SegmentationSet, classification_set, segmentation_set
 
 __all__ = [
     "ONTOLOGY",
@@ -37,3 +42,15 @@ __all__ = [
     "sample_scene",
     "segmentation_set",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "captions": ["caption"],
+        "coco": ["mask_to_rle", "render_coco", "rle_to_mask"],
+        "ontology": ["ONTOLOGY", "Category", "Colour", "Ontology", "position_name"],
+        "render": ["RenderedScene", "render_scene"],
+        "scene": ["Scene", "SceneObject", "WorldConfig", "sample_object", "sample_scene"],
+        "sets": ["ClassificationSet", "SegmentationSet", "classification_set", "segmentation_set"],
+    },
+)

@@ -19,7 +19,7 @@ import stitchkit
 from stitchkit.errors import InputError
 from stitchkit.progress import track
 from stitchkit.runs import atomic_path, atomic_write_text
-from stitchkit.world.caption import caption
+from stitchkit.world.captions import caption
 from stitchkit.world.ontology import ONTOLOGY
 from stitchkit.world.render import RenderedScene, check_render_args, render_scene
 from stitchkit.world.scene import WorldConfig, sample_scene

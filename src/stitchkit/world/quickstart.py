@@ -7,7 +7,7 @@ import numpy as np
 from stitchkit.data import load_coco
 from stitchkit.report import image_grid, markdown_table
 from stitchkit.runs import RunDir
-from stitchkit.world.caption import caption
+from stitchkit.world.captions import caption
 from stitchkit.world.coco import render_coco
 from stitchkit.world.ontology import ONTOLOGY
 from stitchkit.world.render import render_scene

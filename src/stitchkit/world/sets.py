@@ -14,7 +14,7 @@ import numpy as np
 from stitchkit.config import validate_config
 from stitchkit.errors import ConfigError
 from stitchkit.progress import track
-from stitchkit.world.caption import caption
+from stitchkit.world.captions import caption
 from stitchkit.world.ontology import ONTOLOGY
 from stitchkit.world.render import check_render_args, paint, render_scene
 from stitchkit.world.scene import Scene, WorldConfig, sample_object, sample_scene

@@ -11,12 +11,17 @@ the objectives of the real foundation-model zoo (supervised ViT, CLIP, SigLIP, D
     text.py        the word-level caption tokenizer of the image-text recipes
     models.py      the four trainable modules (forward -> loss) and what each saves
     probe.py       linear probe (closed-form ridge) on a backbone's own pooled output
-    build.py       build / zoo_path / load_zoo_backbone: train through stitchkit.engine, save, probe, cache
+    builder.py     build / zoo_path / load_zoo_backbone: train through stitchkit.engine, save, probe, cache
 """
 
-from stitchkit.zoo.build import build, load_zoo_backbone, zoo_info, zoo_path, zoo_root
-from stitchkit.zoo.probe import linear_probe, ridge_probe_accuracy
-from stitchkit.zoo.recipes import ZooRecipe, list_recipes, load_recipe, recipe_hash
+from typing import TYPE_CHECKING
+
+from stitchkit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
+    from stitchkit.zoo.builder import build, load_zoo_backbone, zoo_info, zoo_path, zoo_root
+    from stitchkit.zoo.probe import linear_probe, ridge_probe_accuracy
+    from stitchkit.zoo.recipes import ZooRecipe, list_recipes, load_recipe, recipe_hash
 
 __all__ = [
     "ZooRecipe",
@@ -31,3 +36,12 @@ __all__ = [
     "zoo_path",
     "zoo_root",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "builder": ["build", "load_zoo_backbone", "zoo_info", "zoo_path", "zoo_root"],
+        "probe": ["linear_probe", "ridge_probe_accuracy"],
+        "recipes": ["ZooRecipe", "list_recipes", "load_recipe", "recipe_hash"],
+    },
+)

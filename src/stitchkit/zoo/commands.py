@@ -14,7 +14,7 @@ def list_command() -> None:
     from rich.table import Table
 
     from stitchkit.zoo import list_recipes, load_recipe, zoo_root
-    from stitchkit.zoo.build import summary_row
+    from stitchkit.zoo.builder import summary_row
 
     rows = [summary_row(load_recipe(name)) for name in list_recipes()]
     table = Table(title=f"micro zoo in {zoo_root()}", caption="probe: linear probe on held-out images (% correct)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stitchkit.report import markdown_table
 from stitchkit.runs import RunDir, atomic_write_json
-from stitchkit.zoo.build import build, summary_row, zoo_info
+from stitchkit.zoo.builder import build, summary_row, zoo_info
 from stitchkit.zoo.recipes import list_recipes, load_recipe
 
 
