@@ -267,6 +267,26 @@ def test_eval_fn_is_logged_and_does_not_disturb_training():
     assert with_eval.metrics[0]["loss"] == pytest.approx(np.mean(plain.losses[:2]))
 
 
+def test_stop_fn_ends_training_early_and_a_rerun_loads_it(tmp_path):
+    """An early stop at an evaluation: the run ends there, its weights equal an uninterrupted run's weights at
+    that step, and a re-run finds it finished instead of training on."""
+    data = tiny.make_dataset()
+    cfg = TrainConfig(steps=20, batch_size=8, schedule="constant", warmup_steps=2, checkpoint_every=100, log_every=2)
+    stop_at = lambda metrics: metrics["step_seen"] >= 6  # noqa: E731
+    eval_fn = lambda model, step: {"step_seen": step}  # noqa: E731
+    stopped = train(tiny.build_model(), tiny.loss_fn, data, cfg, tmp_path / "a", eval_fn=eval_fn, eval_every=3, stop_fn=stop_at)
+    assert stopped.steps == 6 and len(stopped.losses) == 6
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["steps"] == 6
+    short = train(tiny.build_model(), tiny.loss_fn, data, cfg.model_copy(update={"steps": 6}), None)
+    assert stopped.losses == short.losses  # constant schedule: the first 6 steps do not depend on `steps`
+    assert_same_weights(stopped.model.state_dict(), short.model.state_dict())
+    again = train(tiny.build_model(), tiny.loss_fn, data, cfg, tmp_path / "a", eval_fn=eval_fn, eval_every=3, stop_fn=stop_at)
+    assert again.steps == 6 and again.resumed_from == 6
+    assert_same_weights(again.model.state_dict(), short.model.state_dict())
+    lrs = [r["lr"] for r in stopped.metrics if "lr" in r]
+    assert lrs[-1] == cfg.lr  # warmup done, then constant
+
+
 def test_user_errors_are_one_clear_message(tmp_path, monkeypatch):
     data = tiny.make_dataset()
     with pytest.raises(ConfigError, match="divisible by processes"):

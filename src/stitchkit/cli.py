@@ -48,6 +48,7 @@ def quickstart(
 
 
 def _add_subapps() -> None:
+    from stitchkit.binding.commands import app as binding_app
     from stitchkit.world.commands import app as world_app
     from stitchkit.multiimage.commands import app as mimic_app
     from stitchkit.patches.commands import app as patches_app
@@ -59,6 +60,7 @@ def _add_subapps() -> None:
     app.add_typer(stitch_app, name="stitch", help="Model stitching of vision foundation models.")
     app.add_typer(mimic_app, name="mimic", help="MIMIC: the controlled multi-image benchmark.")
     app.add_typer(patches_app, name="patches", help="Visual stitching: scattered training patches.")
+    app.add_typer(binding_app, name="binding", help="Binding shortcuts: indirect retrieval, curricula, mechanisms.")
 
 
 _add_subapps()

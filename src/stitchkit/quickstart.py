@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "stitch": "stitchkit.stitching.quickstart:quickstart",
     "mimic": "stitchkit.multiimage.quickstart:quickstart",
     "patches": "stitchkit.patches.quickstart:quickstart",
+    "binding": "stitchkit.binding.quickstart:quickstart",
 }
 
 

@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    broadcast_object_list,
     gather_object,
     is_tensorboard_available,
     parse_flag_from_env,
@@ -45,7 +46,7 @@ from accelerate.utils import (
 )
 from torch import nn
 from torch.utils.data import default_collate
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from stitchkit.config import Config
 from stitchkit.engine.checkpoint import (
@@ -70,10 +71,13 @@ NOT_AFFECTING_RESULT = ("checkpoint_every", "log_every")
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
+StopFn = Callable[[dict[str, float]], bool]
 
 
 class TrainConfig(Config):
-    """How `train` optimises: AdamW (decoupled weight decay) with linear warmup then cosine decay to 0."""
+    """How `train` optimises: AdamW (decoupled weight decay) with linear warmup, then cosine decay to 0
+    (`schedule: cosine`) or a constant learning rate (`schedule: constant`, for open-ended trainings that
+    stop on an evaluation criterion)."""
 
     steps: int = pydantic.Field(ge=1)  # optimizer steps
     # The global batch of one optimizer step, over all processes and micro-batches.
@@ -81,6 +85,7 @@ class TrainConfig(Config):
     lr: float = pydantic.Field(1e-3, gt=0)
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     grad_accum: int = pydantic.Field(1, ge=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
     checkpoint_every: int = pydantic.Field(200, ge=1)  # steps; a checkpoint is also written at the end
@@ -111,6 +116,7 @@ def train(
     description: str = "train",
     eval_fn: EvalFn | None = None,
     eval_every: int | None = None,
+    stop_fn: StopFn | None = None,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad with AdamW and a warmup + cosine schedule.
 
@@ -120,6 +126,9 @@ def train(
     dataset: anything with __len__ and __getitem__; `collate_fn` (default: torch's default_collate)
     makes a batch from a list of samples. eval_fn(model, step) runs on the main process in eval mode
     without gradients, every `eval_every` steps and at the end; it cannot disturb the training RNG.
+    stop_fn(eval metrics) -> True ends the training early at that evaluation (a checkpoint is written there,
+    and TrainResult.steps says where it stopped); the stop depends only on evaluations, so a resumed run
+    stops at the same step.
     out_dir=None trains in memory: no files, no resume. `model` is trained in place and left on the
     training device with its modules' train/eval modes as the caller had them.
     """
@@ -183,13 +192,17 @@ def train(
         project_dir=out_dir,
     )
     optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    if cfg.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
     # `prepared` is `model` itself in one process and its DDP wrapper in several; either way the
     # parameters are those of `model`, so we read and save `model` directly.
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # log_window: [loss, *extras] of the steps since the last log record, averaged into the next one.
     start_step, losses, log_window, metrics, resumed_from = 0, [], [], [], None
+    stopped_at = None
     if out_dir is not None:
         if accelerator.is_main_process:
             finish_interrupted_swap(out_dir)
@@ -200,6 +213,8 @@ def train(
             saved = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index)
             start_step = resumed_from = saved["step"]
             losses, log_window = saved["losses"], saved["log_window"]
+            if saved.get("stopped"):  # killed between the early stop's checkpoint and done.json
+                stopped_at = start_step
         if accelerator.is_main_process:
             metrics = _truncate_metrics(out_dir / METRICS, start_step)
     if use_tensorboard:
@@ -211,7 +226,8 @@ def train(
         bar = progress.add_task(description, total=cfg.steps, completed=start_step, status="")
         pending: list[torch.Tensor] = []  # reduced [loss, *extras] per step, not yet turned into floats
         metric_names: list[str] = []
-        for step in range(start_step, cfg.steps):
+        final_step = stopped_at or cfg.steps
+        for step in range(start_step, final_step):
             lr = scheduler.get_last_lr()[0]
             values: torch.Tensor | float = 0.0  # [loss, *extras], mean over this process's micro-batches
             for i, batch in enumerate(micro_batches(step)):
@@ -235,6 +251,8 @@ def train(
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             eval_due = done == cfg.steps or (eval_every is not None and done % eval_every == 0)
             eval_now = eval_fn is not None and eval_due
+            # Every process evaluates the stop rule on the main process's metrics (broadcast below).
+            stop_now = False
             checkpoint_now = out_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
             if not (log_now or eval_now or checkpoint_now):
                 continue
@@ -252,7 +270,12 @@ def train(
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
             if eval_now and accelerator.is_main_process:
-                record.update(_evaluate(eval_fn, model, done))
+                evaluation = _evaluate(eval_fn, model, done)
+                record.update(evaluation)
+                stop_now = stop_fn is not None and done < cfg.steps and bool(stop_fn(evaluation))
+            if eval_now and stop_fn is not None:
+                stop_now = broadcast_object_list([stop_now])[0]
+                checkpoint_now = checkpoint_now or (stop_now and out_dir is not None)
             if len(record) > 1 and accelerator.is_main_process:
                 metrics.append(record)
                 if out_dir is not None:
@@ -265,14 +288,19 @@ def train(
                     "samples_seen": done * cfg.batch_size,
                     "losses": losses,
                     "log_window": log_window,
+                    "stopped": stop_now,
                     "config": cfg.model_dump(mode="json"),
                 }
                 save_checkpoint(out_dir, accelerator, model, optimizer, scheduler, checkpoint_state)
             if log_now:
                 progress.update(bar, status=f"loss {record['loss']:.4f}")
+            if stop_now:
+                final_step = done
+                progress.update(bar, total=done)
+                break
 
     if out_dir is not None and accelerator.is_main_process:
-        atomic_write_json(out_dir / DONE, {"steps": cfg.steps, "losses": losses, "config": cfg.model_dump(mode="json")})
+        atomic_write_json(out_dir / DONE, {"steps": final_step, "losses": losses, "config": cfg.model_dump(mode="json")})
     wait_for_everyone(accelerator)
     # Not accelerator.end_training(): it also destroys the process group, which a later training in
     # this process still needs.
@@ -280,7 +308,7 @@ def train(
         tracker.finish()
     for module, training in caller_modes.items():
         module.training = training
-    return TrainResult(model=model, steps=cfg.steps, losses=losses, metrics=metrics, resumed_from=resumed_from)
+    return TrainResult(model=model, steps=final_step, losses=losses, metrics=metrics, resumed_from=resumed_from)
 
 
 def _micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -347,7 +375,9 @@ def _evaluate(eval_fn: EvalFn, model: nn.Module, step: int) -> dict[str, float]:
 
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, out_dir: Path) -> None:
     current = cfg.model_dump(mode="json")
-    changed = [k for k in current if k not in NOT_AFFECTING_RESULT and saved.get(k) != current[k]]
+    # A field added to TrainConfig after the training was saved counts as its default.
+    saved = {k: saved.get(k, TrainConfig.model_fields[k].default) for k in current}
+    changed = [k for k in current if k not in NOT_AFFECTING_RESULT and saved[k] != current[k]]
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(

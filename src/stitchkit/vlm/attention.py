@@ -14,6 +14,10 @@ Vision tokens see only earlier tokens of their own image (causal inside the bloc
 text tokens keep full causal attention; tokens generated while decoding are text; rows with fewer than
 two images are not masked. Position ids are unchanged.
 
+Attention knockouts (binding.md §7.3). A forward call with `attention_knockout=AttentionKnockout(...)` blocks
+the chosen (query, key) pairs in the chosen layers, on all heads: their pre-softmax logits become -inf, i.e. the
+base mask loses those pairs. Other layers run the base attention unchanged.
+
 Kernels for a masked layer:
     fast        every image block as one batched causal SDPA call (blocks of equal length are stacked;
                 one call per distinct length), plus one SDPA call for all text queries over all keys.
@@ -207,6 +211,14 @@ class VisionLayout:
 # ---- the registered attention function ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AttentionKnockout:
+    """Blocked attention edges: in `layers`, query p may not attend to key k where blocked[b, p, k]."""
+
+    layers: frozenset[int]
+    blocked: torch.Tensor  # (B, S, S) bool
+
+
 def base_attention(base: str, module: torch.nn.Module) -> Callable:
     if base == "sdpa":
         return sdpa_attention_forward
@@ -214,10 +226,23 @@ def base_attention(base: str, module: torch.nn.Module) -> Callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def policy_attention(module, query, key, value, attention_mask, *, base: str, vision_layout: VisionLayout | None = None, **kwargs):
-    """The attention of one layer: the base attention, or the layout's policy if this layer is masked."""
+def policy_attention(
+    module, query, key, value, attention_mask, *, base: str, vision_layout: VisionLayout | None = None,
+    attention_knockout: AttentionKnockout | None = None, **kwargs,
+):  # fmt: skip
+    """The attention of one layer: the base attention, or the layout's policy if this layer is masked, or the
+    base mask minus the knocked-out edges if this layer is knocked out."""
     layout = vision_layout
     run_base = partial(base_attention(base, module), module)
+    if attention_knockout is not None and module.layer_idx in attention_knockout.layers:
+        if layout is not None:
+            raise IncompatibleError("attention knockouts and image masking cannot be combined in one forward")
+        q_len, kv_len = query.shape[2], key.shape[2]
+        blocked = attention_knockout.blocked[:, None, kv_len - q_len : kv_len, :kv_len].to(query.device)
+        allowed = allowed_pairs(attention_mask, q_len, kv_len, query.device) & ~blocked
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+        return _sdpa(query, key, value, allowed, scaling, dropout).transpose(1, 2).contiguous(), None
     if layout is None or (module.layer_idx not in layout.masked_layers and layout.probe is None):
         return run_base(query, key, value, attention_mask, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]

@@ -41,7 +41,7 @@ def _normalise(outer: np.ndarray, holes: list[np.ndarray] | None = None) -> tupl
     return (outer - centre) / radius, [(h - centre) / radius for h in holes]
 
 
-def _regular(n: int, start_deg: float = -90.0, radius: float = 1.0) -> np.ndarray:
+def regular_outline(n: int, start_deg: float = -90.0, radius: float = 1.0) -> np.ndarray:
     t = np.deg2rad(start_deg) + 2 * np.pi * np.arange(n) / n
     return radius * np.stack([np.cos(t), np.sin(t)], 1)
 
@@ -51,9 +51,9 @@ def _arc(t0: float, t1: float, n: int, rx: float = 1.0, ry: float = 1.0) -> np.n
     return np.stack([rx * np.cos(t), ry * np.sin(t)], 1)
 
 
-def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
+def star_outline(points: int = 5, inner: float = 0.45, start_deg: float = -90.0) -> np.ndarray:
     radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
-    t = np.deg2rad(-90.0) + np.pi * np.arange(2 * points) / points
+    t = np.deg2rad(start_deg) + np.pi * np.arange(2 * points) / points
     return np.stack([radii * np.cos(t), radii * np.sin(t)], 1)
 
 
@@ -68,16 +68,16 @@ _CIRCLE_VERTICES = 64
 # Unit outlines in image orientation (x right, y down), each inside the unit circle: (outer, holes).
 # The diamond and ellipse are elongated so that no rotation turns them into a square or a circle.
 OUTLINES: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {
-    "triangle": _normalise(_regular(3)),
-    "square": _normalise(_regular(4, start_deg=45.0)),
-    "pentagon": _normalise(_regular(5)),
-    "hexagon": _normalise(_regular(6)),
+    "triangle": _normalise(regular_outline(3)),
+    "square": _normalise(regular_outline(4, start_deg=45.0)),
+    "pentagon": _normalise(regular_outline(5)),
+    "hexagon": _normalise(regular_outline(6)),
     "diamond": _normalise(np.array([[0, -1], [0.6, 0], [0, 1], [-0.6, 0]], dtype=float)),
-    "circle": _normalise(_regular(_CIRCLE_VERTICES)),
+    "circle": _normalise(regular_outline(_CIRCLE_VERTICES)),
     "ellipse": _normalise(_arc(0, 2 * np.pi, _CIRCLE_VERTICES, ry=0.55)[:-1]),
-    "ring": _normalise(_regular(_CIRCLE_VERTICES), [_regular(_CIRCLE_VERTICES, radius=0.55)]),
+    "ring": _normalise(regular_outline(_CIRCLE_VERTICES), [regular_outline(_CIRCLE_VERTICES, radius=0.55)]),
     "semicircle": _normalise(_arc(np.pi, 2 * np.pi, _CIRCLE_VERTICES // 2 + 1)),
-    "star": _normalise(_star()),
+    "star": _normalise(star_outline()),
     "cross": _normalise(
         np.array(
             [[-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3], [1, 0.3], [0.3, 0.3],

@@ -1,0 +1,56 @@
+"""`stitchkit binding analyze --model M --out DIR`: the mechanistic analysis of one model, ours or pretrained.
+
+For a pretrained LLM or VLM (binding.md §8) the prompts are natural language (subjects.WordSubject) and the
+interventions and probes run as on our model; knockouts need the token format's positions and run on our
+models only. The peak layer (argmax of positional + symbolic share) is reported for comparing an LLM with its VLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from stitchkit.binding.interventions import peak_layer, run_interventions
+from stitchkit.binding.probes import run_probes
+from stitchkit.binding.subjects import TokenSubject, load_subject
+from stitchkit.engine.devices import pick_device
+from stitchkit.errors import ConfigError
+from stitchkit.report import markdown_table
+from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
+
+
+def analyze_subject(
+    spec: str, out: str | os.PathLike, ns: list[int], pairs: int, probe_examples: int, knockouts: bool, seed: int,
+    device: str = "auto", command: str | None = None,
+) -> Path:  # fmt: skip
+    from stitchkit.binding.knockouts import run_knockouts
+    from stitchkit.binding.report import analysis_figures
+
+    if any(n < 4 for n in ns):
+        raise ConfigError(f"--n: interchange interventions need N >= 4, got {ns}")
+    subject = load_subject(spec, str(pick_device(device)))
+    too_big = [n for n in ns if n > subject.vocab.max_objects]
+    if too_big:
+        raise ConfigError(f"--n {too_big}: this model's prompt vocabulary allows at most {subject.vocab.max_objects} objects")
+    run = RunDir(out, config={"model": spec, "n": ns, "pairs": pairs, "probe_examples": probe_examples, "seed": seed}, command=command)
+    result: dict[str, Any] = {"model": spec, "layers": subject.layers, "interventions": {}, "probes": {}, "knockouts": None}
+    for n in ns:
+        inter = run_interventions(subject, n, pairs, seed)
+        inter["peak_layer"] = peak_layer(inter["layers"][1:-1])
+        result["interventions"][str(n)] = inter
+        result["probes"][str(n)] = run_probes(subject, n, probe_examples, seed)
+    if knockouts and isinstance(subject, TokenSubject):
+        result["knockouts"] = run_knockouts(subject.model, ns[0], probe_examples, seed)
+    atomic_write_json(run.path("analysis.json"), result)
+    rows = []
+    for n, inter in result["interventions"].items():
+        peak = inter["layers"][inter["peak_layer"]]
+        rows.append({"N": n, "pairs": inter["pairs"], "peak layer": inter["peak_layer"], "positional %": 100 * peak["positional"],
+                     "symbolic %": 100 * peak["symbolic"], "R at peak": peak["ratio"],
+                     "binding signature": "yes" if result["probes"][n]["signature"]["present"] else "no"})  # fmt: skip
+    figures = analysis_figures(result, run.root / "figures", run.root)
+    text = f"# Binding analysis of `{spec}`\n\n{markdown_table(rows, digits=2)}\n\n" + "".join(f"![{f.stem}]({f.relative_to(run.root)})\n\n" for f in figures)
+    atomic_write_text(run.path("report.md"), text)
+    run.finish("analysis")
+    return run.path("report.md")

@@ -1,0 +1,48 @@
+"""`stitchkit binding ...` verbs: run a curriculum experiment; analyse a trained model or a pretrained LM / VLM."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _command_line() -> str:
+    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment config (configs/binding/*.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (results.json, report.md, figures/, train/...)."),
+) -> None:
+    """Train every branch's curriculum, evaluate each stage per context size, analyse the final models."""
+    from stitchkit.binding.config import BindingConfig
+    from stitchkit.binding.experiment import run_binding
+    from stitchkit.config import load_config
+
+    report = run_binding(load_config(BindingConfig, config), out, command=_command_line())
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option(..., "--model", help="A model folder from `binding run` (train/.../model), or a hub id / folder of a causal LM or VLM."),
+    out: Path = typer.Option(..., "--out", help="Folder for analysis.json, report.md and figures/."),
+    n: list[int] = typer.Option([8], "--n", help="Context sizes (>= 4; repeatable). Pretrained models: the paper's 20 fits few tokenizers' single-token word lists, see docs."),
+    pairs: int = typer.Option(1000, "--pairs", help="Counterfactual pairs per N (kept if the model is right on both)."),
+    probe_examples: int = typer.Option(1000, "--probe-examples"),
+    knockouts: bool = typer.Option(True, "--knockouts/--no-knockouts", help="Attention knockouts (our token models only)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Interchange interventions per layer, probes (binding signature) and knockouts of one model."""
+    from stitchkit.binding.analyze import analyze_subject
+
+    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command=_command_line())
+    typer.echo(f"report: {report}")

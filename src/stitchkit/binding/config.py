@@ -1,0 +1,163 @@
+"""The config of `stitchkit binding run` (configs/binding/*.yaml): task, model, images, stages, branches, analysis.
+
+Stages are defined once and branches list the stages they run in order; branches that start with the same
+stages share those trainings (S1 is trained once for every branch of a seed). Defaults are the reference's
+(binding.md §10); configs/binding/paper.yaml spells the paper scale out, configs/binding/quickstart.yaml is the
+reduced CPU run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import pydantic
+
+from stitchkit.binding.model import ModelSettings
+from stitchkit.binding.task import Vocabulary
+from stitchkit.config import Config
+
+
+class VocabSettings(Config):
+    colours: int = pydantic.Field(216, ge=1)
+    shapes: int = pydantic.Field(216, ge=1)
+    items: int = pydantic.Field(32, ge=1)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.colours, self.shapes, self.items)
+
+
+class ImageSettings(Config):
+    """The image version of the context (§3): rendered glyphs, a frozen encoder, a bank of encoded contexts."""
+
+    encoder: str = pydantic.Field("zoo:supervised", description="hub id, local folder, or zoo:NAME (frozen)")
+    glyphs: Literal["world", "parametric"] = pydantic.Field("world", description="world: the shapes world's 10 colours x 13 shapes")
+    cells: int = pydantic.Field(4, ge=1, description="placement grid: objects take distinct random cells")
+    fill: float = pydantic.Field(0.8, gt=0, le=1, description="object diameter as a fraction of the cell side")
+    pool: int = pydantic.Field(4096, ge=1, description="training contexts rendered and encoded once")
+    eval_pool: int = pydantic.Field(1024, ge=1, description="held-out contexts for image-modality accuracy")
+    gate_images: int = pydantic.Field(8, ge=1, description="single-object images per colour x shape for the separability gate")
+
+
+class NoiseSettings(Config):
+    """Unattendable noise tokens (§5), as gaps in position ids. span: K ~ U{0..span - 2N}; None = image tokens."""
+
+    span: Optional[int] = pydantic.Field(None, ge=1)
+    between_pairs_only: bool = False
+
+
+class OptimSettings(Config):
+    lr: float = pydantic.Field(1e-4, gt=0)
+    batch_size: int = pydantic.Field(256, ge=1)
+    warmup_steps: int = pydantic.Field(1000, ge=0)
+    weight_decay: float = pydantic.Field(0.01, ge=0)
+    max_grad_norm: Optional[float] = pydantic.Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    checkpoint_every: int = pydantic.Field(1000, ge=1)
+
+
+class Stage(Config):
+    """One training stage. image_fraction 0 = text, 1 = images, between = a mix (S3: 0.2)."""
+
+    image_fraction: float = pydantic.Field(0.0, ge=0, le=1)
+    noise: bool = pydantic.Field(False, description="noise gaps in the text examples")
+    grounding: float = pydantic.Field(0.0, ge=0, le=1, description="share of image examples that are grounding questions")
+    steps: int = pydantic.Field(ge=1, description="steps, or the cap when until_id_accuracy is set")
+    until_id_accuracy: Optional[float] = pydantic.Field(None, gt=0, le=1, description="stop once text ID accuracy reaches this")
+    eval_every: int = pydantic.Field(500, ge=1, description="how often the stop rule is checked")
+    stop_examples: int = pydantic.Field(500, ge=1, description="held-out text examples per N for the stop rule")
+
+
+def _default_stages() -> dict[str, Stage]:
+    return {
+        "S1": Stage(steps=200_000, until_id_accuracy=0.995),
+        "SN": Stage(steps=50_000, noise=True),
+        "S2": Stage(steps=50_000, image_fraction=1.0, grounding=0.25),
+        "S3": Stage(steps=50_000, image_fraction=0.2),
+        "S3N": Stage(steps=50_000, image_fraction=0.2, noise=True),
+    }
+
+
+def _default_branches() -> dict[str, list[str]]:
+    return {
+        "text-only": ["S1"],
+        "noise-text": ["S1", "SN"],
+        "image-text": ["S1", "S2", "S3"],
+        "noise-image-text": ["S1", "SN", "S2", "S3N"],
+    }
+
+
+class EvalSettings(Config):
+    max_objects: int = pydantic.Field(16, ge=1, description="evaluate N = 1..max_objects (OOD = above the trained range)")
+    ood_headline: Optional[int] = pydantic.Field(
+        None, ge=1, description="the OOD average covers N up to this (the paper's 9..16); larger N are averaged apart"
+    )
+    per_n: int = pydantic.Field(2000, ge=1)
+    batch_size: int = pydantic.Field(256, ge=1)
+
+
+class AnalysisSettings(Config):
+    """Mechanistic analysis of every branch's final model (§7)."""
+
+    enabled: bool = True
+    n: list[int] = pydantic.Field(default_factory=lambda: [8], min_length=1, description="context sizes (>= 4)")
+    pairs: int = pydantic.Field(1000, ge=1)
+    probe_examples: int = pydantic.Field(3000, ge=10)
+    knockout_examples: int = pydantic.Field(1000, ge=1)
+    knockout_window: int = pydantic.Field(3, ge=1)
+
+    @pydantic.field_validator("n")
+    @classmethod
+    def _at_least_four(cls, ns: list[int]) -> list[int]:
+        if any(n < 4 for n in ns):
+            raise ValueError(f"interchange interventions need N >= 4, got {ns}")
+        return ns
+
+
+class BindingConfig(Config):
+    name: str = "binding"
+    description: str = ""
+    seeds: list[int] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    vocab: VocabSettings = VocabSettings()
+    train_objects: tuple[int, int] = pydantic.Field((1, 8), description="N ~ U{lo..hi} in training (the ID range)")
+    model: ModelSettings = ModelSettings()
+    images: ImageSettings = ImageSettings()
+    encoders: Optional[dict[str, str]] = pydantic.Field(
+        None, description="name -> encoder; image branches run once per encoder (default: images.encoder alone)"
+    )
+    noise: NoiseSettings = NoiseSettings()
+    optim: OptimSettings = OptimSettings()
+    stages: dict[str, Stage] = pydantic.Field(default_factory=_default_stages)
+    branches: dict[str, list[str]] = pydantic.Field(default_factory=_default_branches, min_length=1)
+    eval: EvalSettings = EvalSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: Optional[int] = pydantic.Field(None, ge=1)
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> "BindingConfig":
+        lo, hi = self.train_objects
+        if not 1 <= lo <= hi:
+            raise ValueError(f"train_objects must be 1 <= lo <= hi, got {self.train_objects}")
+        limit = self.vocab.vocabulary.max_objects
+        if max(hi, self.eval.max_objects) > limit:
+            raise ValueError(f"contexts of up to {max(hi, self.eval.max_objects)} objects need that many distinct colours, shapes and items; the vocabulary allows {limit}")
+        if hi > self.images.cells**2:
+            raise ValueError(f"{hi} objects do not fit in images.cells^2 = {self.images.cells**2} cells")
+        for branch, stages in self.branches.items():
+            unknown = [s for s in stages if s not in self.stages]
+            if unknown or not stages:
+                raise ValueError(f"branch {branch!r} names unknown stages {unknown} (defined: {sorted(self.stages)})")
+        for name in list(self.stages) + list(self.branches) + list(self.encoders or {}):
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"stage, branch and encoder names must be letters, digits, - and _: {name!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        return self
+
+    @property
+    def encoder_specs(self) -> dict[str, str]:
+        return self.encoders or {"encoder": self.images.encoder}
+
+    def uses_images(self, branch: str) -> bool:
+        return any(self.stages[s].image_fraction > 0 for s in self.branches[branch])

@@ -1,0 +1,146 @@
+"""Training and evaluation data: the image bank (rendered contexts through a frozen encoder) and the
+deterministic example streams of each stage.
+
+Image bank. Rendering and encoding every image example afresh is what dominates cost, so a stage draws its image
+contexts from a bank of `pool` pre-rendered contexts (N ~ U{1..max train N}) encoded once by the frozen encoder;
+each draw pairs a bank context with fresh items, association order and query, so the sequences still vary
+freely. The bank stores, per context, its colours and shapes and the encoder's patch tokens (prefix tokens
+dropped), in raster order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stitchkit.binding.render import Glyphs, render_context
+from stitchkit.binding.task import (
+    PAD,
+    Encoded,
+    Example,
+    Vocabulary,
+    encode_grounding,
+    encode_image,
+    encode_text,
+    example_rng,
+    noise_gaps,
+    sample_example,
+)
+from stitchkit.progress import track
+
+
+@dataclass
+class ImageBank:
+    colours: list[tuple[int, ...]]
+    shapes: list[tuple[int, ...]]
+    features: torch.Tensor  # (P, T, D) float32
+
+    @property
+    def tokens(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.colours)
+
+
+@torch.no_grad()
+def patch_tokens(backbone, images, batch_size: int = 128) -> torch.Tensor:
+    """The encoder's final tokens without its prefix (CLS / register) tokens, (N, T, D) float32 on the CPU."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        tokens = backbone.forward_features(backbone.preprocess(images[start : start + batch_size]))
+        chunks.append(tokens[:, backbone.num_prefix_tokens :].float().cpu())
+    return torch.cat(chunks)
+
+
+def build_bank(
+    backbone, size: int, seed: int, split: str, objects: tuple[int, int], vocab: Vocabulary, glyphs: Glyphs, cells: int, fill: float
+) -> ImageBank:
+    """`size` contexts of N ~ U{objects} renderable objects, rendered at the encoder's resolution and encoded."""
+    n_colours, n_shapes = glyphs.renderable
+    colours, shapes, images = [], [], []
+    for index in track(range(size), description=f"render {split} contexts"):
+        rng = example_rng(seed, split, 0, index)
+        n = int(rng.integers(objects[0], objects[1] + 1))
+        ex = sample_example(rng, n, vocab, min(n_colours, vocab.colours), min(n_shapes, vocab.shapes))
+        image, _ = render_context(ex.colours, ex.shapes, glyphs, backbone.image_size, cells, rng, fill)
+        colours.append(ex.colours)
+        shapes.append(ex.shapes)
+        images.append(image)
+    return ImageBank(colours, shapes, patch_tokens(backbone, images))
+
+
+def bank_example(bank: ImageBank, index: int, rng: np.random.Generator, vocab: Vocabulary) -> Example:
+    """Bank context `index` with fresh items, association order and query."""
+    colours, shapes = bank.colours[index], bank.shapes[index]
+    n = len(colours)
+    items = tuple(int(t) for t in rng.choice(vocab.items, size=n, replace=False))
+    return Example(colours, shapes, items, tuple(int(i) for i in rng.permutation(n)), int(rng.integers(n)))
+
+
+def as_sample(enc: Encoded, image_index: int = -1) -> dict:
+    return {"input_ids": enc.input_ids, "position_ids": enc.position_ids, "target": enc.target, "image_index": image_index}
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one stage trains on: text (optionally with noise gaps), images (+ grounding), or a mix."""
+
+    image_fraction: float  # 0: text only; 1: images only
+    noise: bool
+    noise_span: int
+    noise_between_pairs_only: bool
+    grounding_fraction: float  # of the image examples
+
+
+class ExampleStream(Dataset):
+    """`length` training examples, each regenerated from its own seed on access (no storage, any order)."""
+
+    def __init__(self, spec: StreamSpec, length: int, seed: int, split: str, vocab: Vocabulary, objects: tuple[int, int], bank: ImageBank | None):
+        if spec.image_fraction > 0 and bank is None:
+            raise ValueError("image examples need an image bank")
+        self.spec, self.length, self.seed, self.split = spec, length, seed, split
+        self.vocab, self.objects, self.bank = vocab, objects, bank
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        spec, rng = self.spec, example_rng(self.seed, self.split, 0, index)
+        if rng.random() < spec.image_fraction:
+            b = int(rng.integers(len(self.bank)))
+            ex = bank_example(self.bank, b, rng, self.vocab)
+            if rng.random() < spec.grounding_fraction:
+                obj, c2s = int(rng.integers(ex.n)), bool(rng.random() < 0.5)
+                return as_sample(encode_grounding(ex, self.vocab, self.bank.tokens, obj, c2s), b)
+            return as_sample(encode_image(ex, self.vocab, self.bank.tokens), b)
+        n = int(rng.integers(self.objects[0], self.objects[1] + 1))
+        ex = sample_example(rng, n, self.vocab)
+        gaps = noise_gaps(rng, n, spec.noise_span, spec.noise_between_pairs_only) if spec.noise else None
+        return as_sample(encode_text(ex, self.vocab, gaps))
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded batch; the answer is read at each sequence's last real token."""
+    longest = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), longest), PAD, dtype=torch.long)
+    positions = torch.zeros((len(samples), longest), dtype=torch.long)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, :n] = torch.tensor(s["input_ids"])
+        positions[row, :n] = torch.tensor(s["position_ids"])
+        # Padding continues the positions, so no position repeats inside a row.
+        positions[row, n:] = torch.arange(s["position_ids"][-1] + 1, s["position_ids"][-1] + 1 + longest - n)
+        mask[row, :n] = 1
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": mask,
+        "answer_pos": torch.tensor([len(s["input_ids"]) - 1 for s in samples]),
+        "target": torch.tensor([s["target"] for s in samples]),
+        "image_index": torch.tensor([s["image_index"] for s in samples]),
+    }

@@ -1,0 +1,61 @@
+"""Accuracy per context size (binding.md §6): argmax over the whole vocabulary at the answer position.
+
+Evaluation examples come from their own split ("eval", or "eval_images" for the image bank), never from
+training code paths that could leak: the generator is the task's, the split differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stitchkit.binding.data import ImageBank, as_sample, bank_example, collate
+from stitchkit.binding.task import Vocabulary, encode_image, encode_text, example_rng, sample_example
+
+
+@torch.no_grad()
+def accuracy_of_samples(model, samples: list[dict], batch_size: int) -> float:
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(samples[start : start + batch_size]).items()}
+        correct += int((model(batch).argmax(-1) == batch["target"]).sum())
+    return correct / len(samples)
+
+
+def text_samples(vocab: Vocabulary, n: int, count: int, seed: int, split: str = "eval") -> list[dict]:
+    return [as_sample(encode_text(sample_example(example_rng(seed, split, n, i), n, vocab), vocab)) for i in range(count)]
+
+
+def text_accuracy(model, vocab: Vocabulary, ns, per_n: int, seed: int, batch_size: int = 256) -> dict[int, float]:
+    """{N: accuracy} on `per_n` fresh text examples of each context size."""
+    was_training = model.training
+    model.eval()
+    result = {n: accuracy_of_samples(model, text_samples(vocab, n, per_n, seed), batch_size) for n in ns}
+    model.train(was_training)
+    return result
+
+
+def image_accuracy(model, vocab: Vocabulary, bank: ImageBank, seed: int, batch_size: int = 256) -> dict[int, float]:
+    """{N: accuracy} over the contexts of an evaluation image bank, grouped by their size."""
+    was_training = model.training
+    model.eval()
+    by_n: dict[int, list[dict]] = {}
+    for index in range(len(bank)):
+        ex = bank_example(bank, index, example_rng(seed, "eval_images", 0, index), vocab)
+        by_n.setdefault(ex.n, []).append(as_sample(encode_image(ex, vocab, bank.tokens), index))
+    result = {n: accuracy_of_samples(model, by_n[n], batch_size) for n in sorted(by_n)}
+    model.train(was_training)
+    return result
+
+
+def summarize(per_n: dict[int, float], max_train_objects: int, ood_headline: int | None = None) -> dict[str, float | None]:
+    """ID average (N <= max trained N), OOD average (above it, up to `ood_headline`: the paper's headline 9..16)
+    and far-OOD average (above the headline range); unweighted over N (§6)."""
+    headline = ood_headline or max(per_n)
+    groups = {
+        "id": [a for n, a in per_n.items() if n <= max_train_objects],
+        "ood": [a for n, a in per_n.items() if max_train_objects < n <= headline],
+        "ood_far": [a for n, a in per_n.items() if n > headline],
+    }
+    return {k: float(np.mean(v)) if v else None for k, v in groups.items()}

@@ -1,0 +1,91 @@
+"""The image version of a context (binding.md §3): N coloured shapes at random, non-overlapping places.
+
+Glyphs name what colour token C_i and shape token S_j look like:
+    world       the shapes world's 10 colours and 13 category outlines (world/ontology.py, world/render.py),
+                the micro default: the micro-zoo encoders were trained on exactly these.
+    parametric  the paper-scale proposal: 216 colours {0, 51, ..., 255}^3 and 216 silhouettes = k in 3..8
+                vertices x inner-radius ratio in {1, .8, .65, .5, .4, .3} (1 = regular polygon, else a star)
+                x 6 rotations j * (360 / k) / 6.
+Only the first `renderable` colours and shapes of the vocabulary have glyphs; image examples draw from those,
+text examples from the whole vocabulary.
+
+Placement: the canvas is cut into cells x cells cells; the N objects take N distinct random cells, each drawn
+inside its cell with a random size (`fill` of the cell side, +-10%) and offset, so objects never overlap and
+an object's token index follows its random location. Backgrounds are (128, 128, 128), outside both palettes.
+Drawn at 4x and downsampled (antialiasing).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from stitchkit.world.ontology import ONTOLOGY
+from stitchkit.world.render import OUTLINES, regular_outline, star_outline
+
+BACKGROUND = (128, 128, 128)
+SUPERSAMPLE = 4
+_LEVELS = (0, 51, 102, 153, 204, 255)
+_VERTICES = (3, 4, 5, 6, 7, 8)
+_INNER_RATIOS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)
+
+
+@dataclass(frozen=True)
+class Glyphs:
+    colours: tuple[tuple[int, int, int], ...]
+    outlines: tuple[tuple[np.ndarray, tuple[np.ndarray, ...]], ...]  # (outer, holes) inside the unit circle
+
+    @property
+    def renderable(self) -> tuple[int, int]:
+        return len(self.colours), len(self.outlines)
+
+
+def _silhouette(vertices: int, inner: float, turn: int) -> np.ndarray:
+    start = -90.0 + turn * (360.0 / vertices) / 6
+    if inner == 1.0:
+        return regular_outline(vertices, start_deg=start)
+    return star_outline(vertices, inner, start_deg=start)
+
+
+@functools.cache
+def glyph_set(kind: str) -> Glyphs:
+    if kind == "world":
+        outlines = tuple((OUTLINES[c.name][0], tuple(OUTLINES[c.name][1])) for c in ONTOLOGY.categories)
+        return Glyphs(tuple(c.rgb for c in ONTOLOGY.colours), outlines)
+    if kind == "parametric":
+        # Ordered so that the first few shapes differ most (vertex count and star-ness before rotation).
+        combos = itertools.product(range(6), _INNER_RATIOS, _VERTICES)
+        outlines = tuple((_silhouette(k, rho, turn), ()) for turn, rho, k in combos)
+        return Glyphs(tuple(itertools.product(_LEVELS, repeat=3)), outlines)
+    raise ValueError(f"unknown glyph set {kind!r}")
+
+
+def _polygon(points: np.ndarray, centre: tuple[float, float], radius: float) -> list[float]:
+    return (points * radius + np.asarray(centre)).ravel().tolist()
+
+
+def render_context(
+    colours, shapes, glyphs: Glyphs, size: int, cells: int, rng: np.random.Generator, fill: float = 0.8
+) -> tuple[Image.Image, list[int]]:
+    """The context image and the cell (row-major) of each object."""
+    if len(colours) > cells * cells:
+        raise ValueError(f"{len(colours)} objects do not fit in {cells} x {cells} cells")
+    big = size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    cell = big / cells
+    where = [int(c) for c in rng.choice(cells * cells, size=len(colours), replace=False)]
+    for colour, shape, index in zip(colours, shapes, where):
+        radius = cell / 2 * fill * float(rng.uniform(0.9, 1.1))
+        slack = cell / 2 - radius
+        row, col = divmod(index, cells)
+        centre = ((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack))
+        outer, holes = glyphs.outlines[shape]
+        draw.polygon(_polygon(outer, centre, radius), fill=tuple(glyphs.colours[colour]))
+        for hole in holes:
+            draw.polygon(_polygon(hole, centre, radius), fill=BACKGROUND)
+    return canvas.resize((size, size), Image.Resampling.BOX), where

@@ -1,0 +1,363 @@
+"""The binding suite: task, image version, model plumbing, curricula, interventions, probes, knockouts, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stitchkit.binding.data import ExampleStream, StreamSpec, as_sample, collate
+from stitchkit.binding.interventions import LABELS, make_pair, run_interventions, sample_pairs, symbolic_positional_ratio
+from stitchkit.binding.knockouts import edges, run_knockouts
+from stitchkit.binding.model import BindingModel, ModelSettings, answer_loss, load_binding_model, save_binding_model
+from stitchkit.binding.probes import binding_signature, probe_layers
+from stitchkit.binding.render import BACKGROUND, glyph_set, render_context
+from stitchkit.binding.subjects import TokenSubject, WordSubject, capture_residuals, forward_patched
+from stitchkit.binding.task import (
+    BOS,
+    CTX_END,
+    IMG,
+    IS,
+    QUE,
+    Vocabulary,
+    encode_grounding,
+    encode_image,
+    encode_text,
+    example_rng,
+    noise_gaps,
+    sample_example,
+    with_noise,
+)
+from stitchkit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+VOCAB = Vocabulary(12, 12, 12)
+TINY = ModelSettings(layers=2, hidden=32, heads=2, ffn=64, max_positions=256, projector_hidden=16)
+
+
+def parse_and_answer(ids: list[int], vocab: Vocabulary) -> int:
+    """An independent reading of a text sequence: colour -> shape from the context, shape -> item from the
+    associations, then look up the query colour. Returns the answer's token id."""
+    assert ids[0] == BOS
+    end = ids.index(CTX_END)
+    context = ids[1:end]
+    colour_to_shape = dict(zip(context[0::2], context[1::2]))
+    que = ids.index(QUE)
+    assoc = ids[end + 1 : que]
+    shape_to_item = {assoc[k]: assoc[k + 2] for k in range(0, len(assoc), 3) if assoc[k + 1] == IS}
+    return shape_to_item[colour_to_shape[ids[que + 1]]]
+
+
+def tiny_model(seed: int = 0, encoder_dim: int | None = None) -> BindingModel:
+    torch.manual_seed(seed)
+    return BindingModel(TINY, VOCAB, encoder_dim).eval()
+
+
+# ---- task -----------------------------------------------------------------------------------------------
+
+
+def test_every_answer_is_recomputed_from_the_tokens():
+    for n in range(1, 13):
+        for i in range(20):
+            ex = sample_example(example_rng(3, "eval", n, i), n, VOCAB)
+            enc = encode_text(ex, VOCAB)
+            assert len(enc.input_ids) == 5 * n + 4
+            assert parse_and_answer(enc.input_ids, VOCAB) == enc.target
+            assert len(set(ex.colours)) == len(set(ex.shapes)) == len(set(ex.items)) == n
+            assert [enc.input_ids[p] for p in enc.colour_pos] == [VOCAB.colour(c) for c in ex.colours]
+
+
+def test_examples_are_deterministic_per_seed_and_split():
+    a = sample_example(example_rng(0, "train", 5, 7), 5, VOCAB)
+    assert a == sample_example(example_rng(0, "train", 5, 7), 5, VOCAB)
+    others = [sample_example(example_rng(*key), 5, VOCAB) for key in [(1, "train", 5, 7), (0, "eval", 5, 7), (0, "train", 5, 8)]]
+    assert all(o != a for o in others)
+
+
+def test_training_streams_never_contain_ood_contexts():
+    spec = StreamSpec(0.0, True, 40, False, 0.0)
+    stream = ExampleStream(spec, 400, 0, "train/seed0/S1", VOCAB, (1, 6), None)
+    sizes = {sum(1 for t in stream[i]["input_ids"] if VOCAB.colour(0) <= t < VOCAB.shape(0)) - 1 for i in range(400)}
+    assert sizes == set(range(1, 7))  # context colours = N (the query colour excluded): 1..6, never more
+
+
+def test_noise_gaps_shift_positions_but_not_tokens():
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 8):
+        gaps = noise_gaps(rng, n, 40)
+        assert len(gaps) == 2 * n + 1 and 0 <= sum(gaps) <= 40 - 2 * n
+        ex = sample_example(rng, n, VOCAB)
+        plain, noisy = encode_text(ex, VOCAB), encode_text(ex, VOCAB, gaps)
+        assert plain.input_ids == noisy.input_ids
+        assert noisy.position_ids[-1] == plain.position_ids[-1] + sum(gaps)
+        pairs_only = noise_gaps(rng, n, 40, between_pairs_only=True)
+        assert all(g == 0 for g in pairs_only[1::2])
+
+
+def test_filler_tokens_receive_no_attention_yet_shift_positions():
+    """Noise as position gaps equals explicit filler tokens that no query may attend to (masked as keys)."""
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    ex = sample_example(rng, 5, VOCAB)
+    enc = encode_text(ex, VOCAB, [0, 3, 0, 2, 1, 0, 0, 4, 0, 0, 2])
+    gapped = model.run(torch.tensor([enc.input_ids]), position_ids=torch.tensor([enc.position_ids])).logits
+    ids, positions, real = with_noise(enc)
+    explicit = model.run(
+        torch.tensor([ids]), position_ids=torch.tensor([positions]), attention_mask=torch.tensor([real], dtype=torch.long)
+    ).logits
+    torch.testing.assert_close(gapped[0], explicit[0, torch.tensor(real)], rtol=1e-5, atol=1e-5)
+    no_gaps = model.run(torch.tensor([enc.input_ids])).logits
+    assert not torch.allclose(no_gaps, gapped, atol=1e-4)  # the positions do matter
+
+
+# ---- image version ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["world", "parametric"])
+def test_rendered_objects_sit_in_distinct_cells_with_their_colours(kind):
+    glyphs = glyph_set(kind)
+    rng = np.random.default_rng(0)
+    colours, shapes = [0, 3, 5, 7], [1, 2, 4, 6]
+    image, cells = render_context(colours, shapes, glyphs, 64, 4, rng)
+    pixels = np.asarray(image)
+    assert len(set(cells)) == 4
+    for colour, cell in zip(colours, cells):
+        row, col = divmod(cell, 4)
+        block = pixels[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16].reshape(-1, 3)
+        assert (np.abs(block.astype(int) - glyphs.colours[colour]).sum(1) <= 3).sum() >= 20
+    empty = [c for c in range(16) if c not in cells]
+    row, col = divmod(empty[0], 4)
+    assert (pixels[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] == BACKGROUND).all()
+    if kind == "parametric":
+        assert glyphs.renderable == (216, 216)
+        assert len({g[0].shape[0] for g in glyphs.outlines}) > 1
+
+
+def test_image_tokens_replace_the_placeholders_in_order():
+    model = tiny_model(encoder_dim=8)
+    model.image_bank = torch.randn(3, 4, 8)
+    ex = sample_example(example_rng(0, "x", 3, 0), 3, VOCAB)
+    image, grounding = encode_image(ex, VOCAB, 4), encode_grounding(ex, VOCAB, 4, obj=1, colour_to_shape=True)
+    assert image.input_ids[1:5] == [IMG] * 4 and image.input_ids[5] == CTX_END
+    assert grounding.target == VOCAB.shape(ex.shapes[1]) and grounding.input_ids[-1] == VOCAB.colour(ex.colours[1])
+    batch = collate([as_sample(image, 2), as_sample(grounding, 0)])
+    ids = batch["input_ids"]
+    embeds = model.embed(ids, batch["image_index"])
+    torch.testing.assert_close(embeds[0, 1:5], model.projector(model.image_bank[2]))
+    torch.testing.assert_close(embeds[1, 1:5], model.projector(model.image_bank[0]))
+    torch.testing.assert_close(embeds[0, 5:], model.lm.get_input_embeddings()(ids[0, 5:]))
+
+
+def test_projector_trains_and_model_round_trips(tmp_path):
+    model = tiny_model(encoder_dim=8)
+    model.image_bank = torch.randn(5, 4, 8)
+    bank = type("Bank", (), {"colours": [(0, 1)] * 5, "shapes": [(2, 3)] * 5, "tokens": 4, "__len__": lambda self: 5})()
+    stream = ExampleStream(StreamSpec(1.0, False, 8, False, 0.5), 16, 0, "s", VOCAB, (1, 2), bank)
+    loss, metrics = answer_loss(model, collate([stream[i] for i in range(16)]))
+    loss.backward()
+    assert model.projector[0].weight.grad.abs().sum() > 0 and 0 <= metrics["accuracy"] <= 1
+    save_binding_model(model, tmp_path / "m")
+    loaded, meta = load_binding_model(tmp_path / "m")
+    assert meta["encoder_dim"] == 8
+    ids = torch.tensor([encode_text(sample_example(example_rng(0, "x", 4, 0), 4, VOCAB), VOCAB).input_ids])
+    torch.testing.assert_close(loaded.run(ids).logits, model.run(ids).logits)
+
+
+# ---- interventions ------------------------------------------------------------------------------------------
+
+
+def test_counterfactual_pairs_change_only_what_the_construction_says():
+    for i in range(50):
+        rng = example_rng(0, "interventions", 8, i)
+        pair = make_pair(rng, sample_example(rng, 8, VOCAB))
+        q = pair.orig.query
+        assert len({q, pair.q2, pair.r, pair.s}) == 4  # r != s enforced
+        labels = pair.labels
+        assert len(set(labels.values())) == len(LABELS)  # each mechanism predicts a different answer
+        assert pair.cf.answer == labels["reflexive"]
+        orig, cf = encode_text(pair.orig, VOCAB), encode_text(pair.cf, VOCAB)
+        changed = {k for k, (a, b) in enumerate(zip(orig.input_ids, cf.input_ids)) if a != b}
+        expected = {orig.colour_pos[pair.q2], orig.colour_pos[pair.r], orig.shape_pos[pair.q2], orig.shape_pos[pair.s], orig.query_pos}
+        assert changed == expected
+        # The cf query colour is the original's colour r: a symbolic lookup in the original finds shape r.
+        assert cf.input_ids[-1] == orig.input_ids[orig.colour_pos[pair.r]]
+        assert pair.classify(labels["symbolic"]) == "symbolic"
+        assert pair.classify(next(t for t in range(VOCAB.items) if t not in labels.values())) == "mixed"
+
+
+def test_patching_layer_zero_is_swapping_the_query_token_and_resid_post_is_the_cf_output():
+    model = tiny_model(seed=2)
+    subject = TokenSubject(model, VOCAB)
+    pairs = sample_pairs(6, 4, 0, subject)
+    orig = torch.tensor([subject.encode(p.orig) for p in pairs])
+    cf = torch.tensor([subject.encode(p.cf) for p in pairs])
+    residuals, cf_logits = capture_residuals(subject, cf)
+    assert len(residuals) == TINY.layers + 1
+    swapped = orig.clone()
+    swapped[:, -1] = cf[:, -1]
+    torch.testing.assert_close(forward_patched(subject, orig, 0, residuals[0][:, -1]), subject.forward(swapped)[:, -1])
+    torch.testing.assert_close(forward_patched(subject, orig, TINY.layers, residuals[-1][:, -1]), cf_logits)
+
+
+def test_interventions_report_shares_per_layer():
+    result = run_interventions(TokenSubject(tiny_model(), VOCAB), n=4, pairs=5, seed=0)
+    assert len(result["layers"]) == TINY.layers + 1 and result["layers"][-1]["site"] == "resid_post"
+    for row in result["layers"]:
+        shares = [row[o] for o in (*LABELS, "mixed")]
+        assert result["pairs"] == 0 or sum(shares) == pytest.approx(1.0)
+    assert symbolic_positional_ratio(0.5, 0.0, 100) == pytest.approx(50.0)
+
+
+# ---- probes and knockouts -----------------------------------------------------------------------------------
+
+
+def test_a_probe_finds_a_planted_feature_only_where_it_is():
+    rng = np.random.default_rng(0)
+    examples, n, layers, dim = 200, 4, 3, 16
+    labels = torch.tensor(rng.integers(0, 6, size=examples * n))
+    shape = torch.tensor(rng.normal(size=(examples * n, layers, dim)), dtype=torch.float32)
+    shape[:, 2, :6] += 4 * torch.nn.functional.one_hot(labels, 6)  # the bound colour is planted at layer 2 only
+    features = {
+        "shape": shape,
+        "query": torch.randn(examples, layers, dim),
+        "labels": {"bound": labels, "next": torch.tensor(rng.integers(0, 6, size=examples * n)), "index": torch.arange(examples * n) % n,
+                   "query_shape": torch.tensor(rng.integers(0, 6, size=examples)), "query_index": torch.tensor(rng.integers(0, n, size=examples))},
+        "owner": torch.arange(examples).repeat_interleave(n),
+        "examples": examples,
+    }  # fmt: skip
+    acc = probe_layers(features)["bound"]
+    assert acc[2] > 0.95 and max(acc[0], acc[1]) < 0.35
+    signature = binding_signature([0.1, 0.15, 0.9, 0.9], [0.1, 0.12, 0.15, 0.14])
+    assert signature["present"] and signature["surge_layer"] == 2
+    assert not binding_signature([0.1, 0.15, 0.9, 0.9], [0.1, 0.5, 0.9, 0.9])["present"]  # control rises too
+
+
+def test_knocking_out_keys_everywhere_equals_masking_them():
+    """Edges to a key from every query in every layer = the key masked out by the attention mask (HF's own)."""
+    from stitchkit.binding.knockouts import AttentionKnockout
+    from stitchkit.vlm.attention import install_attention
+
+    model = tiny_model(seed=3)
+    enc = encode_text(sample_example(example_rng(0, "k", 5, 0), 5, VOCAB), VOCAB)
+    ids = torch.tensor([enc.input_ids])
+    dense = model.run(ids).logits
+    install_attention(model.lm)
+    torch.testing.assert_close(model.run(ids).logits, dense)  # installed but idle: unchanged
+    hidden = torch.tensor(enc.colour_pos[1:3])
+    blocked = torch.zeros(1, len(enc.input_ids), len(enc.input_ids), dtype=torch.bool)
+    blocked[0, :, hidden] = True
+    blocked[0, hidden, hidden] = False  # a token keeps itself (as padding keys do for their own row in HF's mask)
+    knocked = model.run(ids, attention_knockout=AttentionKnockout(frozenset(range(TINY.layers)), blocked)).logits
+    mask = torch.ones_like(ids)
+    mask[0, hidden] = 0
+    masked = model.run(ids, attention_mask=mask).logits
+    keep = torch.ones(len(enc.input_ids), dtype=torch.bool)
+    keep[hidden] = False
+    torch.testing.assert_close(knocked[0, keep], masked[0, keep], rtol=1e-5, atol=1e-5)
+    assert edges(enc, "K4") == list(zip(enc.shape_pos, enc.colour_pos))
+    result = run_knockouts(model, n=5, examples=8, seed=0, window=1, sets=("K1", "K4"))
+    assert len(result["windows"]) == 2 * TINY.layers
+
+
+# ---- pretrained models through word prompts ---------------------------------------------------------------------
+
+
+def test_word_prompts_run_on_a_hugging_face_causal_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from stitchkit.binding.subjects import COLOUR_WORDS, ITEM_WORDS, SHAPE_WORDS
+    from stitchkit.vlm.tokenizer import word_tokenizer
+
+    words = [*COLOUR_WORDS, *SHAPE_WORDS, *ITEM_WORDS, "objects", "items", "the", "has", "question", "item", "of", "shape", "that", "is"]
+    tokenizer = word_tokenizer(words)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")  # fmt: skip
+    subject = WordSubject(Qwen2ForCausalLM(config).eval(), tokenizer)
+    ex = sample_example(example_rng(0, "w", 4, 0), 4, subject.vocab)
+    ids = subject.encode(ex)
+    assert ids[-1] == tokenizer.convert_tokens_to_ids(subject.colour_words[ex.colours[ex.query]])
+    assert [ids[p] for p in subject.shape_positions(ex)] == tokenizer.convert_tokens_to_ids([subject.shape_words[s] for s in ex.shapes])
+    result = run_interventions(subject, n=4, pairs=4, seed=0)
+    assert len(result["layers"]) == 3
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_encoder(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vit")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    return folder
+
+
+def tiny_config(path: Path, encoder: Path) -> Path:
+    cfg = {
+        "name": "tiny",
+        "seeds": [0],
+        "vocab": {"colours": 8, "shapes": 8, "items": 8},
+        "train_objects": [1, 4],
+        "model": {"layers": 2, "hidden": 32, "heads": 2, "ffn": 64, "max_positions": 128, "projector_hidden": 16},
+        "images": {"encoder": str(encoder), "cells": 4, "pool": 16, "eval_pool": 8, "gate_images": 1},
+        "optim": {"lr": 1e-3, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 4},
+        "stages": {"S1": {"steps": 6, "until_id_accuracy": 0.99, "eval_every": 3, "stop_examples": 4},
+                   "S2": {"steps": 3, "image_fraction": 1.0, "grounding": 0.25},
+                   "S3": {"steps": 3, "image_fraction": 0.2, "noise": True}},
+        "branches": {"text-only": ["S1"], "image-text": ["S1", "S2", "S3"]},
+        "eval": {"max_objects": 6, "per_n": 4, "batch_size": 16},
+        "analysis": {"n": [4], "pairs": 4, "probe_examples": 20, "knockout_examples": 4, "knockout_window": 1},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
+    config = tiny_config(tmp_path / "tiny.yaml", vit_encoder)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "run", str(config), "--out", str(out)])
+    assert done.value.code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == {"text-only", "image-text"}
+    image_run = next(r for r in results["runs"] if r["branch"] == "image-text")
+    assert [s["stage"] for s in image_run["stages"]] == ["S1", "S2", "S3"]
+    assert image_run["stages"][0]["folder"] == "train/seed0/S1"  # shared with the text-only branch
+    assert "image" in image_run["stages"][1] and "image" not in image_run["stages"][0]
+    assert set(image_run["stages"][0]["text"]) == {str(n) for n in range(1, 7)}
+    assert (out / "figures" / "binding_accuracy_vs_n.png").is_file() and (out / "figures" / "binding_mechanisms.png").is_file()
+    assert "Separability gate" in (out / "report.md").read_text()
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["binding", "run", str(config), "--out", str(out)])  # every step finished: skipped, same bytes
+    assert (out / "results.json").read_bytes() == before
+
+    model_dir = out / "train" / "seed0" / "S1" / "S2-encoder" / "S3-encoder" / "model"  # S3 shows images too
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "4", "--probe-examples", "20"])
+    assert done.value.code == 0
+    analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert analysis["layers"] == 2 and analysis["knockouts"] is not None
+
+
+def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
+    config = tiny_config(tmp_path / "bad.yaml", vit_encoder)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["branches"]["broken"] = ["S1", "S9"]
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "run", str(config), "--out", str(tmp_path / "out")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "S9" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "an")])
+    assert done.value.code == 2
