@@ -361,3 +361,32 @@ def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
     with pytest.raises(SystemExit) as done:
         main(["binding", "analyze", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "an")])
     assert done.value.code == 2
+
+
+def test_analyze_runs_a_saved_vlm_on_text_prompts(tmp_path):
+    """The LLM -> VLM comparison path: a Qwen2-VL folder (model + tokenizer), analysed text-only through the CLI."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from stitchkit.binding.subjects import COLOUR_WORDS, ITEM_WORDS, SHAPE_WORDS
+    from stitchkit.vlm.tokenizer import word_tokenizer
+
+    words = [*COLOUR_WORDS, *SHAPE_WORDS, *ITEM_WORDS, "objects", "items", "the", "has", "question", "item", "of", "shape", "that", "is"]
+    tokenizer = word_tokenizer(words, ("<pad>", "<unk>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, temporal_patch_size=2, spatial_merge_size=2),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=None),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "vlm")
+    tokenizer.save_pretrained(tmp_path / "vlm")
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(tmp_path / "vlm"), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "3", "--probe-examples", "20"])
+    assert done.value.code == 0
+    analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert analysis["layers"] == 3 and analysis["knockouts"] is None
+    assert len(analysis["interventions"]["4"]["layers"]) == 4
