@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         metadata["losses_again"] = json.dumps(again.losses)
     if int(os.environ.get("RANK", "0")) == 0:
         save_file(trainable_weights(result.model), str(args.result), metadata=metadata)
+    if torch.distributed.is_initialized():
+        # Tear gloo down before the interpreter exits: left to exit-time destructors, its threads have
+        # aborted a rank ("terminate called without an active exception") on a heavily loaded machine.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

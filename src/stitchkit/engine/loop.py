@@ -118,7 +118,7 @@ def train(
     eval_every: int | None = None,
     stop_fn: StopFn | None = None,
 ) -> TrainResult:
-    """Train the parameters of `model` that require grad with AdamW and a warmup + cosine schedule.
+    """Train the parameters of `model` that require grad with AdamW, warmup, then `cfg.schedule`.
 
     loss_fn(model, batch) returns the mean loss over `batch`, or (loss, {name: value}) with extra
     metrics. Under several processes `model` is the DDP wrapper: call it (its forward is what syncs
