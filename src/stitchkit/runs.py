@@ -17,6 +17,9 @@ import hashlib
 import json
 import os
 import platform
+import shlex
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -63,6 +66,23 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def atomic_replace_dir(target: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` fills a folder next to `target`, which is then swapped in, so a killed writer never
+    leaves half a folder (e.g. a Hugging Face dataset written by save_to_disk)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def command_line() -> str:
+    """The `stitchkit ...` command this process runs, shell-quoted, for a run's manifest."""
+    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import typer
 
+from stitchkit.runs import command_line
+
 app = typer.Typer(no_args_is_help=True)
 
-
-def _command_line() -> str:
-    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 @app.command()
@@ -25,7 +22,7 @@ def run(
     from stitchkit.binding.experiment import run_binding
     from stitchkit.config import load_config
 
-    report = run_binding(load_config(BindingConfig, config), out, command=_command_line())
+    report = run_binding(load_config(BindingConfig, config), out, command=command_line())
     typer.echo(f"report: {report}")
 
 
@@ -43,5 +40,5 @@ def analyze(
     """Interchange interventions per layer, probes (binding signature) and knockouts of one model."""
     from stitchkit.binding.analyze import analyze_subject
 
-    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command=_command_line())
+    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command=command_line())
     typer.echo(f"report: {report}")

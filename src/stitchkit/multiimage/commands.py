@@ -3,18 +3,15 @@ the paper's experiments from a config."""
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from stitchkit.runs import command_line
+
 app = typer.Typer(no_args_is_help=True)
 
-
-def _command_line() -> str:
-    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 @app.command()
@@ -33,7 +30,7 @@ def build(
     overrides = {"seed": seed} if seed is not None else None
     cfg = (load_config(MimicConfig, config, overrides) if config
            else validate_config(MimicConfig, overrides, source="(command-line options)"))
-    root = build_benchmark(annotations, images, out, cfg, command=_command_line())
+    root = build_benchmark(annotations, images, out, cfg, command=command_line())
     typer.echo(f"wrote {root / 'samples.jsonl'} (summary: {root / 'summary.md'})")
 
 
@@ -67,7 +64,7 @@ def score(
     """Score model answers: task metrics, breakdowns by every control variable, figures."""
     from stitchkit.multiimage.scoring import score_benchmark_dir
 
-    root = score_benchmark_dir(data, predictions, out, legacy_official, command=_command_line())
+    root = score_benchmark_dir(data, predictions, out, legacy_official, command=command_line())
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
 
 
@@ -100,7 +97,7 @@ def eval_(
     from stitchkit.multiimage.evaluate import eval_command
 
     root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy_official, device, dtype,
-                        threads, max_images_per_batch, command=_command_line())
+                        threads, max_images_per_batch, command=command_line())
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
 
 
@@ -112,5 +109,5 @@ def run(
     """Run the paper's experiments from a config: baseline, masked fine-tuning, FLOPs, pooling, stitching, attention."""
     from stitchkit.multiimage.experiment import load_experiment, run_experiment
 
-    root = run_experiment(load_experiment(config), out, command=_command_line())
+    root = run_experiment(load_experiment(config), out, command=command_line())
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")

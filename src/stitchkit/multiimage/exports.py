@@ -16,14 +16,13 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from stitchkit.errors import InputError
 from stitchkit.multiimage import protocol
 from stitchkit.multiimage.benchmark import Benchmark, Sample
-from stitchkit.runs import atomic_path, atomic_write_text
+from stitchkit.runs import atomic_path, atomic_replace_dir, atomic_write_text
 
 FORMATS = ("hf", "parquet", "lmms-eval", "vlmevalkit")
 ADAPTERS = Path(__file__).parent / "adapters"
@@ -78,7 +77,7 @@ def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: b
             )
             if save_to_disk:
                 target = out / "hf" / task
-                _replace_dir(target, lambda tmp: DatasetDict({"test": dataset}).save_to_disk(str(tmp)))
+                atomic_replace_dir(target, lambda tmp: DatasetDict({"test": dataset}).save_to_disk(str(tmp)))
                 written[f"hf/{task}"] = target
             if parquet:
                 target = out / "parquet" / task / "test-00000-of-00001.parquet"
@@ -87,16 +86,6 @@ def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: b
                 written[f"parquet/{task}"] = target
             del dataset
     return written
-
-
-def _replace_dir(target: Path, write) -> None:
-    """Write a folder next to `target`, then swap it in, so a killed export never leaves half a dataset."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
 
 
 # -- lmms-eval -----------------------------------------------------------------------------------------------

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from stitchkit.runs import command_line
+
 app = typer.Typer(no_args_is_help=True)
 
-
-def _command_line() -> str:
-    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _parse_splits(text: str) -> list[int]:
@@ -78,5 +75,5 @@ def run(
     from stitchkit.patches.config import PatchesConfig
     from stitchkit.patches.experiment import run_patches
 
-    report = run_patches(load_config(PatchesConfig, config), out, command=_command_line())
+    report = run_patches(load_config(PatchesConfig, config), out, command=command_line())
     typer.echo(f"report: {report}")

@@ -33,7 +33,7 @@ from PIL import Image
 from stitchkit.data import IMAGE_EXTENSIONS, load_image
 from stitchkit.errors import InputError
 from stitchkit.patches.ids import check_first_tokens, check_id_format, generate_ids
-from stitchkit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from stitchkit.runs import atomic_replace_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PatchFormat = Literal["png", "jpeg"]
 DATASET_JSON = "dataset.json"
@@ -260,20 +260,10 @@ def build_patch_dataset(
     atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
     datasets = {name: Dataset.from_list(r, features=patch_features) for name, r in rows.items()}
     datasets["images"] = Dataset.from_list(full_rows, features=full_features)
-    _replace_dir(out / "hf", lambda tmp: DatasetDict(datasets).save_to_disk(str(tmp)))
+    atomic_replace_dir(out / "hf", lambda tmp: DatasetDict(datasets).save_to_disk(str(tmp)))
     meta["counts"] = {name: len(d) for name, d in datasets.items()}
     atomic_write_json(out / DATASET_JSON, meta)
     return meta
-
-
-def _replace_dir(target: Path, write) -> None:
-    """Write a folder next to `target`, then swap it in, so a killed build never leaves half a dataset."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
 
 
 def load_patch_dataset(folder: str | os.PathLike):

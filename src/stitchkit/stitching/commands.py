@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import typer
 
+from stitchkit.runs import command_line
+
 app = typer.Typer(no_args_is_help=True, help="Model stitching: LFM, TLT, FFM, FFM→TLT, self-stitch, stitch tree.")
 
-
-def _command_line() -> str:
-    return "stitchkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 @app.command("run")
@@ -23,7 +20,7 @@ def run(
     """Sweep pairs x stitch points x stitch layers x objectives (+ self-stitches and linear probes)."""
     from stitchkit.stitching.experiment import run_sweep
 
-    report = run_sweep(config, out, command=_command_line())
+    report = run_sweep(config, out, command=command_line())
     typer.echo(f"report: {report}")
 
 
@@ -35,5 +32,5 @@ def tree(
     """VFM Stitch Tree: accuracy vs extra cost at every stitch point, and the normalised gain."""
     from stitchkit.stitching.experiment import run_tree
 
-    report = run_tree(config, out, command=_command_line())
+    report = run_tree(config, out, command=command_line())
     typer.echo(f"report: {report}")
