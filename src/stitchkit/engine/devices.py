@@ -30,6 +30,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None or torch.cuda.is_available():
         yield
         return
+    if n < 1:
+        raise ConfigError(f"threads must be at least 1, got {n}")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -14,7 +14,6 @@ per_sample.jsonl and figures/ (scoring.write_score_report), in both scoring mode
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -77,17 +76,6 @@ def attention_policy(spec: str, num_layers: int):
     return AttentionPolicy(masked_layers=layers or "none")
 
 
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r}: {err}") from None
-
-
 def is_micro(spec: str) -> bool:
     return spec == MICRO or spec.startswith(MICRO + ":")
 
@@ -109,20 +97,23 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     """(VLM, model identity) for `micro[:RECIPE]`, a hub id or a local folder."""
     import torch
 
+    from stitchkit.engine.devices import pick_device
     from stitchkit.vlm import load_vlm
 
     source, identity = model_source(spec)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    vlm = load_vlm(source, dtype=torch_dtype, device=resolve_device(device))
+    vlm = load_vlm(source, dtype=torch_dtype, device=pick_device(device))
     return vlm, identity
 
 
 def default_threads(spec: str, device: str) -> int | None:
     """One CPU thread for the micro VLM on a CPU: its matrices are tiny, and on a busy machine OpenMP threads of
     small ops spin waiting for each other (vlm/micro.py measured 10 s per step with 2 threads, 0.7 s with 1)."""
-    return 1 if is_micro(spec) and resolve_device(device).type == "cpu" else None
+    from stitchkit.engine.devices import pick_device
+
+    return 1 if is_micro(spec) and pick_device(device).type == "cpu" else None
 
 
 # ---- samples and images -----------------------------------------------------------------------------------
@@ -329,6 +320,7 @@ def eval_command(
 ) -> Path:
     """`stitchkit mimic eval`. One pooling factor: OUT holds the evaluation. Several: OUT/pool<F>/ each, and
     OUT/results.json + report.md + figures/score_vs_pool_factor.png across them."""
+    from stitchkit.engine.devices import torch_threads
     from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.vlm.pooling import check_pool_factor
 
@@ -339,7 +331,7 @@ def eval_command(
     bench = load_benchmark(data)
     samples = first_per_task(bench.samples, max_per_task)
     threads = threads if threads is not None else default_threads(model, device)
-    with cpu_threads(threads):
+    with torch_threads(threads):
         vlm, identity = load_model(model, device, dtype)
         vlm.policy = attention_policy(policy, vlm.num_layers)
         runs = {}
@@ -376,21 +368,3 @@ def write_pool_summary(out: Path, runs: dict[int, dict], model: str, policy: str
     atomic_write_text(out / "report.md", f"# MIMIC vs pooling factor ({mode})\n\nModel `{model}`, policy `{policy}`; "
                       "scores x100 (listing: micro F1).\n\n" + markdown_table(table, digits=1)
                       + f"\n![score vs pooling factor]({figure.relative_to(out)})\n")
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Run a block with torch on n CPU threads (None: leave the setting alone)."""
-    import torch
-
-    if n is None:
-        yield
-        return
-    if n < 1:
-        raise ConfigError(f"threads must be at least 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

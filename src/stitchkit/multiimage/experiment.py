@@ -34,6 +34,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stitchkit.config import Config, load_config
 from stitchkit.engine import TrainConfig
+from stitchkit.engine.devices import torch_threads
 from stitchkit.errors import InputError
 from stitchkit.multiimage.benchmark import Benchmark, load_benchmark
 from stitchkit.multiimage.config import MimicConfig
@@ -41,7 +42,6 @@ from stitchkit.multiimage.evaluate import (
     LAYER_SETS,
     attention_policy,
     check_policy_spec,
-    cpu_threads,
     default_threads,
     evaluate,
     first_per_task,
@@ -376,7 +376,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, command: str |
     run = RunDir(out, config=cfg, command=command)
     exp = Experiment(cfg, run)
     threads = cfg.threads if cfg.threads is not None else default_threads(cfg.model, cfg.device)
-    with cpu_threads(threads):
+    with torch_threads(threads):
         exp.step("data", exp.data_step)
         exp.step("baseline", exp.baseline_step)
         for arm in cfg.finetune.arms if cfg.finetune else []:
