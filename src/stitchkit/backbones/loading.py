@@ -143,8 +143,6 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     import transformers
 
     folder = Path(source).expanduser()
-    if not folder.exists() and looks_like_path(source):
-        raise ModelNotFoundError(f"no such model folder: {folder}")
     if folder.exists():
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
@@ -174,11 +172,11 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
         try:
             settings = processor_settings(json.loads(Path(processor_file).read_text()))
         except (ValueError, TypeError, AttributeError) as err:
-            raise ModelNotFoundError(f"{source}: unreadable {PROCESSOR_CONFIG}: {_first_line(err)}") from None
+            raise ModelNotFoundError(f"{source}: unreadable {PROCESSOR_CONFIG}: {first_line(err)}") from None
     return vision_tower(model), settings
 
 
-def looks_like_path(source: str) -> bool:
+def _looks_like_path(source: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else with a separator or a leading ./~ is a path."""
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
@@ -188,6 +186,8 @@ def from_hub(source: str, load):
 
     Every failure becomes one ModelNotFoundError that says where to get the model from.
     """
+    if _looks_like_path(source) and not Path(source).expanduser().exists():
+        raise ModelNotFoundError(f"cannot load the model: there is no folder {Path(source).expanduser()}")
     try:
         with _quiet_transformers():
             return load(local_files_only=True)
@@ -206,8 +206,8 @@ def from_hub(source: str, load):
             except (OSError, ValueError) as err:
                 reason = err
     if Path(source).exists():
-        raise ModelNotFoundError(f"cannot load the model in {source}: {_first_line(reason)}") from None
-    how = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else f"downloading failed: {_first_line(reason)}"
+        raise ModelNotFoundError(f"cannot load the model in {source}: {first_line(reason)}") from None
+    how = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else f"downloading failed: {first_line(reason)}"
     raise ModelNotFoundError(
         f"model {source!r} is not a local folder and not in the Hugging Face cache, and {how}.\n"
         f"Download it where there is internet (`hf download {source}`) and copy the cache, "
@@ -250,13 +250,13 @@ def _hub_connection_error(source: str, filename: str) -> ConnectionError | None:
     try:
         get_hf_file_metadata(hf_hub_url(source, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except httpx.TransportError as err:
-        return ConnectionError(f"cannot connect to {constants.ENDPOINT} ({_first_line(err)})")
+        return ConnectionError(f"cannot connect to {constants.ENDPOINT} ({first_line(err)})")
     except Exception:  # noqa: BLE001 - any answer from the hub means it is reachable
         return None
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

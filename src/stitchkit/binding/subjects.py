@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from stitchkit.binding.task import Example, Vocabulary, encode_text
-from stitchkit.errors import IncompatibleError, InputError, ModelNotFoundError
+from stitchkit.errors import IncompatibleError, InputError
 
 COLOUR_WORDS = (
     "red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white", "gray", "gold",
@@ -168,10 +167,8 @@ def load_subject(spec: str, device: str | None = None) -> Subject:
         return TokenSubject(model.to(device or "cpu"), model.vocab, name=str(spec))
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from stitchkit.backbones.loading import from_hub, looks_like_path  # cache first, then the hub; one clear error
+    from stitchkit.backbones.loading import from_hub  # cache first, then the hub; one clear error
 
-    if looks_like_path(spec) and not Path(spec).expanduser().exists():
-        raise ModelNotFoundError(f"no such model folder: {spec}")
     config = from_hub(spec, lambda **kw: AutoConfig.from_pretrained(spec, **kw))
     loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     tokenizer = from_hub(spec, lambda **kw: AutoTokenizer.from_pretrained(spec, **kw))

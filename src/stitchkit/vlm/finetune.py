@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitchkit.backbones.backbone import find_module
 from stitchkit.config import Config
 from stitchkit.engine import TrainConfig, TrainResult, train
 from stitchkit.errors import IncompatibleError
@@ -49,14 +50,9 @@ class FinetuneConfig(Config):
 
 
 def language_model(model: nn.Module) -> nn.Module:
-    for path in ("model.language_model", "language_model", "model.model.language_model"):
-        module = model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                break
-        else:
-            return module
+    module = find_module(model, ("model.language_model", "language_model", "model.model.language_model"))
+    if module is not None:
+        return module
     raise IncompatibleError(f"{type(model).__name__}: cannot find its language model")
 
 

@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from stitchkit.backbones.loading import first_line, from_hub
 from stitchkit.errors import ModelNotFoundError
 from stitchkit.vlm.attention import AttentionPolicy
 from stitchkit.vlm.model import VLM
@@ -58,17 +59,10 @@ def load_vlm(
 
 
 def _load_model(source: str, dtype, attn_implementation: str):
-    try:
-        config = AutoConfig.from_pretrained(source)
-        name = MODEL_CLASSES.get(config.model_type)
-        model_class = getattr(transformers, name) if name else AutoModelForImageTextToText
-        return model_class.from_pretrained(source, dtype=dtype or "auto", attn_implementation=attn_implementation)
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load a VLM from {source!r}: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    config = from_hub(source, lambda **kw: AutoConfig.from_pretrained(source, **kw))
+    name = MODEL_CLASSES.get(config.model_type)
+    model_class = getattr(transformers, name) if name else AutoModelForImageTextToText
+    return from_hub(source, lambda **kw: model_class.from_pretrained(source, dtype=dtype or "auto", attn_implementation=attn_implementation, **kw))
 
 
 @functools.cache
@@ -113,7 +107,7 @@ def load_processor(source: str):
         try:
             return AutoProcessor.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise ModelNotFoundError(f"cannot load the processor of {source!r}: {_first_line(err)}") from None
+            raise ModelNotFoundError(f"cannot load the processor of {source!r}: {first_line(err)}") from None
     name = _processor_class_name(source)
     processor_class = getattr(transformers, name, None) if name else None
     if processor_class is None:
@@ -121,7 +115,7 @@ def load_processor(source: str):
     try:
         return processor_without_video(processor_class).from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load the processor of {source!r}: {_first_line(err)}") from None
+        raise ModelNotFoundError(f"cannot load the processor of {source!r}: {first_line(err)}") from None
 
 
 def _processor_class_name(source: str) -> str | None:
