@@ -34,24 +34,13 @@ from stitchkit.binding.task import Vocabulary, example_rng, sample_example
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device, torch_threads
 from stitchkit.runs import RunDir, atomic_path, atomic_write_json
+from stitchkit.zoo import load_frozen_backbone
 
 RESULTS_VERSION = 1
 GATE_THRESHOLD = 0.95
 
 
 # ---- images: the bank of encoded contexts and the separability gate -------------------------------------
-
-
-def load_encoder(spec: str, device: torch.device):
-    """A frozen VisionBackbone: hub id, local folder, or zoo:NAME (built on first use)."""
-    kwargs = {"dtype": torch.bfloat16, "device": device} if device.type == "cuda" else {}
-    if spec.startswith("zoo:"):
-        from stitchkit.zoo import load_zoo_backbone
-
-        return load_zoo_backbone(spec[4:], **kwargs)
-    from stitchkit.backbones import load_backbone
-
-    return load_backbone(spec, **kwargs)
 
 
 @dataclass
@@ -103,7 +92,7 @@ def prepare_images(run: RunDir, cfg: BindingConfig, name: str, spec: str, device
     folder = run.path("images", name)
     step = f"images/{name}"
     if not run.done(step):
-        backbone = load_encoder(spec, device)
+        backbone = load_frozen_backbone(spec, device=device)
         vocab, glyphs = cfg.vocab.vocabulary, glyph_set(cfg.images.glyphs)
         seed = cfg.seeds[0]
         for split, size in (("images", cfg.images.pool), ("eval_images", cfg.images.eval_pool)):

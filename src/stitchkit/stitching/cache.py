@@ -151,6 +151,14 @@ class FeatureStore:
         self._memory: dict[tuple[str, str, str], np.ndarray] = {}
         self.computed_passes = 0  # how many model passes were run (the benchmark and tests read this)
 
+    @classmethod
+    def for_run(cls, run_root: Path, cfg, device) -> "FeatureStore":
+        """The store a sweep or tree run asks for with its `cache`, `cache_dtype` and `eval_batch_size` settings
+        (disk: under run_root/cache)."""
+        disk = cfg.cache == "disk"
+        return cls(run_root / "cache" if disk else None, mode="disk" if disk else "memory",
+                   batch_size=cfg.eval_batch_size, device=device, dtype=cfg.cache_dtype)  # fmt: skip
+
     def plan(self, model: str, split: str, keys) -> None:
         self._planned[(model, split)].update(keys)
 

@@ -28,6 +28,7 @@ from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device
 from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_write_json
+from stitchkit.zoo import load_frozen_backbone
 from stitchkit.stitching.cache import (
     ArrayDataset,
     FeatureStore,
@@ -53,25 +54,7 @@ from stitchkit.stitching.objectives import (
 )
 
 
-# ---- models and devices -------------------------------------------------------------------------
-
-
-def resolve_model(spec: str, image_size: int | None = None, device: torch.device | None = None):
-    """A hub id, a local folder, or zoo:NAME -> a frozen VisionBackbone (`image_size` overrides its resolution).
-
-    On a GPU the frozen weights are loaded in bf16 (spec §7: frozen blocks in bf16; S, losses and distances stay
-    fp32 under autocast), which also saves the per-step weight casts of autocast.
-    """
-    kwargs = {"image_size": image_size}
-    if device is not None and device.type == "cuda":
-        kwargs.update(dtype=torch.bfloat16, device=device)
-    if spec.startswith("zoo:"):
-        from stitchkit.zoo import load_zoo_backbone
-
-        return load_zoo_backbone(spec[4:], **kwargs)
-    from stitchkit.backbones import load_backbone
-
-    return load_backbone(spec, **kwargs)
+# ---- training settings ---------------------------------------------------------------------------
 
 
 def train_config(optim: OptimConfig, examples: int, seed: int) -> TrainConfig:
@@ -139,7 +122,7 @@ class Sweep:
         self.device = pick_device(cfg.device)
         self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "sweep": cfg.seeds}, command=command)
         self.data: TaskData = load_task_data(cfg.task, cfg.data)
-        self.models = {name: resolve_model(spec, cfg.image_size.get(name), self.device) for name, spec in cfg.models.items()}
+        self.models = {name: load_frozen_backbone(spec, cfg.image_size.get(name), self.device) for name, spec in cfg.models.items()}
         self.cells = [
             Cell(source, target, point, stitch, objective, seed)
             for seed in cfg.seeds
@@ -150,13 +133,7 @@ class Sweep:
         ]
         for cell in self.cells:
             self._check_cell(cell)
-        self.store = FeatureStore(
-            self.run.root / "cache" if cfg.cache == "disk" else None,
-            mode="disk" if cfg.cache == "disk" else "memory",
-            batch_size=cfg.eval_batch_size,
-            device=self.device,
-            dtype=cfg.cache_dtype,
-        )
+        self.store = FeatureStore.for_run(self.run.root, cfg, self.device)
         self._plan()
         self.init_images = self.data.splits["train"].images[: cfg.init_images]
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from stitchkit.engine import seed_everything, train
+from stitchkit.engine.devices import pick_device
 from stitchkit.report import line_plot, markdown_table
 from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 from stitchkit.stitching.cache import ArrayDataset, FeatureStore, float_tensor, inference_autocast, layer_key
@@ -28,8 +29,7 @@ from stitchkit.stitching.data import load_task_data
 from stitchkit.stitching.layers import build_stitch
 from stitchkit.stitching.model import StitchedModel, check_point
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
-from stitchkit.engine.devices import pick_device
-from stitchkit.stitching.protocol import resolve_model, task_score, train_config
+from stitchkit.stitching.protocol import task_score, train_config
 from stitchkit.stitching.tree import (
     StitchTree,
     block_flops,
@@ -38,6 +38,7 @@ from stitchkit.stitching.tree import (
     sequence_length,
     vst_overhead,
 )
+from stitchkit.zoo import load_frozen_backbone
 
 
 def probe_head(dim: int, num_classes: int) -> nn.Module:
@@ -52,7 +53,7 @@ class TreeExperiment:
         self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "tree": cfg.seeds}, command=command)
         self.data = load_task_data(cfg.task, cfg.data)
         self.names = [cfg.trunk, *cfg.branches]
-        self.models = {name: resolve_model(cfg.models[name], cfg.image_size.get(name), self.device) for name in self.names}
+        self.models = {name: load_frozen_backbone(cfg.models[name], cfg.image_size.get(name), self.device) for name in self.names}
         self.trunk = self.models[cfg.trunk]
         self.bridge_options = {"prefix_policy": cfg.prefix_policy, "grid_policy": cfg.grid_policy}
         self.layers = {name: feature_layer_of(bb, cfg.feature_layer) for name, bb in self.models.items()}
@@ -63,13 +64,7 @@ class TreeExperiment:
                 raise ConfigError(f"feature_layer: {cfg.feature_layer} is no block of {name}")
         for point in cfg.points:
             check_point(point, min(self.layers[cfg.trunk], self.trunk.num_blocks), field="points")
-        self.store = FeatureStore(
-            self.run.root / "cache" if cfg.cache == "disk" else None,
-            mode="disk" if cfg.cache == "disk" else "memory",
-            batch_size=cfg.eval_batch_size,
-            device=self.device,
-            dtype=cfg.cache_dtype,
-        )
+        self.store = FeatureStore.for_run(self.run.root, cfg, self.device)
         for split in ("train", "val", "test"):
             for name in self.names:
                 self.store.plan(name, split, [layer_key(self.layers[name])])

@@ -91,6 +91,20 @@ def load_zoo_backbone(name_or_recipe: str | ZooRecipe, **load_kwargs) -> VisionB
     return load_backbone(build(name_or_recipe), **load_kwargs)
 
 
+def load_frozen_backbone(spec: str, image_size: int | None = None, device: torch.device | None = None) -> VisionBackbone:
+    """A hub id, a local folder, or zoo:NAME -> a frozen VisionBackbone (`image_size` overrides its resolution).
+
+    On a GPU the frozen weights are loaded in bf16 (they only serve features; trainable parts on top stay fp32
+    under autocast), which also saves autocast's per-step weight casts.
+    """
+    kwargs: dict[str, Any] = {"image_size": image_size}
+    if device is not None and device.type == "cuda":
+        kwargs.update(dtype=torch.bfloat16, device=device)
+    if spec.startswith("zoo:"):
+        return load_zoo_backbone(spec[4:], **kwargs)
+    return load_backbone(spec, **kwargs)
+
+
 def caption_vocabulary(captions: list[str]) -> WordVocab:
     """Every word of the training captions, plus every category (singular and plural) and colour name, so
     captions of other images of the same world rarely need <unk>."""
