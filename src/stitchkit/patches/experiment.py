@@ -24,7 +24,7 @@ from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, s
 from stitchkit.engine.devices import torch_threads
 from stitchkit.patches.models import load_tokenizer, model_loader, resolve_model
 from stitchkit.patches.shapes import render_shapes_set
-from stitchkit.patches.train import PatchSample, finetune_with_curve
+from stitchkit.patches.train import PatchSample, finetune_step
 from stitchkit.runs import RunDir, atomic_write_json
 
 RESULTS_VERSION = 1
@@ -110,13 +110,7 @@ def run_image_set(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: Ima
         samples = training_samples(dataset[f"f{f}"])
         per_seed = {}
         for seed in cfg.train.seeds:
-            step = f"train/{set_name}/f{f}/seed{seed}"
-            folder = run.path(*step.split("/"))
-            if not run.done(step):
-                outcome = finetune_with_curve(load, samples, cfg.train, f, seed, folder, evaluate)
-                atomic_write_json(folder / "result.json", outcome)
-                run.finish(step)
-            per_seed[seed] = json.loads((folder / "result.json").read_text())
+            per_seed[seed] = finetune_step(run, f"train/{set_name}/f{f}/seed{seed}", load, samples, cfg.train, f, seed, evaluate)
         result["splits"][f] = aggregate_seeds(per_seed)
     return result
 

@@ -29,7 +29,7 @@ from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, s
 from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter
 from stitchkit.patches.ids import check_first_tokens
 from stitchkit.patches.shapes import render_moderation_set
-from stitchkit.patches.train import PatchSample, finetune_with_curve
+from stitchkit.patches.train import PatchSample, finetune_step
 from stitchkit.runs import RunDir, atomic_write_json
 
 VARIANTS = ("filtered", "unfiltered")
@@ -135,13 +135,7 @@ def _train_seeds(run: RunDir, study: ModerationStudy, prefix: str, samples, spli
         return {"train_samples": 0, "note": "no patch passed the filter"}
     finals = {}
     for seed in study.train.seeds:
-        step = f"{prefix}/seed{seed}"
-        folder = run.path(*step.split("/"))
-        if not run.done(step):
-            outcome = finetune_with_curve(load, samples, study.train, split, seed, folder, evaluate)
-            atomic_write_json(folder / "result.json", outcome)
-            run.finish(step)
-        records = json.loads((folder / "result.json").read_text())["final"]
+        records = finetune_step(run, f"{prefix}/seed{seed}", load, samples, study.train, split, seed, evaluate)["final"]
         finals[seed] = {**summarize(records), **attacker_rates(records)}
     metrics = list(next(iter(finals.values())))
     return {

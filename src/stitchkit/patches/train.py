@@ -27,7 +27,7 @@ from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.errors import IncompatibleError
 from stitchkit.patches.config import TrainSettings
 from stitchkit.patches.evaluate import summarize
-from stitchkit.runs import atomic_write_json
+from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.vlm.finetune import FinetuneConfig, prepare, vlm_loss
 from stitchkit.vlm.model import IGNORE_INDEX, VLM, VLMBatch
 
@@ -133,3 +133,13 @@ def finetune_with_curve(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"steps": steps, "epochs": settings.epochs_for(split), "samples": len(samples), "curve": curve, "final": final}
+
+
+def finetune_step(run: RunDir, step: str, load, samples, settings: TrainSettings, split: int, seed: int, evaluate) -> dict[str, Any]:
+    """One fine-tuning as a step of the run folder (folder = the step's path): trained once, with its curve,
+    then read back from result.json on later runs."""
+    folder = run.path(*step.split("/"))
+    if not run.done(step):
+        atomic_write_json(folder / "result.json", finetune_with_curve(load, samples, settings, split, seed, folder, evaluate))
+        run.finish(step)
+    return json.loads((folder / "result.json").read_text())
