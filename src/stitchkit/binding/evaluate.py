@@ -37,16 +37,20 @@ def text_accuracy(model, vocab: Vocabulary, ns, per_n: int, seed: int, batch_siz
 
 
 def image_accuracy(model, vocab: Vocabulary, bank: ImageBank, seed: int, batch_size: int = 256) -> dict[int, float]:
-    """{N: accuracy} over the contexts of an evaluation image bank, grouped by their size."""
-    was_training = model.training
+    """{N: accuracy} over the contexts of an evaluation image bank, grouped by their size. The model reads
+    image features from `bank` for the duration of the call."""
+    was_training, training_bank = model.training, model.image_bank
     model.eval()
+    model.image_bank = bank.features.to(next(model.parameters()).device)
     by_n: dict[int, list[dict]] = {}
     for index in range(len(bank)):
         ex = bank_example(bank, index, example_rng(seed, "eval_images", 0, index), vocab)
         by_n.setdefault(ex.n, []).append(as_sample(encode_image(ex, vocab, bank.tokens), index))
-    result = {n: accuracy_of_samples(model, by_n[n], batch_size) for n in sorted(by_n)}
-    model.train(was_training)
-    return result
+    try:
+        return {n: accuracy_of_samples(model, by_n[n], batch_size) for n in sorted(by_n)}
+    finally:
+        model.image_bank = training_bank
+        model.train(was_training)
 
 
 def summarize(per_n: dict[int, float], max_train_objects: int, ood_headline: int | None = None) -> dict[str, float | None]:

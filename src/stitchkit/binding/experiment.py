@@ -209,16 +209,12 @@ def run_branch(run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder:
     model = BindingModel(cfg.model, cfg.vocab.vocabulary, banks.train.features.shape[-1] if banks else None).to(device)
     if banks is not None:
         model.image_bank = banks.train.features.to(device)
-    stages = []
-    for stage_run in branch_stages(cfg, run, seed, branch, encoder):
+    stages, stage_runs = [], branch_stages(cfg, run, seed, branch, encoder)
+    for stage_run in stage_runs:
         step = stage_run.relative
         if not run.done(step):
             training = train_stage(model, cfg, seed, stage_run, banks)
-            if banks is not None:
-                model.image_bank = banks.eval.features.to(device)
             evaluation = evaluate_stage(model, cfg, stage_run, banks, seed)
-            if banks is not None:
-                model.image_bank = banks.train.features.to(device)
             save_binding_model(model, stage_run.folder / "model", {"stage": stage_run.stage, "seed": seed, "encoder": encoder})
             atomic_write_json(stage_run.folder / "eval.json", {**training, **evaluation})
             run.finish(step)
@@ -228,7 +224,7 @@ def run_branch(run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder:
             if loaded.projector is not None and model.projector is not None:  # text-only branches have none
                 model.projector.load_state_dict(loaded.projector.state_dict())
         stages.append({"stage": stage_run.stage, "folder": step, **json.loads((stage_run.folder / "eval.json").read_text())})
-    final = branch_stages(cfg, run, seed, branch, encoder)[-1]
+    final = stage_runs[-1]
     analysis = None
     if cfg.analysis.enabled:
         step = f"{final.relative}/analysis"
