@@ -10,10 +10,13 @@ dropped), in raster order.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from stitchkit.binding.render import Glyphs, render_context
@@ -30,6 +33,7 @@ from stitchkit.binding.task import (
     sample_example,
 )
 from stitchkit.progress import track
+from stitchkit.runs import atomic_path, atomic_write_json
 
 
 @dataclass
@@ -44,6 +48,19 @@ class ImageBank:
 
     def __len__(self) -> int:
         return len(self.colours)
+
+    def save(self, path: Path) -> None:
+        """Features as float16 safetensors at `path`, the contexts as JSON beside it."""
+        with atomic_path(path) as tmp:
+            save_file({"features": self.features.half().contiguous()}, str(tmp))
+        atomic_write_json(path.with_suffix(".json"), {"colours": self.colours, "shapes": self.shapes})
+
+    @classmethod
+    def load(cls, path: Path) -> "ImageBank":
+        meta = json.loads(path.with_suffix(".json").read_text())
+        colours = [tuple(c) for c in meta["colours"]]
+        shapes = [tuple(s) for s in meta["shapes"]]
+        return cls(colours, shapes, load_file(str(path))["features"])
 
 
 @torch.no_grad()

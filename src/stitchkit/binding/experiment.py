@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from stitchkit.binding.config import BindingConfig
 from stitchkit.binding.data import ExampleStream, ImageBank, StreamSpec, build_bank, collate, patch_tokens
@@ -33,7 +32,7 @@ from stitchkit.binding.render import glyph_set, render_context
 from stitchkit.binding.task import Vocabulary, example_rng, sample_example
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device, torch_threads
-from stitchkit.runs import RunDir, atomic_path, atomic_write_json
+from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.zoo import load_frozen_backbone
 
 RESULTS_VERSION = 1
@@ -47,19 +46,6 @@ GATE_THRESHOLD = 0.95
 class Banks:
     train: ImageBank
     eval: ImageBank
-
-
-def _save_bank(bank: ImageBank, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({"features": bank.features.half().contiguous()}, str(tmp))
-    atomic_write_json(path.with_suffix(".json"), {"colours": bank.colours, "shapes": bank.shapes})
-
-
-def _load_bank(path: Path) -> ImageBank:
-    meta = json.loads(path.with_suffix(".json").read_text())
-    colours = [tuple(c) for c in meta["colours"]]
-    shapes = [tuple(s) for s in meta["shapes"]]
-    return ImageBank(colours, shapes, load_file(str(path))["features"])
 
 
 def separability_gate(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int) -> dict[str, Any]:
@@ -97,11 +83,11 @@ def prepare_images(run: RunDir, cfg: BindingConfig, name: str, spec: str, device
         seed = cfg.seeds[0]
         for split, size in (("images", cfg.images.pool), ("eval_images", cfg.images.eval_pool)):
             bank = build_bank(backbone, size, seed, split, cfg.train_objects, vocab, glyphs, cfg.images.cells, cfg.images.fill)
-            _save_bank(bank, folder / f"{split}.safetensors")
+            bank.save(folder / f"{split}.safetensors")
         atomic_write_json(folder / "gate.json", {"encoder": spec, **separability_gate(backbone, vocab, cfg, seed)})
         _save_samples(cfg, backbone.image_size, folder / "sample.png")
         run.finish(step)
-    return Banks(_load_bank(folder / "images.safetensors"), _load_bank(folder / "eval_images.safetensors"))
+    return Banks(ImageBank.load(folder / "images.safetensors"), ImageBank.load(folder / "eval_images.safetensors"))
 
 
 def _save_samples(cfg: BindingConfig, size: int, path: Path) -> None:
