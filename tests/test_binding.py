@@ -390,3 +390,14 @@ def test_analyze_runs_a_saved_vlm_on_text_prompts(tmp_path):
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert analysis["layers"] == 3 and analysis["knockouts"] is None
     assert len(analysis["interventions"]["4"]["layers"]) == 4
+
+
+def test_image_contexts_larger_than_the_glyph_set_are_refused_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "big.yaml"
+    config.write_text(yaml.safe_dump({"vocab": {"colours": 16, "shapes": 16, "items": 16}, "train_objects": [1, 12],
+                                      "eval": {"max_objects": 16}, "images": {"glyphs": "world", "cells": 4}}))  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "run", str(config), "--out", str(tmp_path / "out")])
+    assert done.value.code == 2
+    assert "10 colours x 13 shapes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

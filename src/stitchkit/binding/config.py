@@ -13,6 +13,7 @@ from typing import Literal, Optional
 import pydantic
 
 from stitchkit.binding.model import ModelSettings
+from stitchkit.binding.render import glyph_set
 from stitchkit.binding.task import Vocabulary
 from stitchkit.config import Config
 
@@ -142,8 +143,6 @@ class BindingConfig(Config):
         limit = self.vocab.vocabulary.max_objects
         if max(hi, self.eval.max_objects) > limit:
             raise ValueError(f"contexts of up to {max(hi, self.eval.max_objects)} objects need that many distinct colours, shapes and items; the vocabulary allows {limit}")
-        if hi > self.images.cells**2:
-            raise ValueError(f"{hi} objects do not fit in images.cells^2 = {self.images.cells**2} cells")
         for branch, stages in self.branches.items():
             unknown = [s for s in stages if s not in self.stages]
             if unknown or not stages:
@@ -153,6 +152,15 @@ class BindingConfig(Config):
                 raise ValueError(f"stage, branch and encoder names must be letters, digits, - and _: {name!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
+        if any(self.uses_images(b) for b in self.branches):
+            if hi > self.images.cells**2:
+                raise ValueError(f"{hi} objects do not fit in images.cells^2 = {self.images.cells**2} cells")
+            colours, shapes = glyph_set(self.images.glyphs).renderable
+            if hi > min(colours, shapes):
+                raise ValueError(
+                    f"image contexts of up to {hi} objects need {hi} distinct glyph colours and shapes; "
+                    f"images.glyphs: {self.images.glyphs} has {colours} colours x {shapes} shapes"
+                )
         return self
 
     @property
