@@ -10,7 +10,7 @@ from vlm_tiny import images, tiny_llava_onevision, tiny_qwen_vl
 
 from stitchkit.engine import TrainConfig
 from stitchkit.vlm import AttentionPolicy, load_vlm
-from stitchkit.vlm.finetune import FinetuneConfig, Sample, collate_for, finetune, merge_lora, vlm_loss
+from stitchkit.vlm.finetune import FinetuneConfig, Sample, collate_for, finetune, merge_lora, response_loss, vlm_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,6 +30,15 @@ def masked_loss(vlm, data, policy) -> float:
     vlm.policy = policy
     with torch.no_grad():
         return float(vlm_loss(vlm.model, collate_for(vlm)(data)))
+
+
+@pytest.mark.parametrize("build", [tiny_llava_onevision, tiny_qwen_vl], ids=["llava_onevision", "qwen2_vl"])
+def test_loss_on_kept_logits_equals_the_loss_on_every_position(build):
+    vlm = load_vlm(*build())
+    batch = collate_for(vlm)(samples())  # responses of different lengths, left-padded rows
+    with torch.no_grad():
+        full = response_loss(vlm.model(**batch["inputs"]).logits, batch["labels"])
+        assert float(vlm_loss(vlm.model, batch)) == pytest.approx(float(full), abs=1e-5)
 
 
 @pytest.mark.parametrize("build", [tiny_llava_onevision, tiny_qwen_vl], ids=["llava_onevision", "qwen2_vl"])

@@ -113,7 +113,15 @@ def collate_for(vlm: VLM):
 
 
 def vlm_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return response_loss(model(**batch["inputs"]).logits, batch["labels"])
+    """response_loss, with logits computed only where a response token is predicted: rows are left-padded, so
+    every supervised token lies in the last `keep - 1` positions, and `logits_to_keep` skips the lm_head (and a
+    (B, S, vocab) float tensor, GBs for real vocabularies) on the whole prompt."""
+    labels = batch["labels"]
+    supervised = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if len(supervised) == 0:
+        raise IncompatibleError("a training batch without response tokens")
+    keep = labels.shape[1] - int(supervised[0]) + 1  # from the position that predicts the first response token
+    return response_loss(model(**batch["inputs"], logits_to_keep=keep).logits, labels[:, -keep:])
 
 
 def finetune(

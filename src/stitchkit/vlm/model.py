@@ -268,7 +268,7 @@ class VLM:
     def generate_ids(self, images, prompts, max_new_tokens: int = 16) -> list[list[int]]:
         """The greedy continuation token ids of every row, up to and without its first end-of-sequence token."""
         batch = self.encode(images, prompts).to(self.device)
-        out = self.forward(batch, use_cache=True)
+        out = self.forward(batch, use_cache=True, logits_to_keep=1)  # only the next token's logits
         cache, mask, positions = out.past_key_values, batch.attention_mask, batch.position_ids
         eos = torch.tensor(sorted(self.eos_token_ids), device=self.device)
         rows = batch.input_ids.shape[0]
@@ -308,7 +308,7 @@ class VLM:
         if empty:
             raise InputError(f"candidates that tokenise to nothing: {empty}")
         batch = self.encode([images], [prompt]).to(self.device)
-        out = self.forward(batch, use_cache=True)
+        out = self.forward(batch, use_cache=True, logits_to_keep=1)
         first = out.logits[0, -1].float()
         first_logprobs = F.log_softmax(first, dim=-1)
         logprobs = [float(first_logprobs[t[0]]) for t in ids]
