@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stitchkit.config import Config, load_config
+from stitchkit.config import Config, config_hash, load_config
 from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_path, atomic_write_json
 
@@ -108,6 +108,16 @@ def test_run_dir_refuses_a_different_config(tmp_path):
         RunDir(tmp_path / "run", config=Outer(name="x", train=Inner(steps=3)))
 
 
+def test_run_dir_accepts_its_config_after_the_config_class_gained_an_option(tmp_path):
+    class Newer(Outer):  # Outer in a later release, with one more option at a default
+        verbose: bool = False
+
+    RunDir(tmp_path / "run", config=Outer(name="x", train=Inner(steps=2)))
+    RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2)))  # the same run: no error
+    with pytest.raises(ConfigError, match="different config"):
+        RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2), verbose=True))
+
+
 def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "STITCHKIT_PROGRESS": "0"}
     return subprocess.run([*STITCHKIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
@@ -147,3 +157,24 @@ def test_package_public_names_resolve(name):
 def test_cli_unknown_command_exits_2():
     out = _run_cli("no-such-verb")
     assert out.returncode == 2
+
+
+def test_config_hash_ignores_fields_at_their_default():
+    """Adding an option (at a default that keeps behaviour) must not invalidate every cached build."""
+
+    class Inner(Config):
+        lr: float = 1e-3
+
+    class Old(Config):
+        steps: int = 10
+        inner: Inner = Inner()
+
+    class New(Old):  # the same config class after a release added two options
+        schedule: str = "cosine"
+        extra: dict[str, float] = {}
+
+    assert config_hash(Old(steps=5), 1) == config_hash(New(steps=5), 1) == config_hash(New(steps=5, schedule="cosine"), 1)
+    assert config_hash(Old(steps=5, inner=Inner(lr=1e-3)), 1) == config_hash(Old(steps=5), 1)
+    assert config_hash(New(steps=5, schedule="constant"), 1) != config_hash(Old(steps=5), 1)
+    assert config_hash(Old(steps=5, inner=Inner(lr=2e-3)), 1) != config_hash(Old(steps=5), 1)
+    assert config_hash(Old(steps=5), 2) != config_hash(Old(steps=5), 1)  # the format version is part of it

@@ -7,6 +7,8 @@ names the file, the field path and the reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +26,16 @@ class Config(pydantic.BaseModel):
 
 
 C = TypeVar("C", bound=Config)
+
+
+def config_hash(config: pydantic.BaseModel, version: int) -> str:
+    """12 hex digits of sha256 over the fields that differ from their defaults (canonical JSON) and a format
+    version: the cache key of what a config builds. Defaults are left out so that adding an option to a config
+    class (at a default that keeps today's behaviour) keeps every cached build valid; a change to a default, or
+    to the code that builds, is a change of `version`."""
+    fields = config.model_dump(mode="json", exclude_defaults=True)
+    canonical = json.dumps({"config": fields, "format": version}, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
 def format_validation_error(err: pydantic.ValidationError, source: str) -> str:

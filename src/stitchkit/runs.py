@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 from stitchkit.errors import ConfigError
@@ -137,6 +138,19 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _same_config(saved: Any, config: Any) -> bool:
+    """Whether a run folder's saved config is `config`. A saved pydantic config is read back through today's
+    class, so an option added since (at its default) does not make an old run folder "different"."""
+    if saved is None:
+        return True
+    if not isinstance(config, pydantic.BaseModel):
+        return saved == config
+    try:
+        return type(config).model_validate(saved) == config
+    except pydantic.ValidationError:  # a field was removed or changed meaning
+        return False
+
+
 class RunDir:
     """One run folder. Create it with the effective config; steps are skipped once finished.
 
@@ -157,7 +171,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
         existing = self._read_manifest()
-        if existing and config_dict is not None and existing.get("config") not in (None, config_dict):
+        if existing and config_dict is not None and not _same_config(existing.get("config"), config):
             raise ConfigError(
                 f"{self.root} already holds a run made with a different config; "
                 "choose another --out folder or delete this one"

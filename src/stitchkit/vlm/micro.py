@@ -25,7 +25,6 @@ baseline (`micro_vlm.json`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -40,7 +39,7 @@ import yaml
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from stitchkit.config import Config, load_config
+from stitchkit.config import Config, config_hash, load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import torch_threads
 from stitchkit.errors import ConfigError
@@ -131,8 +130,7 @@ def load_micro_recipe(name_or_path: str | Path = RECIPE_FILE) -> MicroVLMRecipe:
 
 
 def micro_recipe_hash(recipe: MicroVLMRecipe) -> str:
-    canonical = json.dumps({"recipe": recipe.model_dump(mode="json"), "format": MICRO_FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return config_hash(recipe, MICRO_FORMAT_VERSION)
 
 
 # ---- vocabulary, tokenizer, processor, model ---------------------------------------------------------

@@ -3,7 +3,7 @@
 stitchkit_home()/zoo/<name>-<hash>/ holds
     config.json, model.safetensors, preprocessor_config.json   the model, loadable with load_backbone
     vocab.json      the word vocabulary (image-text recipes only)
-    recipe.yaml     the recipe in canonical form (what the hash is taken of)
+    recipe.yaml     the recipe in canonical form, every field spelled out (the hash covers those not at their default)
     train/          the engine's folder: metrics.jsonl, checkpoint/, done.json; a killed build resumes here
     zoo.json        written last: metadata, probe accuracies, train time; its presence means "built"
 """

@@ -14,7 +14,6 @@ so within the ~4 minutes the four CPU builds may take together they learn visibl
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Annotated, Literal, Union
 import pydantic
 import yaml
 
-from stitchkit.config import Config, load_config, read_yaml
+from stitchkit.config import Config, config_hash, load_config, read_yaml
 from stitchkit.engine import TrainConfig
 from stitchkit.errors import ConfigError
 from stitchkit.paths import CONFIGS
@@ -177,9 +176,8 @@ def recipe_yaml(recipe: ZooRecipe) -> str:
 
 
 def recipe_hash(recipe: ZooRecipe) -> str:
-    """12 hex digits of sha256 over the canonical YAML (so comments and key order do not matter)."""
-    text = f"zoo-format: {ZOO_FORMAT_VERSION}\n" + recipe_yaml(recipe)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    """The recipe's content hash (config_hash: comments, key order and fields at their defaults do not matter)."""
+    return config_hash(recipe, ZOO_FORMAT_VERSION)
 
 
 def _is_encoder_recipe(path: Path) -> bool:
