@@ -3,6 +3,7 @@
 As a script (also under `accelerate launch`) it trains and writes the per-step losses and final
 trainable weights to --result (a .safetensors file). --crash-at-step K makes the process die with
 os._exit(1) when it starts step K, i.e. after the checkpoints before K were written, as a kill would.
+--planted SCORES --eval-every E evaluates every E steps with `planted_eval` (for early stopping).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
     return loss, {"accuracy": accuracy}
 
 
+def planted_eval(scores: list[float], every: int):
+    """An eval_fn returning a scripted metric: scores[i] at the i-th evaluation (step (i + 1) * every)."""
+    return lambda model, step: {"score": scores[step // every - 1]}
+
+
 def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unused-head", action="store_true")
     parser.add_argument("--crash-at-step", type=int)
     parser.add_argument("--again", action="store_true", help="then train once more, in memory, in this process")
+    parser.add_argument("--planted", help="JSON list of scores for planted_eval")
+    parser.add_argument("--eval-every", type=int)
     args = parser.parse_args(argv)
     cfg = TrainConfig.model_validate_json(args.config)
 
@@ -88,8 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         return loss_fn(model, batch)
 
     model = build_model(args.dropout, args.unused_head)
-    result = train(model, crashing_loss_fn, make_dataset(), cfg, args.out)
-    metadata = {"losses": json.dumps(result.losses), "resumed_from": json.dumps(result.resumed_from)}
+    evaluation = {}
+    if args.planted is not None:
+        evaluation = {"eval_fn": planted_eval(json.loads(args.planted), args.eval_every), "eval_every": args.eval_every}
+    result = train(model, crashing_loss_fn, make_dataset(), cfg, args.out, **evaluation)
+    metadata = {
+        "losses": json.dumps(result.losses),
+        "resumed_from": json.dumps(result.resumed_from),
+        "steps": json.dumps(result.steps),
+        "best_step": json.dumps(result.best_step),
+    }
     if args.again:
         again = train(build_model(args.dropout, args.unused_head), loss_fn, make_dataset(), cfg, None)
         metadata["losses_again"] = json.dumps(again.losses)

@@ -19,7 +19,7 @@ from torch import nn
 
 import engine_tiny_train as tiny
 from stitchkit.config import validate_config
-from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine import EarlyStopping, TrainConfig, seed_everything, train
 from stitchkit.engine import checkpoint as checkpoint_module
 from stitchkit.engine.loop import _global_batch_indices
 from stitchkit.errors import ConfigError, InputError, StitchkitError
@@ -52,41 +52,51 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert not np.array_equal(_global_batch_indices(0, batch, size, seed=4), stream[:4])
 
 
-def test_matches_a_hand_written_pytorch_loop():
-    """Oracle: plain AdamW on the full global batch, decay only on matrices, clipping, and the
-    warmup + cosine schedule written out by hand; the engine splits each batch into 2 micro-batches."""
-    cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, lr=3e-3, weight_decay=0.1, warmup_steps=2,
-                      max_grad_norm=0.5, log_every=1, seed=5, mixed_precision="no")
-    data = tiny.make_dataset()
-    result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
-
+def hand_written_training(cfg: TrainConfig, data, lr_of: dict[str, float] | None = None):
+    """Oracle: plain AdamW on the full global batch, decay only on matrices, clipping, and the warmup + cosine
+    schedule written out by hand; lr_of gives named parameters their own base learning rate.
+    Returns (model, losses, base lr per step, gradient norms)."""
     model = tiny.build_model()
-    decayed = [model.hidden.weight, model.head.weight]
-    not_decayed = [model.hidden.bias, model.norm.weight, model.norm.bias, model.head.bias]
+    groups = {}  # (base lr, decayed) -> parameters
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(((lr_of or {}).get(name, cfg.lr), p.ndim >= 2), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decayed, "weight_decay": 0.1}, {"params": not_decayed, "weight_decay": 0.0}], lr=3e-3
+        [{"params": ps, "base_lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
+         for (lr, decayed), ps in groups.items()]
     )
 
-    def lr_at(step):  # linear warmup, then half a cosine down to 0
+    def factor(step):  # linear warmup, then half a cosine down to 0
         if step < cfg.warmup_steps:
-            return cfg.lr * step / cfg.warmup_steps
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
+            return step / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
 
     stream = np.concatenate([np.random.default_rng([cfg.seed, epoch]).permutation(len(data)) for epoch in range(3)])
     losses, lrs, grad_norms = [], [], []
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = group["base_lr"] * factor(step)
         indices = stream[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = torch.stack([data[i]["x"] for i in indices])
         y = torch.stack([data[i]["y"] for i in indices])
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(decayed + not_decayed, cfg.max_grad_norm).item())
+        trainable = [p for ps in groups.values() for p in ps]
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        lrs.append(lr_at(step))
+        lrs.append(cfg.lr * factor(step))
+    return model, losses, lrs, grad_norms
+
+
+def test_matches_a_hand_written_pytorch_loop():
+    """The engine splits each batch into 2 micro-batches; the oracle does not."""
+    cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, lr=3e-3, weight_decay=0.1, warmup_steps=2,
+                      max_grad_norm=0.5, log_every=1, seed=5, mixed_precision="no")
+    data = tiny.make_dataset()
+    result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+    model, losses, lrs, grad_norms = hand_written_training(cfg, data)
 
     # Float32 sums in a different order (two half-batches vs one batch): agreement to ~1e-7 relative.
     np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
@@ -98,6 +108,28 @@ def test_matches_a_hand_written_pytorch_loop():
         torch.testing.assert_close(trained[name], expected, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in result.metrics] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= r["accuracy"] <= 1 for r in result.metrics)
+
+
+def test_lr_groups_give_parameters_their_own_learning_rate_under_the_common_schedule():
+    """Longest prefix wins (hidden.bias over hidden), prefixes are whole module names ("h" would match nothing),
+    unmatched parameters (norm) keep lr, and the logged lr is the base lr."""
+    cfg = TrainConfig(steps=5, batch_size=16, lr=1e-3, warmup_steps=2, log_every=1, mixed_precision="no",
+                      lr_groups={"head": 2e-2, "hidden": 5e-3, "hidden.bias": 1e-1})
+    data = tiny.make_dataset()
+    result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+    per_name = {"head.weight": 2e-2, "head.bias": 2e-2, "hidden.weight": 5e-3, "hidden.bias": 1e-1}
+    model, losses, lrs, _ = hand_written_training(cfg, data, per_name)
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in result.metrics], lrs, rtol=1e-12, atol=1e-15)
+    trained = tiny.trainable_weights(result.model)
+    for name, expected in tiny.trainable_weights(model).items():
+        torch.testing.assert_close(trained[name], expected, rtol=1e-5, atol=1e-6)
+    # The oracle is sensitive to the groups: with one lr for all it ends elsewhere.
+    plain, *_ = hand_written_training(cfg, data)
+    assert not torch.allclose(tiny.trainable_weights(plain)["head.weight"], trained["head.weight"], atol=1e-4)
+    for prefix in ("h", "frozen"):  # not a module name; a module without trainable parameters
+        with pytest.raises(ConfigError, match=f"lr_groups: '{prefix}' matches no trainable parameter"):
+            train(tiny.build_model(), tiny.loss_fn, data, cfg.model_copy(update={"lr_groups": {prefix: 1e-2}}), None)
 
 
 def test_checkpoint_holds_trainable_state_only_and_a_finished_training_is_loaded_not_rerun(tmp_path):
@@ -285,6 +317,92 @@ def test_stop_fn_ends_training_early_and_a_rerun_loads_it(tmp_path):
     assert_same_weights(again.model.state_dict(), short.model.state_dict())
     lrs = [r["lr"] for r in stopped.metrics if "lr" in r]
     assert lrs[-1] == cfg.lr  # warmup done, then constant
+
+
+# Planted evaluations at steps 2, 4, 6, ...: best 5 at step 8; 4, 4 and 4.5 are no improvement, so patience 3
+# stops at step 14. Patience 4 sees the 6 at step 16, then four 0s: it stops at step 24.
+PLANTED = [1, 3, 2, 5, 4, 4, 4.5, 6] + [0] * 12
+
+
+def test_early_stopping_stops_after_patience_evaluations_and_ends_at_the_best_weights(tmp_path):
+    data = tiny.make_dataset()
+    cfg = TrainConfig(steps=40, batch_size=8, schedule="constant", checkpoint_every=100, log_every=5,
+                      early_stopping=EarlyStopping(metric="score", patience=3))
+    evaluate = tiny.planted_eval(PLANTED, 2)
+
+    def run(cfg, out=None, **kwargs):
+        return train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, out, eval_fn=evaluate, eval_every=2, **kwargs)
+
+    def weights_after(steps):  # constant schedule: the first steps do not depend on `steps`
+        return run(cfg.model_copy(update={"steps": steps, "early_stopping": None})).model.state_dict()
+
+    best = weights_after(8)
+
+    stopped = run(cfg, tmp_path / "a")
+    assert (stopped.steps, stopped.best_step, len(stopped.losses)) == (14, 8, 14)
+    assert_same_weights(stopped.model.state_dict(), best)
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["best_step"] == 8
+    assert json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())["step"] == 14  # written at the stop
+    again = run(cfg, tmp_path / "a")  # finished: loads the best weights without training
+    assert (again.steps, again.best_step, again.resumed_from) == (14, 8, 14)
+    assert_same_weights(again.model.state_dict(), best)
+
+    # In memory; restore_best off keeps the last weights; the stop itself is the same.
+    in_memory = run(cfg)
+    assert (in_memory.steps, in_memory.best_step) == (14, 8)
+    assert_same_weights(in_memory.model.state_dict(), best)
+    last = run(cfg.model_copy(update={"early_stopping": EarlyStopping(metric="score", patience=3, restore_best=False)}))
+    assert (last.steps, last.best_step) == (14, 8)
+    assert_same_weights(last.model.state_dict(), weights_after(14))
+
+    # mode min on the negated sequence stops alike; patience 4 reaches the later best.
+    evaluate = tiny.planted_eval([-v for v in PLANTED], 2)
+    assert run(cfg.model_copy(update={"early_stopping": EarlyStopping(metric="score", mode="min", patience=3)})).steps == 14
+    evaluate = tiny.planted_eval(PLANTED, 2)
+    longer = run(cfg.model_copy(update={"early_stopping": EarlyStopping(metric="score", patience=4)}))
+    assert (longer.steps, longer.best_step) == (24, 16)
+    # With stop_fn, whichever rule fires first stops the training.
+    both = run(cfg, stop_fn=lambda metrics: metrics["score"] >= 5)
+    assert (both.steps, both.best_step) == (8, 8)
+
+
+def test_early_stopping_errors_are_clear():
+    data = tiny.make_dataset()
+    cfg = TrainConfig(steps=4, batch_size=8, early_stopping=EarlyStopping(metric="accuracy", patience=2))
+    with pytest.raises(ConfigError, match="needs evaluations: pass eval_fn and eval_every"):
+        train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+    with pytest.raises(ConfigError, match=r"'accuracy' is not among the metrics eval_fn returned \(score\)"):
+        train(tiny.build_model(), tiny.loss_fn, data, cfg, None, eval_fn=tiny.planted_eval(PLANTED, 2), eval_every=2)
+    with pytest.raises(ConfigError, match="patience"):
+        validate_config(TrainConfig, {"steps": 1, "batch_size": 8, "early_stopping": {"metric": "a", "patience": 0}})
+
+
+def test_a_killed_training_with_early_stopping_stops_where_an_uninterrupted_one_does(tmp_path):
+    """Killed after the new best at step 8 was saved but before a checkpoint took it in (the last is at step 5):
+    the re-run replays steps 6-9, stops at 14 and ends with the step-8 weights, like an uninterrupted run."""
+    cfg = TrainConfig(steps=40, batch_size=8, grad_accum=2, checkpoint_every=5, log_every=1,
+                      early_stopping=EarlyStopping(metric="score", patience=3))
+    out, result = tmp_path / "run", tmp_path / "result.safetensors"
+    args = ["--out", str(out), "--result", str(result), "--config", cfg.model_dump_json(), "--dropout", "0.3",
+            "--planted", json.dumps(PLANTED), "--eval-every", "2"]
+
+    killed = run_helper([*args, "--crash-at-step", "9"])
+    assert killed.returncode == 1, killed.stderr
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 5 and state["evaluations"] == [[2, 1], [4, 3]]
+    assert (out / "best.safetensors").exists() and not (out / "done.json").exists()
+
+    rerun = run_helper(args)
+    assert rerun.returncode == 0, rerun.stderr
+    weights, info = read_result(result)
+    assert (info["resumed_from"], info["steps"], info["best_step"]) == (5, 14, 8)
+
+    reference = train(tiny.build_model(dropout=0.3), tiny.loss_fn, tiny.make_dataset(), cfg, None,
+                      eval_fn=tiny.planted_eval(PLANTED, 2), eval_every=2)
+    assert (reference.steps, reference.best_step) == (14, 8)
+    assert_same_weights(weights, tiny.trainable_weights(reference.model))
+    assert info["losses"] == reference.losses
+    assert metrics_steps(out) == list(range(1, 15))
 
 
 def test_user_errors_are_one_clear_message(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -13,12 +14,14 @@ import yaml
 from typer.testing import CliRunner
 
 from stitchkit.backbones import save_backbone
-from stitchkit.config import validate_config
+from stitchkit.config import load_config, validate_config
+from stitchkit.engine import EarlyStopping
 from stitchkit.errors import ConfigError
+from stitchkit.stitching import protocol
 from stitchkit.stitching.commands import app
-from stitchkit.stitching.config import StitchRunConfig
+from stitchkit.stitching.config import OptimConfig, StitchRunConfig
 from stitchkit.stitching.experiment import run_sweep, run_tree
-from stitchkit.stitching.protocol import Sweep
+from stitchkit.stitching.protocol import Sweep, train_config
 
 TINY = dict(num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)
 FAST = {"epochs": 1, "batch_size": 16}
@@ -120,7 +123,7 @@ def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):
         "branches": ["clip", "siglip"],
         "points": [1],
         "grid_policy": "bilinear",
-        "ffm": FAST, "probe": FAST,
+        "ffm": FAST, "probe": {"epochs": 2, "batch_size": 16, "patience": 1},  # early stopping on the probes' val score
         "timing_batches": 1,
         "eval_batch_size": 16,
         "device": "cpu",
@@ -133,6 +136,9 @@ def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):
     # L = block 2 of 3 for every model: VST-1 with 3 models runs 1 + 3 * (2 - 1) blocks against single's 2.
     assert tree["blocks"] == 4 and tree["extra_blocks"] == pytest.approx(1.0) == tree["formula_overhead"]
     assert "normalised_gain" in tree and "VST-1" in report.read_text()
+    for probe in ("baselines/seed0/single", "trees/n1/seed0/probe"):
+        records = [json.loads(line) for line in (tmp_path / "tree" / probe / "metrics.jsonl").read_text().splitlines()]
+        assert next(r["step"] for r in records if "val_score" in r) == 2  # evaluated once per epoch
 
 
 def test_cli_errors_name_the_field(model_dirs, tmp_path):
@@ -147,6 +153,78 @@ def test_cli_errors_name_the_field(model_dirs, tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / name)])
         assert isinstance(result.exception, ConfigError) and message in str(result.exception), (name, result.exception)
+
+
+def test_optim_config_becomes_the_engine_config():
+    optim = OptimConfig(epochs=2, batch_size=10, lr=1e-4, head_lr=1e-3, patience=5)
+    cfg = train_config(optim, 100, seed=3, head="head")
+    assert (cfg.steps, cfg.lr, cfg.lr_groups) == (20, 1e-4, {"head": 1e-3})
+    assert cfg.early_stopping == EarlyStopping(metric="val_score", mode="max", patience=5, restore_best=True)
+    assert train_config(optim, 100, seed=3).lr_groups == {}  # no head in the trained model
+    plain = train_config(OptimConfig(epochs=2, batch_size=10), 100, seed=3, head="head")
+    assert plain.lr_groups == {} and plain.early_stopping is None
+
+
+def test_stage_options_only_where_a_stage_can_use_them(model_dirs):
+    paper = load_config(StitchRunConfig, Path(__file__).parents[1] / "configs" / "stitch" / "paper.yaml")
+    assert (paper.tlt.epochs, paper.tlt.lr, paper.tlt.head_lr, paper.tlt.patience) == (100, 1e-4, 1e-3, 5)
+    assert (paper.probe.epochs, paper.probe.patience, paper.ffm.epochs) == (100, 5, 1)
+    refused = {
+        "ffm": ({"epochs": 1, "patience": 3}, "ffm.patience: FFM trains S without labels"),
+        "lfm": ({"epochs": 1, "head_lr": 1e-3}, "lfm.head_lr: LFM trains S alone"),
+        "probe": ({"epochs": 1, "head_lr": 1e-3}, "probe.head_lr: a probe is a head alone; set probe.lr"),
+    }
+    for stage, (optim, message) in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            validate_config(StitchRunConfig, sweep_config(model_dirs, **{stage: optim}))
+
+
+def test_head_lr_and_early_stopping_reach_the_trainings(model_dirs, tmp_path, monkeypatch):
+    """tlt.head_lr gives the stitched model's head (and only it) its own learning rate in the optimizer; patience
+    evaluates the val score once per epoch in TLT, probes and heads on label-free stitches, and each ends at its
+    best epoch: the score_val reported afterwards is the best val score seen in training."""
+    optimizers, trainings = [], {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    def recording_train(model, loss_fn, dataset, cfg, out_dir, **kwargs):
+        result = real_train(model, loss_fn, dataset, cfg, out_dir, **kwargs)
+        lr_of = {id(p): group["initial_lr"] for group in optimizers[-1].param_groups for p in group["params"]}
+        lrs = {name: lr_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+        trainings[out_dir.relative_to(tmp_path / "run").as_posix()] = (cfg, kwargs.get("eval_every"), result, lrs)
+        return result
+
+    real_train = protocol.train
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(protocol, "train", recording_train)
+    cfg = sweep_config(
+        model_dirs, points=[2], objectives=["tlt", "ffm"], self_stitch=False,
+        tlt={"epochs": 4, "batch_size": 16, "lr": 1e-4, "head_lr": 1e-2, "patience": 1},
+        probe={"epochs": 4, "batch_size": 16, "lr": 1e-3, "patience": 1},
+    )
+    results = Sweep(validate_config(StitchRunConfig, cfg), tmp_path / "run").run_all()
+
+    tlt_cfg, _, _, lrs = trainings["cells/dino--clip/n2/mlp-relu/tlt/seed0/tlt"]
+    assert tlt_cfg.lr_groups == {"head": 1e-2}
+    assert {n for n, lr in lrs.items() if lr == 1e-2} == {"head.linear.weight", "head.linear.bias"}
+    assert {lr for n, lr in lrs.items() if not n.startswith("head.")} == {1e-4}  # S (and prefix tokens)
+    assert trainings["cells/dino--clip/n2/mlp-relu/ffm/seed0/ffm"][0].early_stopping is None
+
+    reported = {f"probes/{p['model']}/seed0/train": p["score_val"] for p in results["probes"]}
+    for cell in results["cells"]:
+        stage = "tlt" if cell["objective"] == "tlt" else "head"
+        reported[f"cells/dino--clip/n2/mlp-relu/{cell['objective']}/seed0/{stage}"] = cell["score_val"]
+    assert len(reported) == 4
+    for folder, score_val in reported.items():
+        cfg, eval_every, result, _ = trainings[folder]
+        assert cfg.early_stopping.patience == 1 and eval_every == 2  # 32 images, batch 16: 2 steps per epoch
+        evaluations = [(r["step"], r["val_score"]) for r in result.metrics if "val_score" in r]
+        assert [step for step, _ in evaluations] == list(range(2, result.steps + 1, 2)), folder
+        best_step, best = max(evaluations, key=lambda e: (e[1], -e[0]))  # the first of the best
+        assert (result.best_step, score_val) == (best_step, best), folder
 
 
 def test_image_folder_and_coco_data(tmp_path):

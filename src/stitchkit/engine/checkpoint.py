@@ -45,6 +45,13 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if k not in frozen}
 
 
+def save_trainable_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """Write `trainable_state_dict(model)` to `path` atomically: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(trainable_state_dict(model), str(tmp))
+    os.replace(tmp, path)
+
+
 def load_trainable_state_dict(model: torch.nn.Module, path: Path) -> None:
     """Load a `trainable_state_dict` file into `model`; it must fit the model exactly."""
     try:

@@ -13,8 +13,13 @@ gradient of the mean loss (up to float summation order), provided `loss_fn` retu
 its batch. A killed training re-run with the same out_dir resumes from its last checkpoint
 (weights, optimizer, schedule, RNG states) and ends with exactly the weights of an uninterrupted run.
 
-out_dir holds metrics.jsonl (one JSON record per logged step), checkpoint/ (see checkpoint.py) and
-done.json once finished; a finished training is not run again: its weights are loaded.
+Early stopping is a function of the evaluation history alone, which the checkpoint keeps (like the
+losses), so a resumed run stops at the same evaluation; the best evaluation's weights are written to
+best.safetensors when they are reached, before any checkpoint that could be resumed from.
+
+out_dir holds metrics.jsonl (one JSON record per logged step), checkpoint/ (see checkpoint.py),
+best.safetensors (early stopping with restore_best) and done.json once finished; a finished training
+is not run again: its weights are loaded.
 
 Several CPU processes (to test DDP without GPUs): `accelerate launch --cpu` starts only one process
 (accelerate issue #2741), so use its torchrun path with ACCELERATE_USE_CPU=1:
@@ -27,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +63,8 @@ from stitchkit.engine.checkpoint import (
     load_trainable_state_dict,
     read_checkpoint_state,
     save_checkpoint,
+    save_trainable_state_dict,
+    trainable_state_dict,
     wait_for_everyone,
 )
 from stitchkit.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -66,6 +74,7 @@ from stitchkit.runs import atomic_write_json, atomic_write_text
 
 METRICS = "metrics.jsonl"
 DONE = "done.json"
+BEST = "best.safetensors"
 # Config fields that do not change the trained weights; a resume may change them.
 NOT_AFFECTING_RESULT = ("checkpoint_every", "log_every")
 
@@ -74,15 +83,44 @@ EvalFn = Callable[[nn.Module, int], dict[str, float]]
 StopFn = Callable[[dict[str, float]], bool]
 
 
+class EarlyStopping(Config):
+    """Stop when the evaluation metric `metric` has not strictly improved for `patience` evaluations; with
+    `restore_best` the model ends with the weights of its best evaluation rather than its last."""
+
+    metric: str  # a key of what eval_fn returns
+    mode: Literal["max", "min"] = "max"
+    patience: int = pydantic.Field(ge=1)  # evaluations without improvement before stopping
+    restore_best: bool = True
+
+    def best(self, history: list[list[float]]) -> int:
+        """Index of the best of the [step, value] evaluations in `history`. Only a strict improvement
+        replaces the best (a tie keeps the earlier evaluation); a NaN value is never best."""
+        sign = 1.0 if self.mode == "max" else -1.0
+        best = 0
+        for i, (_, value) in enumerate(history):
+            incumbent = history[best][1]
+            if not math.isnan(value) and (math.isnan(incumbent) or sign * value > sign * incumbent):
+                best = i
+        return best
+
+    def exhausted(self, history: list[list[float]]) -> bool:
+        """`patience` evaluations have passed since the best one."""
+        return len(history) - 1 - self.best(history) >= self.patience
+
+
 class TrainConfig(Config):
     """How `train` optimises: AdamW (decoupled weight decay) with linear warmup, then cosine decay to 0
     (`schedule: cosine`) or a constant learning rate (`schedule: constant`, for open-ended trainings that
-    stop on an evaluation criterion)."""
+    stop on an evaluation criterion). `lr_groups` gives parameters under a module their own learning rate
+    (the schedule scales every group alike); `early_stopping` ends a training that stopped improving."""
 
     steps: int = pydantic.Field(ge=1)  # optimizer steps
     # The global batch of one optimizer step, over all processes and micro-batches.
     batch_size: int = pydantic.Field(ge=1)
     lr: float = pydantic.Field(1e-3, gt=0)
+    # Module-name prefix (as in model.named_parameters(), e.g. "head" for head.weight, head.bias) -> its
+    # learning rate; the longest matching prefix wins, other parameters use `lr`.
+    lr_groups: dict[str, pydantic.PositiveFloat] = pydantic.Field(default_factory=dict)
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -92,6 +130,7 @@ class TrainConfig(Config):
     log_every: int = pydantic.Field(10, ge=1)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, no on CPU
+    early_stopping: EarlyStopping | None = None  # needs eval_fn and eval_every
 
 
 @dataclasses.dataclass
@@ -103,6 +142,7 @@ class TrainResult:
     losses: list[float]  # per optimizer step, mean over the global batch
     metrics: list[dict[str, Any]]  # the records of metrics.jsonl (main process only)
     resumed_from: int | None  # checkpoint step this run started from (= steps if already done), None if fresh
+    best_step: int | None = None  # early stopping: the step of the best evaluation (None without early stopping)
 
 
 def train(
@@ -128,7 +168,8 @@ def train(
     without gradients, every `eval_every` steps and at the end; it cannot disturb the training RNG.
     stop_fn(eval metrics) -> True ends the training early at that evaluation (a checkpoint is written there,
     and TrainResult.steps says where it stopped); the stop depends only on evaluations, so a resumed run
-    stops at the same step.
+    stops at the same step. cfg.early_stopping stops the same way, after `patience` evaluations of its
+    metric without improvement (either rule may stop); TrainResult.best_step is its best evaluation.
     out_dir=None trains in memory: no files, no resume. `model` is trained in place and left on the
     training device with its modules' train/eval modes as the caller had them.
     """
@@ -140,6 +181,11 @@ def train(
         raise InputError("cannot train on an empty dataset")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    rule = cfg.early_stopping
+    if rule is not None and (eval_fn is None or eval_every is None):
+        raise ConfigError(
+            f"early_stopping on {rule.metric!r} needs evaluations: pass eval_fn and eval_every to train()"
+        )
     collate_fn = collate_fn or default_collate
 
     # Accelerator reads ACCELERATE_USE_CPU (set by `accelerate launch --cpu`) but PartialState does not;
@@ -191,7 +237,7 @@ def train(
         log_with="tensorboard" if use_tensorboard else None,
         project_dir=out_dir,
     )
-    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg), lr=cfg.lr)
     if cfg.schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     else:
@@ -203,6 +249,8 @@ def train(
     # log_window: [loss, *extras] of the steps since the last log record, averaged into the next one.
     start_step, losses, log_window, metrics, resumed_from = 0, [], [], [], None
     stopped_at = None
+    evaluations: list[list[float]] = []  # [step, value] of the early-stopping metric at every evaluation
+    best_weights = None  # the best evaluation's trainable state, when out_dir=None (else in best.safetensors)
     if out_dir is not None:
         if accelerator.is_main_process:
             finish_interrupted_swap(out_dir)
@@ -213,6 +261,7 @@ def train(
             saved = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index)
             start_step = resumed_from = saved["step"]
             losses, log_window = saved["losses"], saved["log_window"]
+            evaluations = saved.get("evaluations", [])
             if saved.get("stopped"):  # killed between the early stop's checkpoint and done.json
                 stopped_at = start_step
         if accelerator.is_main_process:
@@ -269,12 +318,22 @@ def train(
                 record.update(zip(metric_names, means[1:]))
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-            if eval_now and accelerator.is_main_process:
-                evaluation = _evaluate(eval_fn, model, done)
-                record.update(evaluation)
-                stop_now = stop_fn is not None and done < cfg.steps and bool(stop_fn(evaluation))
-            if eval_now and stop_fn is not None:
-                stop_now = broadcast_object_list([stop_now])[0]
+            if eval_now:
+                # [stop_fn says stop, early-stopping metric]: decided on the main process, followed by all.
+                decision = [False, None]
+                if accelerator.is_main_process:
+                    evaluation = _evaluate(eval_fn, model, done)
+                    record.update(evaluation)
+                    user_stop = stop_fn is not None and done < cfg.steps and bool(stop_fn(evaluation))
+                    decision = [user_stop, _tracked_metric(evaluation, rule)]
+                if stop_fn is not None or rule is not None:
+                    decision = broadcast_object_list(decision)
+                stop_now = decision[0]
+                if rule is not None:
+                    evaluations.append([done, decision[1]])
+                    if rule.restore_best and rule.best(evaluations) == len(evaluations) - 1:
+                        best_weights = _keep_best(model, out_dir, accelerator)
+                    stop_now = stop_now or (done < cfg.steps and rule.exhausted(evaluations))
                 checkpoint_now = checkpoint_now or (stop_now and out_dir is not None)
             if len(record) > 1 and accelerator.is_main_process:
                 metrics.append(record)
@@ -288,6 +347,7 @@ def train(
                     "samples_seen": done * cfg.batch_size,
                     "losses": losses,
                     "log_window": log_window,
+                    "evaluations": evaluations,
                     "stopped": stop_now,
                     "config": cfg.model_dump(mode="json"),
                 }
@@ -299,8 +359,16 @@ def train(
                 progress.update(bar, total=done)
                 break
 
+    best_step = int(evaluations[rule.best(evaluations)][0]) if rule is not None and evaluations else None
+    if best_step is not None and rule.restore_best:
+        wait_for_everyone(accelerator)  # the main process has written best.safetensors
+        if out_dir is None:
+            model.load_state_dict(best_weights, strict=False)
+        else:
+            load_trainable_state_dict(model, out_dir / BEST)
     if out_dir is not None and accelerator.is_main_process:
-        atomic_write_json(out_dir / DONE, {"steps": final_step, "losses": losses, "config": cfg.model_dump(mode="json")})
+        done_record = {"steps": final_step, "best_step": best_step, "losses": losses, "config": cfg.model_dump(mode="json")}
+        atomic_write_json(out_dir / DONE, done_record)
     wait_for_everyone(accelerator)
     # Not accelerator.end_training(): it also destroys the process group, which a later training in
     # this process still needs.
@@ -308,7 +376,9 @@ def train(
         tracker.finish()
     for module, training in caller_modes.items():
         module.training = training
-    return TrainResult(model=model, steps=final_step, losses=losses, metrics=metrics, resumed_from=resumed_from)
+    return TrainResult(
+        model=model, steps=final_step, losses=losses, metrics=metrics, resumed_from=resumed_from, best_step=best_step
+    )
 
 
 def _micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -334,12 +404,26 @@ def _global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: i
     return np.array([_epoch_permutation(seed, int(e), dataset_size)[o] for e, o in zip(epochs, offsets)])
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (weights, embeddings) only; biases, norm scales and other 1-D tensors are not decayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def _parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups by (learning rate, decayed): decay matrices (weights, embeddings) only, not biases, norm
+    scales and other 1-D tensors; a parameter under an `lr_groups` prefix gets that group's learning rate
+    (the longest prefix wins). The two base groups (lr = cfg.lr) come first, so get_last_lr()[0] is theirs."""
+    longest_first = sorted(cfg.lr_groups, key=len, reverse=True)
+    groups: dict[tuple[str | None, bool], list[nn.Parameter]] = {(None, True): [], (None, False): []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            prefix = next((q for q in longest_first if name == q or name.startswith(q + ".")), None)
+            groups.setdefault((prefix, parameter.ndim >= 2), []).append(parameter)
+    unmatched = set(cfg.lr_groups) - {prefix for prefix, _ in groups}
+    if unmatched:
+        trainable = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad})
+        raise ConfigError(
+            f"lr_groups: {', '.join(map(repr, sorted(unmatched)))} matches no trainable parameter; prefixes are "
+            f"module names, e.g. one of {', '.join(trainable[:8])}"
+        )
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": params, "lr": cfg.lr_groups.get(prefix, cfg.lr), "weight_decay": cfg.weight_decay if decayed else 0.0}
+        for (prefix, decayed), params in groups.items()
     ]
 
 
@@ -373,10 +457,32 @@ def _evaluate(eval_fn: EvalFn, model: nn.Module, step: int) -> dict[str, float]:
     return {k: float(v) for k, v in results.items()}
 
 
+def _tracked_metric(evaluation: dict[str, float], rule: EarlyStopping | None) -> float | None:
+    if rule is None:
+        return None
+    if rule.metric not in evaluation:
+        raise ConfigError(
+            f"early_stopping.metric {rule.metric!r} is not among the metrics eval_fn returned "
+            f"({', '.join(evaluation) or 'none'})"
+        )
+    return evaluation[rule.metric]
+
+
+def _keep_best(model: nn.Module, out_dir: Path | None, accelerator: Accelerator) -> dict[str, torch.Tensor] | None:
+    """Save the weights of a new best evaluation: to out_dir/best.safetensors (atomically; a resumed run and a
+    re-run of a finished one need it), or, without out_dir, as an in-memory copy, which is returned."""
+    if out_dir is None:
+        return trainable_state_dict(model)
+    if accelerator.is_main_process:
+        save_trainable_state_dict(model, out_dir / BEST)
+    return None
+
+
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, out_dir: Path) -> None:
     current = cfg.model_dump(mode="json")
     # A field added to TrainConfig after the training was saved counts as its default.
-    saved = {k: saved.get(k, TrainConfig.model_fields[k].default) for k in current}
+    defaults = {k: TrainConfig.model_fields[k].get_default(call_default_factory=True) for k in current}
+    saved = {k: saved.get(k, defaults[k]) for k in current}
     changed = [k for k in current if k not in NOT_AFFECTING_RESULT and saved[k] != current[k]]
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
@@ -402,11 +508,16 @@ def _truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
 
 
 def _finished_training(model: nn.Module, cfg: TrainConfig, out_dir: Path) -> TrainResult:
-    """A training that already finished: load its final trainable weights into `model`."""
+    """A training that already finished: load its final trainable weights (the best ones, with early
+    stopping's restore_best) into `model`."""
     done = json.loads((out_dir / DONE).read_text())
     _check_same_config(done["config"], cfg, out_dir)
-    load_trainable_state_dict(model, out_dir / CHECKPOINT / "model.safetensors")
+    best_step = done.get("best_step")
+    restored = best_step is not None and cfg.early_stopping.restore_best
+    load_trainable_state_dict(model, out_dir / BEST if restored else out_dir / CHECKPOINT / "model.safetensors")
     metrics_path = out_dir / METRICS
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     steps = done["steps"]
-    return TrainResult(model=model, steps=steps, losses=done["losses"], metrics=metrics, resumed_from=steps)
+    return TrainResult(
+        model=model, steps=steps, losses=done["losses"], metrics=metrics, resumed_from=steps, best_step=best_step
+    )

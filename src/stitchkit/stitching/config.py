@@ -13,7 +13,7 @@ import pydantic
 
 from stitchkit.config import Config
 from stitchkit.stitching.data import DataConfig
-from stitchkit.stitching.objectives import Objective
+from stitchkit.stitching.objectives import LABEL_FREE, Objective
 
 
 class StitchLayerConfig(Config):
@@ -32,11 +32,20 @@ class StitchLayerConfig(Config):
 
 
 class OptimConfig(Config):
-    """One training stage: AdamW with warm-up and cosine decay (the engine's loop)."""
+    """One training stage: AdamW with warm-up and cosine decay (the engine's loop), optionally stopped early."""
 
-    epochs: float = pydantic.Field(gt=0)
+    epochs: float = pydantic.Field(gt=0, description="at most this many epochs (fewer if early stopping ends it)")
     batch_size: int = pydantic.Field(64, ge=1)
-    lr: float = pydantic.Field(1e-3, gt=0)
+    lr: float = pydantic.Field(1e-3, gt=0, description="S's learning rate (TLT), or the head's (probe)")
+    head_lr: float | None = pydantic.Field(
+        None, gt=0, description="TLT: the head's own learning rate (spec §7: S 1e-4, head 1e-3); None = lr"
+    )
+    patience: int | None = pydantic.Field(
+        None,
+        ge=1,
+        description="early stopping: evaluate the val task score once per epoch, stop after this many epochs "
+        "without improvement and keep the best epoch's weights (spec §2: patience 5); None = off",
+    )
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_fraction: float = pydantic.Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
@@ -44,6 +53,31 @@ class OptimConfig(Config):
 
     def steps(self, examples: int) -> int:
         return max(1, round(self.epochs * examples / self.batch_size))
+
+
+def _unused_option(stage: str, option: str) -> str | None:
+    """Why a stage has no use for an OptimConfig option, or None if it has. Validation refuses such an option
+    rather than ignore it, so a config never looks like it does something it does not."""
+    if stage in LABEL_FREE and option == "patience":
+        return (
+            f"{stage.upper()} trains S without labels, so there is no val score to stop on (the head fitted "
+            "afterwards stops by probe.patience)"
+        )
+    if stage in LABEL_FREE and option == "head_lr":
+        return f"{stage.upper()} trains S alone (the head fitted afterwards trains at probe.lr)"
+    if stage == "probe" and option == "head_lr":
+        return "a probe is a head alone; set probe.lr"
+    return None
+
+
+def _check_stage_options(cfg: Config) -> None:
+    """Refuse early stopping and head_lr in the stages (the OptimConfig fields of `cfg`) that cannot use them."""
+    for stage, optim in cfg:
+        if isinstance(optim, OptimConfig):
+            for option in ("patience", "head_lr"):
+                why = _unused_option(stage, option)
+                if getattr(optim, option) is not None and why:
+                    raise ValueError(f"{stage}.{option}: {why}")
 
 
 class StitchRunConfig(Config):
@@ -87,6 +121,7 @@ class StitchRunConfig(Config):
         unknown = set(self.image_size) - names
         if unknown:
             raise ValueError(f"image_size: {', '.join(sorted(unknown))} not in models")
+        _check_stage_options(self)
         return self
 
     def cross_pairs(self) -> list[tuple[str, str]]:
@@ -134,4 +169,5 @@ class TreeConfig(Config):
             raise ValueError(f"branches: the trunk {self.trunk!r} has its own branch already; list only the others")
         if self.stitch.kind == "lora":
             raise ValueError("stitch.kind: tree branches share the trunk's block n, so 'lora' cannot be used")
+        _check_stage_options(self)
         return self

@@ -11,6 +11,7 @@ One cell:
        start at the mean of the target's own prefix tokens at the stitch point
     2. train S by the objective's stages on cached source activations (cache.py)
     3. label-free objectives (LFM, FFM) fit a head on the frozen stitch; TLT stages train S and head
+       (optionally at their own learning rates, and stopped early on the val score: OptimConfig)
     4. evaluate on the test split: score, D_n / D_fin / per-layer profile, prediction overlap
 """
 
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine import EarlyStopping, TrainConfig, TrainResult, seed_everything, train
 from stitchkit.engine.devices import pick_device
 from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_write_json
@@ -57,12 +59,18 @@ from stitchkit.stitching.objectives import (
 # ---- training settings ---------------------------------------------------------------------------
 
 
-def train_config(optim: OptimConfig, examples: int, seed: int) -> TrainConfig:
+VAL_SCORE = "val_score"  # the metric early stopping watches: the task score on the val split (higher is better)
+
+
+def train_config(optim: OptimConfig, examples: int, seed: int, head: str | None = None) -> TrainConfig:
+    """The engine's settings for one stage. `head`: the module name of the head inside the trained model
+    (the prefix of its parameter names), which trains at optim.head_lr."""
     steps = optim.steps(examples)
     return TrainConfig(
         steps=steps,
         batch_size=min(optim.batch_size, examples),
         lr=optim.lr,
+        lr_groups={head: optim.head_lr} if head is not None and optim.head_lr is not None else {},
         weight_decay=optim.weight_decay,
         warmup_steps=int(optim.warmup_fraction * steps),
         max_grad_norm=optim.max_grad_norm,
@@ -70,7 +78,40 @@ def train_config(optim: OptimConfig, examples: int, seed: int) -> TrainConfig:
         log_every=max(1, steps // 10),
         seed=seed,
         mixed_precision=optim.mixed_precision,
+        early_stopping=None if optim.patience is None else EarlyStopping(metric=VAL_SCORE, patience=optim.patience),
     )
+
+
+def train_stage(
+    model: torch.nn.Module,
+    loss_fn,
+    dataset,
+    optim: OptimConfig,
+    seed: int,
+    out_dir: Path,
+    *,
+    description: str,
+    head: str | None = None,
+    val_score: Callable[[torch.nn.Module], float] | None = None,
+) -> TrainResult:
+    """Train one stage by `optim`. With optim.patience, val_score(model) (the task score on val) is evaluated
+    once per epoch, and the training stops after `patience` epochs without improvement, at the best epoch's
+    weights (spec §2). `head` as in train_config."""
+    cfg = train_config(optim, len(dataset), seed, head)
+    evaluation = {}
+    if cfg.early_stopping is not None:
+        if val_score is None:
+            raise ValueError("early stopping needs a val_score function")
+        evaluation = {
+            "eval_fn": lambda model, step: {VAL_SCORE: val_score(model)},
+            "eval_every": max(1, round(len(dataset) / cfg.batch_size)),  # once per epoch
+        }
+    return train(model, loss_fn, dataset, cfg, out_dir, description=description, **evaluation)
+
+
+def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The name of `module` inside `model`, i.e. the prefix of its parameters in model.named_parameters()."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -199,11 +240,11 @@ class Sweep:
         head = build_head(self.cfg.task, backbone, self.data.num_classes, self.cfg.data.image_size)
         features = {split: self._readout_features(model, split) for split in ("train", "val", "test")}
         started = time.perf_counter()
-        self._fit_head(head, features["train"], folder / "train", seed)
+        self._fit_head(head, features["train"], features["val"], folder / "train", seed)
         result = {"kind": "probe", "model": model, "seed": seed, "train_seconds": time.perf_counter() - started}
         for split in ("val", "test"):
             predictions = self._head_predictions(head, features[split])
-            result[f"score_{split}"] = task_score(self.cfg.task, predictions, self.data.splits[split].labels, self.data.num_classes)
+            result[f"score_{split}"] = self.score(predictions, split)
             if split == "test":
                 np.save(folder / "test_predictions.npy", predictions)
         atomic_write_json(folder / "result.json", result)
@@ -218,22 +259,31 @@ class Sweep:
         images = self.data.splits[split].images
         return compute_features(self.models[model], images, ["readout"], self.cfg.task, self.cfg.eval_batch_size, self.device)["readout"]
 
-    def _fit_head(self, head: torch.nn.Module, train_features: np.ndarray, out_dir: Path, seed: int) -> None:
+    def score(self, predictions: np.ndarray, split: str) -> float:
+        return task_score(self.cfg.task, predictions, self.data.splits[split].labels, self.data.num_classes)
+
+    def _fit_head(
+        self, head: torch.nn.Module, train_features: np.ndarray, val_features: np.ndarray | None, out_dir: Path, seed: int
+    ) -> None:
+        """Train a head on fixed features by the probe settings (val_features: for early stopping)."""
         labels = self.data.splits["train"].labels
         dataset = ArrayDataset(features=train_features, label=labels)
 
         def loss_fn(model, batch):
             return task_loss(model(batch["features"].float()), batch["label"])
 
-        cfg = train_config(self.cfg.probe, len(dataset), seed)
-        train(head, loss_fn, dataset, cfg, out_dir, description="head")
+        def val_score(model):
+            return self.score(self._head_predictions(model, val_features), "val")
+
+        train_stage(head, loss_fn, dataset, self.cfg.probe, seed, out_dir, description="head", val_score=val_score)
 
     @torch.no_grad()
     def _head_predictions(self, head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-        head.to(self.device).eval()
+        head.eval()
+        device = next(head.parameters()).device  # where training left it (also while it trains: early stopping)
         predictions = []
         for start in range(0, len(features), self.cfg.eval_batch_size):
-            batch = float_tensor(features[start : start + self.cfg.eval_batch_size], self.device)
+            batch = float_tensor(features[start : start + self.cfg.eval_batch_size], device)
             predictions.append(head(batch).argmax(1).cpu().numpy())
         return np.concatenate(predictions)
 
@@ -346,15 +396,17 @@ class Sweep:
             if stage == "tlt":
                 seed_everything(cell.seed + 1)  # a fresh head, the same for every cell with this seed
                 model.head = build_head(self.cfg.task, model.target, self.data.num_classes, self.cfg.data.image_size)
-            optim = getattr(self.cfg, stage)
             dataset = self.stage_dataset(cell, model, stage)
-            result = train(
+            result = train_stage(
                 model,
                 self.loss_function(model, stage),
                 dataset,
-                train_config(optim, len(dataset), cell.seed),
+                getattr(self.cfg, stage),
+                cell.seed,
                 folder / stage,
                 description=f"{cell.name} {stage}",
+                head=module_name(model, model.head) if model.head is not None else None,
+                val_score=lambda model: self.stitch_score(model, cell.source, "val"),
             )
             losses[stage] = result.losses[-1] if result.losses else None
         if cell.objective in LABEL_FREE:
@@ -362,7 +414,9 @@ class Sweep:
             seed_everything(cell.seed + 1)
             model.head = build_head(self.cfg.task, model.target, self.data.num_classes, self.cfg.data.image_size)
             train_features = self.stitched_features(model, cell.source, "train")
-            self._fit_head(model.head, train_features, folder / "head", cell.seed)
+            # Val features serve only early stopping.
+            val_features = self.stitched_features(model, cell.source, "val") if self.cfg.probe.patience else None
+            self._fit_head(model.head, train_features, val_features, folder / "head", cell.seed)
         train_seconds = time.perf_counter() - started
         result = {
             "kind": "stitch",
@@ -392,16 +446,23 @@ class Sweep:
         return torch.cat(outputs).numpy()
 
     def _hidden_batches(self, model: StitchedModel, source: str, split: str):
-        """Source activations at the stitch point for a split, batch by batch, on the device."""
+        """Source activations at the stitch point for a split, batch by batch, on the model's device."""
         size = self.cfg.eval_batch_size
+        device = next(model.parameters()).device  # where training left it (also while it trains: early stopping)
         if self.cfg.cache != "none":
             cached = self.features(source, split, layer_key(model.source_layer))
             for start in range(0, len(cached), size):
-                yield float_tensor(cached[start : start + size], self.device)
+                yield float_tensor(cached[start : start + size], device)
         else:
             images = self.data.splits[split].images
             for start in range(0, len(images), size):
-                yield model.source_hidden(model.source.preprocess(images[start : start + size]).to(self.device))
+                yield model.source_hidden(model.source.preprocess(images[start : start + size]).to(device))
+
+    def stitch_score(self, model: StitchedModel, source: str, split: str) -> float:
+        """The stitched model's task score on a split (TLT's early stopping watches it on val)."""
+        with inference_autocast(self.device):
+            predictions, _ = self._predict(model, source, split, with_distances=False)
+        return self.score(predictions, split)
 
     @torch.no_grad()
     def evaluate(self, model: StitchedModel, cell: Cell, probes: dict, folder: Path) -> dict:
@@ -412,7 +473,7 @@ class Sweep:
             for split in ("val", "test"):
                 predictions, distances = self._predict(model, cell.source, split, with_distances=split == "test")
                 labels = self.data.splits[split].labels
-                out[f"score_{split}"] = task_score(self.cfg.task, predictions, labels, self.data.num_classes)
+                out[f"score_{split}"] = self.score(predictions, split)
         np.save(folder / "test_predictions.npy", predictions)
         out.update(distances)
         if (cell.source, cell.seed) in probes and (cell.target, cell.seed) in probes:

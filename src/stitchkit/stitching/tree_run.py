@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stitchkit.engine import seed_everything, train
+from stitchkit.engine import seed_everything
 from stitchkit.engine.devices import pick_device
 from stitchkit.report import line_plot, markdown_table
 from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
@@ -29,7 +29,7 @@ from stitchkit.stitching.data import load_task_data
 from stitchkit.stitching.layers import build_stitch
 from stitchkit.stitching.model import StitchedModel, check_point
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
-from stitchkit.stitching.protocol import task_score, train_config
+from stitchkit.stitching.protocol import task_score, train_stage
 from stitchkit.stitching.tree import (
     StitchTree,
     block_flops,
@@ -83,22 +83,25 @@ class TreeExperiment:
         seed_everything(seed)
         head = probe_head(features["train"].shape[1], self.data.num_classes)
         dataset = ArrayDataset(features=features["train"], label=self.data.splits["train"].labels)
-        train(
+
+        @torch.no_grad()
+        def score(model: nn.Module, split: str) -> float:
+            model.eval()
+            device = next(model.parameters()).device  # where training left it
+            predictions = model(float_tensor(features[split], device)).argmax(1).cpu().numpy()
+            return task_score("classification", predictions, self.data.splits[split].labels, self.data.num_classes)
+
+        train_stage(
             head,
             lambda model, batch: task_loss(model(batch["features"].float()), batch["label"]),
             dataset,
-            train_config(self.cfg.probe, len(dataset), seed),
+            self.cfg.probe,
+            seed,
             folder,
             description="probe",
+            val_score=lambda model: score(model, "val"),  # early stopping (probe.patience)
         )
-        head.eval()
-        scores = {}
-        with torch.no_grad():
-            for split in ("val", "test"):
-                logits = head(torch.as_tensor(features[split]).float())
-                predictions = logits.argmax(1).numpy()
-                scores[split] = task_score("classification", predictions, self.data.splits[split].labels, self.data.num_classes)
-        return scores
+        return {split: score(head, split) for split in ("val", "test")}
 
     def train_branch(self, name: str, point: int, seed: int) -> StitchedModel:
         """S_i for one branch, trained by FFM on model i's patch tokens at its feature layer (label-free)."""
@@ -121,7 +124,7 @@ class TreeExperiment:
             return final_feature_matching_loss(stitched, batch["reference"].float(), weights.to(stitched.device))
 
         folder = self.run.path("branches", f"n{point}", name, f"seed{seed}", ".")
-        train(model, loss_fn, dataset, train_config(self.cfg.ffm, len(dataset), seed), folder, description=f"branch {name} n{point}")
+        train_stage(model, loss_fn, dataset, self.cfg.ffm, seed, folder, description=f"branch {name} n{point}")
         return model
 
     @torch.no_grad()
