@@ -5,7 +5,9 @@ out_dir/checkpoint/ holds
     optimizer.pt        optimizer state
     scheduler.pt        learning-rate schedule state
     rng_<rank>.pt       every global RNG state of each process (dropout etc. resume exactly)
-    state.json          step, samples seen, per-step losses so far, unlogged metrics, the config
+    state.json          step, samples seen, per-step losses so far, unlogged metrics, the config, and the name
+                        of every parameter the optimizer holds (in its order; a later training can then take
+                        over the moments by name: `carry_optimizer_state`)
 
 A new checkpoint is written into checkpoint.tmp/, then swapped in with two renames
 (checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint). A directory cannot be renamed over a
@@ -114,7 +116,7 @@ def save_checkpoint(
         save_file(trainable_state_dict(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        atomic_write_json(tmp / "state.json", state)
+        atomic_write_json(tmp / "state.json", {**state, "optimizer_params": optimizer_parameter_names(model, optimizer)})
     wait_for_everyone(accelerator)  # every process's RNG file is in tmp before it becomes `current`
     if accelerator.is_main_process:
         shutil.rmtree(old, ignore_errors=True)
@@ -123,6 +125,41 @@ def save_checkpoint(
         os.replace(tmp, current)
         shutil.rmtree(old, ignore_errors=True)
     wait_for_everyone(accelerator)
+
+
+def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in the order its state_dict() numbers them (group by group)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def carry_optimizer_state(source: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Start `optimizer` from the AdamW moments (and step counts) that the training in `source` (an out_dir) last
+    checkpointed, for every parameter both trainings train, matched by name; parameters new to this training keep
+    a fresh state. Returns how many parameters took over a state."""
+    checkpoint = checkpoint_dir(Path(source))
+    if checkpoint is None:
+        raise InputError(f"cannot carry the optimizer state over from {source}: it holds no training checkpoint")
+    names = read_checkpoint_state(checkpoint).get("optimizer_params")
+    if names is None:
+        raise InputError(
+            f"cannot carry the optimizer state over from {source}: its checkpoint predates saved parameter names; "
+            "re-run that training"
+        )
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
+    by_name = {names[index]: state for index, state in saved.items()}
+    carried = 0
+    for name in optimizer_parameter_names(model, optimizer):
+        if name not in by_name:
+            continue
+        parameter = model.get_parameter(name)
+        state = by_name[name]
+        if state["exp_avg"].shape != parameter.shape:
+            raise InputError(f"cannot carry the optimizer state of {name} over from {source}: its shape changed")
+        # Moments live with the parameter; AdamW keeps its step count on the CPU.
+        optimizer.state[parameter] = {k: v.to(parameter.device) if v.ndim else v.clone() for k, v in state.items()}
+        carried += 1
+    return carried
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from stitchkit.config import Config
 from stitchkit.engine.checkpoint import (
     CHECKPOINT,
+    carry_optimizer_state,
     checkpoint_dir,
     finish_interrupted_swap,
     load_checkpoint,
@@ -157,6 +158,7 @@ def train(
     eval_fn: EvalFn | None = None,
     eval_every: int | None = None,
     stop_fn: StopFn | None = None,
+    optimizer_from: str | Path | None = None,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad with AdamW, warmup, then `cfg.schedule`.
 
@@ -170,6 +172,9 @@ def train(
     and TrainResult.steps says where it stopped); the stop depends only on evaluations, so a resumed run
     stops at the same step. cfg.early_stopping stops the same way, after `patience` evaluations of its
     metric without improvement (either rule may stop); TrainResult.best_step is its best evaluation.
+    optimizer_from: the out_dir of an earlier training of this model (the previous stage of a curriculum): this
+    training starts from the AdamW moments that one ended with, for every parameter both train (by name);
+    parameters that start training here get a fresh state. A resumed training restores its own checkpoint instead.
     out_dir=None trains in memory: no files, no resume. `model` is trained in place and left on the
     training device with its modules' train/eval modes as the caller had them.
     """
@@ -238,6 +243,8 @@ def train(
         project_dir=out_dir,
     )
     optimizer = torch.optim.AdamW(_parameter_groups(model, cfg), lr=cfg.lr)
+    if optimizer_from is not None:
+        carry_optimizer_state(Path(optimizer_from), model, optimizer)  # a resume's own checkpoint overrides it below
     if cfg.schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     else:
