@@ -11,7 +11,16 @@ import torch
 import yaml
 
 from stitchkit.binding.data import ExampleStream, StreamSpec, as_sample, collate
-from stitchkit.binding.interventions import LABELS, make_pair, run_interventions, sample_pairs, symbolic_positional_ratio
+from stitchkit.binding.interventions import (
+    LABELS,
+    OUTCOMES,
+    correct_pairs,
+    make_pair,
+    patch_outcomes,
+    run_interventions,
+    sample_pairs,
+    symbolic_positional_ratio,
+)
 from stitchkit.binding.knockouts import edges, run_knockouts
 from stitchkit.binding.model import BindingModel, ModelSettings, answer_loss, load_binding_model, save_binding_model
 from stitchkit.binding.probes import binding_signature, probe_layers
@@ -56,6 +65,19 @@ def parse_and_answer(ids: list[int], vocab: Vocabulary) -> int:
 def tiny_model(seed: int = 0, encoder_dim: int | None = None) -> BindingModel:
     torch.manual_seed(seed)
     return BindingModel(TINY, VOCAB, encoder_dim).eval()
+
+
+def context_model(seed: int = 1) -> BindingModel:
+    """A tiny model whose answers depend on the context. At random init the last token's own embedding dominates,
+    so every intervention is reflexive; sharper, larger attention gives the four outcomes at the inner layers.
+    About 1 pair in 70 is answered right on both sides, so 1600 candidates give ~20 pairs."""
+    model = tiny_model(seed)
+    with torch.no_grad():
+        for layer in model.lm.model.layers:
+            layer.self_attn.o_proj.weight.mul_(10)
+            layer.self_attn.q_proj.weight.mul_(3)
+            layer.self_attn.k_proj.weight.mul_(3)
+    return model
 
 
 # ---- task -----------------------------------------------------------------------------------------------
@@ -260,8 +282,54 @@ def test_knocking_out_keys_everywhere_equals_masking_them():
     keep[hidden] = False
     torch.testing.assert_close(knocked[0, keep], masked[0, keep], rtol=1e-5, atol=1e-5)
     assert edges(enc, "K4") == list(zip(enc.shape_pos, enc.colour_pos))
-    result = run_knockouts(model, n=5, examples=8, seed=0, window=1, sets=("K1", "K4"))
+    result = run_knockouts(model, n=5, examples=8, seed=0, window=1, sets=("K1", "K4"), pairs=8)
     assert len(result["windows"]) == 2 * TINY.layers
+
+
+@pytest.mark.parametrize("label_layer", [None, 0])
+def test_knockout_labels_with_no_edge_blocked_are_the_interventions_labels(monkeypatch, label_layer):
+    """Oracle: run_interventions without a knockout, every layer patched. An empty edge set sends every forward
+    through the knockout's attention path (explicit mask) yet must classify every pair the same way."""
+    import stitchkit.binding.knockouts as knockouts
+
+    model = context_model()
+    oracle = run_interventions(TokenSubject(model, VOCAB), n=4, pairs=400, seed=0)
+    monkeypatch.setattr(knockouts, "edges", lambda enc, name: [])
+    result = run_knockouts(model, n=4, examples=8, seed=0, window=1, sets=("K1",), pairs=400, label_layer=label_layer)
+    layer = TINY.layers - 1 if label_layer is None else label_layer
+    expected = {o: oracle["layers"][layer][o] for o in OUTCOMES}
+    assert result["label_layer"] == layer and result["pairs"] == oracle["pairs"] >= 5
+    assert result["labels_baseline"] == expected and sum(1 for v in expected.values() if v) >= 2  # not one trivial outcome
+    for window in result["windows"]:
+        assert window["labels"] == expected
+        assert window["labels_delta"] == {o: 0.0 for o in OUTCOMES} and window["delta"] == 0.0
+
+
+def test_isolating_the_query_makes_the_patched_prediction_independent_of_the_layer():
+    """Block every edge from the query position (but to itself) in every layer: its residual stream then depends
+    on its own token alone, in the cf and in the patched original, so patching at any layer gives the cf's
+    (knocked-out) output and every layer classifies every pair alike. Unmodified, the layers differ."""
+    from stitchkit.vlm.attention import AttentionKnockout, install_attention
+
+    model = context_model()
+    subject = TokenSubject(model, VOCAB)
+    install_attention(model.lm)
+    pairs, _ = correct_pairs(subject, n=4, pairs=400, seed=0)
+    length = len(subject.encode(pairs[0].orig))
+    blocked = torch.zeros(len(pairs), length, length, dtype=torch.bool)
+    blocked[:, -1, :-1] = True
+    isolated = AttentionKnockout(frozenset(range(TINY.layers)), blocked)
+
+    orig = torch.tensor([subject.encode(p.orig) for p in pairs])
+    cf = torch.tensor([subject.encode(p.cf) for p in pairs])
+    residuals, cf_logits = capture_residuals(subject, cf, attention_knockout=isolated)
+    for site in range(TINY.layers + 1):
+        torch.testing.assert_close(forward_patched(subject, orig, site, residuals[site][:, -1], attention_knockout=isolated), cf_logits)
+
+    outcomes = lambda rows: [tuple(row[o] for o in OUTCOMES) for row in rows]  # noqa: E731
+    knocked = outcomes(patch_outcomes(subject, pairs, range(TINY.layers + 1), isolated, batch_size=8))  # batches slice the mask
+    unmodified = outcomes(patch_outcomes(subject, pairs, range(TINY.layers + 1)))
+    assert len(pairs) >= 5 and len(set(knocked)) == 1 and len(set(unmodified)) > 1
 
 
 # ---- pretrained models through word prompts ---------------------------------------------------------------------
@@ -335,6 +403,19 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
     assert set(image_run["stages"][0]["text"]) == {str(n) for n in range(1, 7)}
     assert (out / "figures" / "binding_accuracy_vs_n.png").is_file() and (out / "figures" / "binding_mechanisms.png").is_file()
     assert "Separability gate" in (out / "report.md").read_text()
+    for r in results["runs"]:  # knockouts also measure the intervention outcomes at L - 1, on the interventions' pairs
+        knock, inter = r["analysis"]["knockouts"], r["analysis"]["interventions"]["4"]
+        assert knock["label_layer"] == 1 and knock["pairs"] == inter["pairs"]
+        assert knock["labels_baseline"] == {o: inter["layers"][1][o] for o in OUTCOMES}
+        assert all(set(w["labels"]) == set(w["labels_delta"]) == set(OUTCOMES) for w in knock["windows"])
+    assert (out / "figures" / "binding_knockout_labels.png").is_file()
+    # S2 took over S1's AdamW moments (step counts continue); the projector, new in S2, started fresh.
+    s1_steps = image_run["stages"][0]["steps"]
+    checkpoint = out / "train" / "seed0" / "S1" / "S2-encoder" / "checkpoint"
+    names = json.loads((checkpoint / "state.json").read_text())["optimizer_params"]
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    steps = {names[i]: int(s["step"]) for i, s in state.items()}
+    assert steps["lm.lm_head.weight"] == s1_steps + 3 and steps["projector.0.weight"] == 3
     before = (out / "results.json").read_bytes()
     with pytest.raises(SystemExit):
         main(["binding", "run", str(config), "--out", str(out)])  # every step finished: skipped, same bytes
@@ -345,7 +426,8 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
         main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "4", "--probe-examples", "20"])
     assert done.value.code == 0
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
-    assert analysis["layers"] == 2 and analysis["knockouts"] is not None
+    assert analysis["layers"] == 2 and "labels_delta" in analysis["knockouts"]["windows"][0]
+    assert (tmp_path / "an" / "figures" / "knockouts.png").is_file()
 
 
 def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):

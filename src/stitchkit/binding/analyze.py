@@ -41,7 +41,7 @@ def analyze_subject(
         result["interventions"][str(n)] = inter
         result["probes"][str(n)] = run_probes(subject, n, probe_examples, seed)
     if knockouts and isinstance(subject, TokenSubject):
-        result["knockouts"] = run_knockouts(subject.model, ns[0], probe_examples, seed)
+        result["knockouts"] = run_knockouts(subject.model, ns[0], probe_examples, seed, pairs=pairs)
     atomic_write_json(run.path("analysis.json"), result)
     rows = []
     for n, inter in result["interventions"].items():

@@ -55,6 +55,10 @@ class OptimSettings(Config):
     max_grad_norm: Optional[float] = pydantic.Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     checkpoint_every: int = pydantic.Field(1000, ge=1)
+    carry_state: bool = pydantic.Field(
+        True, description="each stage starts from the AdamW moments the previous stage ended with (§4); a parameter "
+        "that starts training in a stage (the projector) starts fresh",
+    )
 
 
 class Stage(Config):
@@ -106,6 +110,9 @@ class AnalysisSettings(Config):
     probe_examples: int = pydantic.Field(3000, ge=10)
     knockout_examples: int = pydantic.Field(1000, ge=1)
     knockout_window: int = pydantic.Field(3, ge=1)
+    knockout_label_layer: Optional[int] = pydantic.Field(
+        None, ge=0, description="read-out layer of the interventions under each knockout; None = L - 1, where R is reported"
+    )
 
     @pydantic.field_validator("n")
     @classmethod
@@ -150,6 +157,9 @@ class BindingConfig(Config):
         for name in list(self.stages) + list(self.branches) + list(self.encoders or {}):
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"stage, branch and encoder names must be letters, digits, - and _: {name!r}")
+        label_layer = self.analysis.knockout_label_layer
+        if label_layer is not None and label_layer > self.model.layers:
+            raise ValueError(f"analysis.knockout_label_layer {label_layer}: the model has layers 0..{self.model.layers} (L = resid_post)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if any(self.uses_images(b) for b in self.branches):

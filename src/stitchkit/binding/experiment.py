@@ -9,8 +9,9 @@ Steps of the run folder (each skipped once finished; an interrupted training res
                                       Each holds model/ (the saved model), eval.json, and analysis.json when it ends a branch
     results.json, report.md, figures/*.png
 
-Every stage starts a fresh AdamW with the configured warmup (the reference proposes carrying the optimizer state
-across stages; the engine owns one optimizer per training, and a warmup per stage keeps stages comparable).
+Every stage is one engine training with its own warmup; with `optim.carry_state` (the default, §4) it starts from
+the AdamW moments the previous stage of its branch ended with (the engine's `optimizer_from`), and the projector,
+which starts training at the first image stage, gets a fresh state.
 """
 
 from __future__ import annotations
@@ -133,8 +134,11 @@ def _noise_span(cfg: BindingConfig, banks: Banks | None) -> int:
     return banks.train.tokens if banks is not None else 196  # the image's token count (§5), 196 at 224 px / 16
 
 
-def train_stage(model: BindingModel, cfg: BindingConfig, seed: int, stage_run: StageRun, banks: Banks | None) -> dict[str, Any]:
-    """Train one stage in place (or load it when finished); returns its step count and stop evaluations."""
+def train_stage(
+    model: BindingModel, cfg: BindingConfig, seed: int, stage_run: StageRun, banks: Banks | None, previous: StageRun | None = None
+) -> dict[str, Any]:
+    """Train one stage in place (or load it when finished), after stage `previous` of its branch; returns its step
+    count and stop evaluations."""
     stage = cfg.stages[stage_run.stage]
     vocab = cfg.vocab.vocabulary
     spec = StreamSpec(stage.image_fraction, stage.noise, _noise_span(cfg, banks), cfg.noise.between_pairs_only, stage.grounding)
@@ -159,7 +163,8 @@ def train_stage(model: BindingModel, cfg: BindingConfig, seed: int, stage_run: S
             return metrics["id_accuracy"] >= stage.until_id_accuracy
 
     result = train(model, answer_loss, dataset, train_cfg, stage_run.folder, collate_fn=collate,
-                   description=f"{stage_run.relative}", eval_fn=eval_fn, eval_every=stage.eval_every, stop_fn=stop_fn)  # fmt: skip
+                   description=f"{stage_run.relative}", eval_fn=eval_fn, eval_every=stage.eval_every, stop_fn=stop_fn,
+                   optimizer_from=previous.folder if previous is not None and o.carry_state else None)  # fmt: skip
     evaluations = [r for r in result.metrics if "id_accuracy" in r]
     return {"steps": result.steps, "stop_evaluations": evaluations}
 
@@ -186,7 +191,7 @@ def analyze_model(model: BindingModel, cfg: BindingConfig, seed: int) -> dict[st
     return {
         "interventions": {str(n): run_interventions(subject, n, a.pairs, seed) for n in a.n},
         "probes": {str(n): run_probes(subject, n, a.probe_examples, seed) for n in a.n},
-        "knockouts": run_knockouts(model, a.n[0], a.knockout_examples, seed, a.knockout_window),
+        "knockouts": run_knockouts(model, a.n[0], a.knockout_examples, seed, a.knockout_window, pairs=a.pairs, label_layer=a.knockout_label_layer),
     }
 
 
@@ -196,10 +201,10 @@ def run_branch(run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder:
     if banks is not None:
         model.image_bank = banks.train.features.to(device)
     stages, stage_runs = [], branch_stages(cfg, run, seed, branch, encoder)
-    for stage_run in stage_runs:
+    for previous, stage_run in zip([None, *stage_runs], stage_runs):
         step = stage_run.relative
         if not run.done(step):
-            training = train_stage(model, cfg, seed, stage_run, banks)
+            training = train_stage(model, cfg, seed, stage_run, banks, previous)
             evaluation = evaluate_stage(model, cfg, stage_run, banks, seed)
             save_binding_model(model, stage_run.folder / "model", {"stage": stage_run.stage, "seed": seed, "encoder": encoder})
             atomic_write_json(stage_run.folder / "eval.json", {**training, **evaluation})
@@ -238,9 +243,11 @@ def aggregate(runs: list[dict[str, Any]], branches: list[str]) -> dict[str, Any]
 
 
 def _final_ratio(analysis: dict[str, Any]) -> float:
-    """R at the last block's input (l = L - 1; the paper's l = 11 of 12 layers)."""
-    first = next(iter(analysis["interventions"].values()))
-    return first["layers"][-2]["ratio"]
+    """R at the last block's input (interventions.ratio_layer; layers 0..L are all patched here)."""
+    from stitchkit.binding.interventions import ratio_layer
+
+    rows = next(iter(analysis["interventions"].values()))["layers"]
+    return rows[ratio_layer(len(rows) - 1)]["ratio"]
 
 
 def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None = None) -> Path:

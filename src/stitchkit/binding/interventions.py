@@ -20,8 +20,10 @@ Symbolic / positional ratio per layer: R_l = p_sym(l) / max(p_pos(l), 1 / n_pair
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,11 +33,14 @@ from stitchkit.binding.task import Example, example_rng, replace, sample_example
 from stitchkit.errors import ConfigError
 from stitchkit.progress import track
 
+if TYPE_CHECKING:
+    from stitchkit.vlm.attention import AttentionKnockout
+
 LABELS = ("positional", "symbolic", "reflexive", "no_effect")
 OUTCOMES = (*LABELS, "mixed")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Pair:
     orig: Example
     cf: Example
@@ -90,43 +95,64 @@ def _restricted_prediction(subject: Subject, logits: torch.Tensor, examples: lis
 
 
 def run_interventions(subject: Subject, n: int = 8, pairs: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
-    """Outcome shares per layer (0..L, L = resid_post) over pairs the unpatched model gets right on both sides.
-    Up to 4x `pairs` candidates are drawn to find `pairs` such pairs."""
-    kept: list[Pair] = []
+    """Outcome shares per layer (0..L, L = resid_post) over pairs the unpatched model gets right on both sides."""
+    kept, examined = correct_pairs(subject, n, pairs, seed, batch_size)
+    layers = patch_outcomes(subject, kept, range(subject.layers + 1), batch_size=batch_size, description=f"interventions N={n}")
+    return {"n": n, "pairs": len(kept), "candidates": examined, "layers": layers}
+
+
+def correct_pairs(subject: Subject, n: int, pairs: int, seed: int, batch_size: int = 64) -> tuple[list[Pair], int]:
+    """Up to `pairs` pairs the unmodified model answers right (among the N items) on both sides, drawn from up to
+    4x as many candidates; and how many candidates were examined."""
     candidates = sample_pairs(n, 4 * pairs, seed, subject)
+    kept: list[Pair] = []
     examined = 0
-    counts = [Counter() for _ in range(subject.layers + 1)]
-    offsets = [Counter() for _ in range(subject.layers + 1)]
-    for start in track(range(0, len(candidates), batch_size), description=f"interventions N={n}"):
+    for start in track(range(0, len(candidates), batch_size), description=f"pairs N={n}"):
         if len(kept) >= pairs:
             break
         batch = candidates[start : start + batch_size]
         examined += len(batch)
-        orig_ids = torch.tensor([subject.encode(p.orig) for p in batch])
-        cf_ids = torch.tensor([subject.encode(p.cf) for p in batch])
-        cf_resid, cf_logits = capture_residuals(subject, cf_ids)
         with torch.no_grad():
-            orig_logits = subject.forward(orig_ids.to(subject.device))[:, -1]
-        orig_pred = _restricted_prediction(subject, orig_logits, [p.orig for p in batch])
-        cf_pred = _restricted_prediction(subject, cf_logits, [p.orig for p in batch])
-        good = [i for i, p in enumerate(batch) if orig_pred[i] == p.orig.answer and cf_pred[i] == p.cf.answer]
-        good = good[: pairs - len(kept)]
-        if not good:
-            continue
-        kept += [batch[i] for i in good]
-        rows = torch.tensor(good)
-        for site in range(subject.layers + 1):
-            logits = forward_patched(subject, orig_ids[rows], site, cf_resid[site][rows.to(cf_resid[site].device), -1])
-            for pair, item in zip([batch[i] for i in good], _restricted_prediction(subject, logits, [batch[i].orig for i in good])):
+            orig_pred = _restricted_prediction(subject, subject.forward(_ids(subject, [p.orig for p in batch]))[:, -1], [p.orig for p in batch])
+            cf_pred = _restricted_prediction(subject, subject.forward(_ids(subject, [p.cf for p in batch]))[:, -1], [p.orig for p in batch])
+        good = [p for p, o, c in zip(batch, orig_pred, cf_pred) if o == p.orig.answer and c == p.cf.answer]
+        kept += good[: pairs - len(kept)]
+    return kept, examined
+
+
+def patch_outcomes(
+    subject: Subject, pairs: list[Pair], layers: Iterable[int], knockout: AttentionKnockout | None = None,
+    batch_size: int = 64, description: str | None = "interventions",
+) -> list[dict]:  # fmt: skip
+    """Outcome shares (and R, and the mixed outcomes' offsets) per patched layer over `pairs`.
+
+    `knockout` (§7.3; `blocked` has one row per pair) is active on the cf forward whose residuals are patched
+    in and on the patched forward, so the outcomes show the mechanism with those edges blocked; orig and cf
+    share one token layout, hence one mask. The pairs stay those the unmodified model gets right.
+    description: the progress bar's, or None for no bar of its own (a caller looping over many calls has one)."""
+    layers = list(layers)
+    if any(not 0 <= site <= subject.layers for site in layers):
+        raise ConfigError(f"patched layers {layers}: this model has layers 0..{subject.layers}")
+    counts = {site: Counter() for site in layers}
+    offsets = {site: Counter() for site in layers}
+    starts = range(0, len(pairs), batch_size)
+    for start in starts if description is None else track(starts, description=description):  # None: the caller's bar
+        batch = pairs[start : start + batch_size]
+        extra = {} if knockout is None else {"attention_knockout": dataclasses.replace(knockout, blocked=knockout.blocked[start : start + batch_size])}
+        cf_resid, _ = capture_residuals(subject, _ids(subject, [p.cf for p in batch]), **extra)
+        orig_ids = _ids(subject, [p.orig for p in batch])
+        for site in layers:
+            logits = forward_patched(subject, orig_ids, site, cf_resid[site][:, -1], **extra)
+            for pair, item in zip(batch, _restricted_prediction(subject, logits, [p.orig for p in batch])):
                 outcome = pair.classify(item)
                 counts[site][outcome] += 1
                 if outcome == "mixed":
                     offsets[site][pair.q2 - pair.orig.items.index(item)] += 1
-    total = len(kept)
-    layers = []
-    for site in range(subject.layers + 1):
+    total = len(pairs)
+    rows = []
+    for site in layers:
         shares = {o: counts[site][o] / total if total else 0.0 for o in OUTCOMES}
-        layers.append(
+        rows.append(
             {
                 "layer": site,
                 "site": "resid_post" if site == subject.layers else "resid_pre",
@@ -135,11 +161,20 @@ def run_interventions(subject: Subject, n: int = 8, pairs: int = 1000, seed: int
                 "mixed_offsets": {str(k): v for k, v in sorted(offsets[site].items())},
             }
         )
-    return {"n": n, "pairs": total, "candidates": examined, "layers": layers}
+    return rows
+
+
+def _ids(subject: Subject, examples: list[Example]) -> torch.Tensor:
+    return torch.tensor([subject.encode(ex) for ex in examples], device=subject.device)
 
 
 def symbolic_positional_ratio(p_symbolic: float, p_positional: float, pairs: int) -> float:
     return p_symbolic / max(p_positional, 1 / max(pairs, 1))
+
+
+def ratio_layer(layers: int) -> int:
+    """Where R is reported: the last block's input, l = L - 1 (the paper's l = 11 of 12 layers)."""
+    return layers - 1
 
 
 def peak_layer(layers: list[dict]) -> int:

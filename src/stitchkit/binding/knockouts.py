@@ -7,13 +7,20 @@ Edge sets (query position -> key positions) on the token format:
     K3 query -> association tokens       K6 association shape -> context shapes (look-back)
 Blocked edges get -inf before the softmax on all heads (stitchkit.vlm.attention.AttentionKnockout), in layers
 [l, l + window) for every start l. Accuracy is the argmax over the whole vocabulary, as in evaluation.
+
+Each window also measures the interchange-intervention outcome shares (§7.1) at one read-out layer (default
+l = L - 1, where R is reported) with the knockout active on the counterfactual forward and on the patched one,
+and their change against the same pairs without it: which mechanism the blocked edges carry.
 """
 
 from __future__ import annotations
 
 import torch
 
+from stitchkit.binding.interventions import OUTCOMES, correct_pairs, patch_outcomes, ratio_layer
+from stitchkit.binding.subjects import TokenSubject
 from stitchkit.binding.task import Encoded, encode_text, example_rng, sample_example
+from stitchkit.errors import ConfigError
 from stitchkit.progress import track
 from stitchkit.vlm.attention import AttentionKnockout, install_attention
 
@@ -42,7 +49,8 @@ def edges(enc: Encoded, name: str) -> list[tuple[int, int]]:
 
 
 def blocked_mask(encoded: list[Encoded], name: str) -> torch.Tensor:
-    length = len(encoded[0].input_ids)
+    """(B, S, S) bool: the edges of set `name` in each of B examples of one length."""
+    length = len(encoded[0].input_ids) if encoded else 0
     mask = torch.zeros(len(encoded), length, length, dtype=torch.bool)
     for row, enc in enumerate(encoded):
         for q, k in edges(enc, name):
@@ -51,8 +59,13 @@ def blocked_mask(encoded: list[Encoded], name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_knockouts(model, n: int = 8, examples: int = 500, seed: int = 0, window: int = 3, sets=tuple(EDGE_SETS)) -> dict:
-    """Accuracy with each edge set knocked out in each window, next to the unmodified accuracy."""
+def run_knockouts(
+    model, n: int = 8, examples: int = 500, seed: int = 0, window: int = 3, sets=tuple(EDGE_SETS),
+    pairs: int = 1000, label_layer: int | None = None,
+) -> dict:  # fmt: skip
+    """Accuracy (over `examples` examples) and intervention outcome shares at `label_layer` (over the pairs of
+    run_interventions with the same n, pairs and seed) with each edge set knocked out in each window, next to
+    the unmodified model's."""
     install_attention(model.lm)
     vocab, device = model.vocab, next(model.parameters()).device
     encoded = [encode_text(sample_example(example_rng(seed, "knockouts", n, i), n, vocab), vocab) for i in range(examples)]
@@ -60,16 +73,32 @@ def run_knockouts(model, n: int = 8, examples: int = 500, seed: int = 0, window:
     targets = torch.tensor([e.target for e in encoded], device=device)
     layers = model.settings.layers
     window = min(window, layers)
+    label_layer = ratio_layer(layers) if label_layer is None else label_layer
+    if not 0 <= label_layer <= layers:
+        raise ConfigError(f"knockout_label_layer {label_layer}: this model has layers 0..{layers} (L = resid_post)")
+    subject = TokenSubject(model, vocab)
+    kept, _ = correct_pairs(subject, n, pairs, seed)
+    pair_layouts = [encode_text(p.orig, vocab) for p in kept]  # the cf has the same layout: one mask serves both
 
     def accuracy(knockout: AttentionKnockout | None) -> float:
         logits = model.run(ids, attention_knockout=knockout).logits[:, -1]
         return float((logits.argmax(-1) == targets).float().mean())
 
-    base = accuracy(None)
+    def labels(knockout: AttentionKnockout | None) -> dict[str, float]:
+        row = patch_outcomes(subject, kept, [label_layer], knockout, description=None)[0]
+        return {o: row[o] for o in OUTCOMES}
+
+    base, base_labels = accuracy(None), labels(None)
     rows = []
-    for name in track(sets, description=f"knockouts N={n}"):
-        mask = blocked_mask(encoded, name).to(device)
-        for start in range(layers - window + 1):
-            acc = accuracy(AttentionKnockout(frozenset(range(start, start + window)), mask))
-            rows.append({"set": name, "start": start, "layers": [start, start + window - 1], "accuracy": acc, "delta": acc - base})
-    return {"n": n, "examples": examples, "window": window, "baseline": base, "edge_sets": {k: EDGE_SETS[k] for k in sets}, "windows": rows}
+    masks = {name: (blocked_mask(encoded, name).to(device), blocked_mask(pair_layouts, name).to(device)) for name in sets}
+    windows = [(name, start) for name in sets for start in range(layers - window + 1)]
+    for name, start in track(windows, description=f"knockouts N={n}"):
+        span = frozenset(range(start, start + window))
+        acc = accuracy(AttentionKnockout(span, masks[name][0]))
+        shares = labels(AttentionKnockout(span, masks[name][1]))
+        rows.append({"set": name, "start": start, "layers": [start, start + window - 1], "accuracy": acc, "delta": acc - base,
+                     "labels": shares, "labels_delta": {o: shares[o] - base_labels[o] for o in OUTCOMES}})  # fmt: skip
+    return {
+        "n": n, "examples": examples, "window": window, "baseline": base, "edge_sets": {k: EDGE_SETS[k] for k in sets},
+        "label_layer": label_layer, "pairs": len(kept), "labels_baseline": base_labels, "windows": rows,
+    }  # fmt: skip

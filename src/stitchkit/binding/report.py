@@ -114,6 +114,58 @@ def mechanism_figure(path: Path, results: dict[str, Any], n: str) -> Path:
     return outcome_figure(path, panels, f"Interchange interventions at the last token, N = {n}")
 
 
+def knockout_figure(path: Path, panels: dict[str, list[dict[str, Any]]], title: str) -> Path:
+    """Change (knockout - unmodified, in points) of the positional and symbolic intervention shares per knocked-out
+    window, one line per edge set; one column per entry {title: knockout window rows}."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 5.6), sharex=True, sharey=True, squeeze=False)
+    for col, (name, rows) in enumerate(panels.items()):
+        for row, outcome in enumerate(("positional", "symbolic")):
+            ax = axes[row][col]
+            for edge_set in dict.fromkeys(r["set"] for r in rows):
+                mine = [r for r in rows if r["set"] == edge_set]
+                ax.plot([r["start"] for r in mine], [100 * r["labels_delta"][outcome] for r in mine], marker=".", label=edge_set)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(f"{name}: Δ {outcome}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[1][col].set_xlabel("first layer of the knocked-out window")
+        axes[1][col].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for row in axes:
+        row[0].set_ylabel("Δ % of pairs")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _mean_windows(knockouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Knockout windows with labels_delta averaged over runs (their sets and windows are the same)."""
+    return [
+        {"set": w[0]["set"], "start": w[0]["start"], "labels_delta": {o: float(np.mean([r["labels_delta"][o] for r in w])) for o in OUTCOMES}}
+        for w in zip(*[k["windows"] for k in knockouts])
+    ]
+
+
+def _label_knockouts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The knockout results that carry label shares (analyses written before they existed do not)."""
+    return [r["analysis"]["knockouts"] for r in runs if r["analysis"] and r["analysis"]["knockouts"] and "labels_baseline" in r["analysis"]["knockouts"]]
+
+
+def knockout_label_figure(path: Path, results: dict[str, Any]) -> Path | None:
+    per_branch = {b: _label_knockouts([r for r in results["runs"] if r["branch"] == b]) for b in results["table"]}
+    per_branch = {b: k for b, k in per_branch.items() if k}
+    if not per_branch:
+        return None
+    title = _knockout_title(next(iter(per_branch.values()))[0])
+    return knockout_figure(path, {b: _mean_windows(k) for b, k in per_branch.items()}, title)
+
+
+def _knockout_title(knockouts: dict[str, Any]) -> str:
+    return f"Attention knockouts ({knockouts['window']}-layer windows): change of the interchange outcomes patched at layer {knockouts['label_layer']}"
+
+
 def probe_figure(path: Path, results: dict[str, Any], n: str) -> Path:
     series = {}
     for branch in results["table"]:
@@ -128,13 +180,17 @@ def probe_figure(path: Path, results: dict[str, Any], n: str) -> Path:
 
 
 def analysis_figures(result: dict[str, Any], figures: Path, link_base: Path) -> list[Path]:
-    """The figures of `stitchkit binding analyze`: outcome shares per N, and every probe per layer."""
+    """The figures of `stitchkit binding analyze`: outcome shares per N, every probe per layer, and the
+    knockouts' change of the outcome shares."""
     figures.mkdir(parents=True, exist_ok=True)
     panels = {f"N = {n}": inter["layers"] for n, inter in result["interventions"].items()}
     out = [outcome_figure(figures / "interventions.png", panels, f"Interchange interventions: {result['model']}")]
     n, probes = next(iter(result["probes"].items()))
     series = {target: (range(len(acc)), [100 * a for a in acc]) for target, acc in probes["accuracy"].items()}
     out.append(line_plot(figures / "probes.png", series, xlabel="layer", ylabel="probe accuracy %", title=f"Linear probes, N = {n}"))
+    knockouts = result["knockouts"]
+    if knockouts and knockouts["windows"]:
+        out.append(knockout_figure(figures / "knockouts.png", {f"N = {knockouts['n']}": knockouts["windows"]}, _knockout_title(knockouts)))
     return out
 
 
@@ -187,6 +243,12 @@ def results_markdown(results: dict[str, Any], stages: dict[str, list[str]], figu
         for make, name in ((mechanism_figure, "mechanisms"), (probe_figure, "probes")):
             figure = make(figures / f"binding_{name}.png", results, n)
             parts.append(f"\n\n![{name}]({figure.relative_to(link_base)})\n")
+        figure = knockout_label_figure(figures / "binding_knockout_labels.png", results)
+        if figure is not None:
+            parts.append("\nAttention knockouts (§7.3): the change in the positional and symbolic shares of the "
+                         "interchange interventions when an edge set is blocked in a window of layers, on the cf "
+                         "and the patched forward, against the same pairs unmodified (mean over runs).\n")  # fmt: skip
+            parts.append(f"\n![knockout labels]({figure.relative_to(link_base)})\n")
     return "".join(parts)
 
 

@@ -184,13 +184,13 @@ def _hidden_of(args, kwargs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_residuals(subject: Subject, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def capture_residuals(subject: Subject, ids: torch.Tensor, **forward_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The residual stream at every site (L + 1 tensors (B, S, d): resid_pre of each block, then resid_post)
-    and the logits at the last position."""
+    and the logits at the last position. `forward_kwargs` go to the subject's forward (e.g. attention_knockout)."""
     stored: list[torch.Tensor] = []
     hooks = [site.register_forward_pre_hook(lambda m, a, k: stored.append(_hidden_of(a, k).detach()), with_kwargs=True) for site in subject.sites]
     try:
-        logits = subject.forward(ids.to(subject.device))[:, -1]
+        logits = subject.forward(ids.to(subject.device), **forward_kwargs)[:, -1]
     finally:
         for hook in hooks:
             hook.remove()
@@ -198,8 +198,9 @@ def capture_residuals(subject: Subject, ids: torch.Tensor) -> tuple[list[torch.T
 
 
 @torch.no_grad()
-def forward_patched(subject: Subject, ids: torch.Tensor, site: int, last_token_values: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position when the residual stream entering `site` is overwritten at the last token."""
+def forward_patched(subject: Subject, ids: torch.Tensor, site: int, last_token_values: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Logits at the last position when the residual stream entering `site` is overwritten at the last token.
+    `forward_kwargs` go to the subject's forward (e.g. attention_knockout)."""
 
     def patch(module, args, kwargs):
         hidden = _hidden_of(args, kwargs).clone()
@@ -210,6 +211,6 @@ def forward_patched(subject: Subject, ids: torch.Tensor, site: int, last_token_v
 
     hook = subject.sites[site].register_forward_pre_hook(patch, with_kwargs=True)
     try:
-        return subject.forward(ids.to(subject.device))[:, -1]
+        return subject.forward(ids.to(subject.device), **forward_kwargs)[:, -1]
     finally:
         hook.remove()
