@@ -178,3 +178,36 @@ def test_config_hash_ignores_fields_at_their_default():
     assert config_hash(New(steps=5, schedule="constant"), 1) != config_hash(Old(steps=5), 1)
     assert config_hash(Old(steps=5, inner=Inner(lr=2e-3)), 1) != config_hash(Old(steps=5), 1)
     assert config_hash(Old(steps=5), 2) != config_hash(Old(steps=5), 1)  # the format version is part of it
+
+
+def test_every_bundled_config_validates():
+    """configs/**/*.yaml are what users run first (and what the GPU sessions run): each must load with its suite's
+    config class, so a renamed field never ships broken in a config that no test runs."""
+    from stitchkit.binding.config import BindingConfig
+    from stitchkit.multiimage.config import MimicConfig
+    from stitchkit.multiimage.experiment import ExperimentConfig
+    from stitchkit.patches.config import PatchesConfig
+    from stitchkit.paths import CONFIGS
+    from stitchkit.stitching.config import StitchRunConfig, TreeConfig
+    from stitchkit.vlm.micro import MicroVLMRecipe
+    from stitchkit.zoo.recipes import ZooRecipe
+
+    classes = {
+        "binding": [BindingConfig],
+        "stitch": [StitchRunConfig, TreeConfig],
+        "mimic": [ExperimentConfig, MimicConfig],
+        "patches": [PatchesConfig],
+        "zoo": [ZooRecipe, MicroVLMRecipe],
+    }
+    paths = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        errors = []
+        for config_class in classes[path.relative_to(CONFIGS).parts[0]]:
+            try:
+                load_config(config_class, path)
+                break
+            except ConfigError as err:
+                errors.append(str(err))
+        else:
+            pytest.fail(f"{path} loads with none of its suite's config classes:\n" + "\n".join(errors))
