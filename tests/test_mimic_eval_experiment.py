@@ -147,7 +147,7 @@ def test_bundled_configs_validate():
     assert paper.finetune.lora_r == 128 and paper.finetune.lora_alpha == 32 and paper.finetune.train.lr == 2.5e-5
     assert isinstance(paper, ExperimentConfig)
     micro = load_experiment(CONFIGS / "mimic" / "micro.yaml")
-    assert micro.model == "micro" and micro.diagnostics_model == "none"
+    assert micro.model == "micro" and micro.diagnostics_model == quick.diagnostics_model == "base"
 
 
 def test_quickstart_section_copies_its_figures(config_file, finished):

@@ -190,6 +190,7 @@ def test_cli_lists_recipes_and_rejects_unknown_ones(tmp_path):
     assert listed.returncode == 0, listed.stderr
     for name in CPU_RECIPES:
         assert name in listed.stdout
+    assert "micro VLM" in listed.stdout and "gpu/micro_vlm" in listed.stdout  # not built here: its row shows "-"
     unknown = _cli("zoo", "train", "nosuch", home=tmp_path)
     assert unknown.returncode == 2
     assert "unknown zoo recipe 'nosuch'" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -13,7 +13,8 @@ its images, or a rendered shapes world) and the studies to run; a study runs whe
     attention   inter- vs intra-image attention per layer, base model and fine-tuned arms (section 9)
 
 The diagnostics (pooling, stitching) run on `diagnostics_model`: "base" (zero-shot, as in the paper) or a
-fine-tuning arm, for models that never saw MIMIC's question format (the micro VLM).
+fine-tuning arm, for models that never saw MIMIC's question format. With `model: micro` an evaluation world of the
+micro VLM's own training seed is refused (check_micro_held_out).
 
 DIR holds data/ (worlds, benchmarks), evals/<model>-<policy>-pool<f>-<transform>-<subset>/ (one resumable
 evaluation each, shared between studies that need the same one), finetune/<arm>/train/ (the engine's folder),
@@ -45,6 +46,7 @@ from stitchkit.multiimage.evaluate import (
     default_threads,
     evaluate,
     first_per_task,
+    is_micro,
     load_model,
     masked_layer_list,
     task_scores,
@@ -209,6 +211,20 @@ def prepare_benchmark(source: DataSource, folder: Path, exclude: list[Path] | No
     return build_benchmark(annotations, images, folder / "benchmark", build, command=command, exclude_images=exclude or [])
 
 
+def check_micro_held_out(cfg: ExperimentConfig) -> None:
+    """The micro VLM trains on MIMIC-format queries from a shapes world of its own (its recipe's data.mimic); an
+    evaluation world rendered with the same seed would hold the same scenes (image i of a world comes from
+    default_rng([seed, i])), so it is refused."""
+    if not is_micro(cfg.model) or cfg.data.world is None:
+        return
+    from stitchkit.vlm.micro import RECIPE_FILE, load_micro_recipe
+
+    train = load_micro_recipe(cfg.model.partition(":")[2] or RECIPE_FILE).data.mimic
+    if train is not None and train.world is not None and train.world.seed == cfg.data.world.seed:
+        raise InputError(f"data.world.seed {cfg.data.world.seed} is the seed of the micro VLM's training world: its "
+                         "images were training data; render the evaluation world with another seed")
+
+
 def benchmark_images(bench: Benchmark) -> list[Path]:
     return sorted({path for sample in bench.samples for path in bench.image_paths(sample)})
 
@@ -296,6 +312,7 @@ class Experiment:
     # -- steps --
     def data_step(self) -> dict:
         cfg, root = self.cfg, self.run.root
+        check_micro_held_out(cfg)
         bench_dir = prepare_benchmark(cfg.data, root / "data" / "eval", command=self.run.manifest.get("command"))
         out = {"benchmark": str(bench_dir)}
         if cfg.finetune:

@@ -8,7 +8,9 @@ Listing templates end without punctuation because the prompt appends ". Please p
 
 from __future__ import annotations
 
-from stitchkit.multiimage.protocol import plural
+import re
+
+from stitchkit.multiimage.protocol import plural, prompt_text
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "counting": (
@@ -51,3 +53,12 @@ def question_text(task: str, template_id: int, classes: list[str] | None = None,
     if task == "listing":
         return template.format(group=group)
     return template
+
+
+def template_words() -> list[str]:
+    """Every word MIMIC's prompts use besides the class and group names filled in: the templates, the multi-class
+    instruction and the prompt wrapper ("Question: ... Answer:", Listing's list instruction). A word-level
+    tokenizer that knows these reads a MIMIC prompt word by word (the micro VLM's vocabulary includes them)."""
+    text = " ".join(prompt_text(task, template + MULTI_CLASS_INSTRUCTION)
+                    for task, templates in TEMPLATES.items() for template in templates)
+    return sorted(set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text).lower())))

@@ -16,11 +16,16 @@ Training data: seeded single- and multi-image shapes-world tasks, as (images, qu
     name          "what shape is this?" / "what colour is this?" (one object)
     count_multi   "how many stars are there in the images?"    -> total over 2-3 images
     common        "which shape is in every image?"             -> the one category all images share
+and, with `data.mimic`, MIMIC-format queries (counting, listing, common, odd-one, in MIMIC's own question templates
+and prompt, up to 6 images) that stitchkit.multiimage's generator builds from a training shapes world -- the
+micro-scale counterpart of the paper's procedural multi-image fine-tuning data. The vocabulary covers every
+word of MIMIC's templates, so its prompts read word by word.
 
 The result is saved with save_pretrained (model and processor) and loads with
 LlavaOnevisionForConditionalGeneration.from_pretrained + AutoProcessor, or stitchkit's load_vlm.
-Headline number: greedy single-image counting accuracy on held-out scenes, against the majority-answer
-baseline (`micro_vlm.json`).
+`micro_vlm.json` records greedy accuracy on held-out scenes per task against the majority answer (headline:
+single-image counting) and, with `eval.mimic`, the MIMIC scores on a benchmark from a held-out world against
+the best constant answer.
 """
 
 from __future__ import annotations
@@ -42,7 +47,12 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from stitchkit.config import Config, config_hash, load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import torch_threads
-from stitchkit.errors import ConfigError
+from stitchkit.errors import ConfigError, InputError
+from stitchkit.multiimage.benchmark import load_benchmark
+from stitchkit.multiimage.evaluate import evaluate, task_scores
+from stitchkit.multiimage.experiment import DataSource, benchmark_images, prepare_benchmark
+from stitchkit.multiimage.studies import training_samples
+from stitchkit.multiimage.templates import template_words
 from stitchkit.paths import CONFIGS, stitchkit_home
 from stitchkit.runs import atomic_write_json, atomic_write_text, library_versions
 from stitchkit.vlm.finetune import Sample, collate_for, vlm_loss
@@ -54,11 +64,14 @@ from stitchkit.world.captions import NUMBER_WORDS
 from stitchkit.world.scene import Scene, sample_object
 
 RECIPE_FILE = CONFIGS / "zoo" / "micro_vlm.yaml"
+MICRO_RECIPES = ("micro_vlm", "gpu/micro_vlm")  # the bundled micro VLM recipes, by name
 MICRO_JSON = "micro_vlm.json"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 TASKS = ("caption", "count", "count_class", "name", "count_multi", "common")
 PROMPT_WORDS = "describe the image images how many shapes shape are there in what is this colour which every".split()
-MICRO_FORMAT_VERSION = 1
+CHAT_ROLES = ("user", "assistant")  # the chat template's role names: one token each, not 4 and 9 characters
+# 2: MIMIC template words in the vocabulary, own-task scenes drawn from a stream apart from every rendered world
+MICRO_FORMAT_VERSION = 2
 
 
 class RandomTower(Config):
@@ -88,6 +101,10 @@ class MicroData(Config):
     )
     max_objects: int = pydantic.Field(4, ge=1, le=8, description="objects per counting scene: 1..max_objects")
     world: WorldConfig = WorldConfig(min_size=0.25, max_size=0.45, max_overlap=0.0)
+    mimic: DataSource | None = pydantic.Field(
+        None, description="MIMIC-format training queries: a source (usually a world rendered into the build folder) "
+        "and the generator's build config (n_samples per task); never the evaluation world",
+    )
 
     @pydantic.field_validator("tasks")
     @classmethod
@@ -101,8 +118,9 @@ class MicroData(Config):
 
 
 class MicroEval(Config):
-    samples: int = pydantic.Field(200, ge=1)
+    samples: int = pydantic.Field(200, ge=1, description="held-out samples per own task")
     seed: int = 1_000_000
+    mimic: DataSource | None = pydantic.Field(None, description="a MIMIC benchmark to score the model on (held out)")
 
 
 class MicroVLMRecipe(Config):
@@ -115,6 +133,16 @@ class MicroVLMRecipe(Config):
     data: MicroData = MicroData()
     train: TrainConfig
     eval: MicroEval = MicroEval()
+
+    @pydantic.model_validator(mode="after")
+    def _held_out(self) -> MicroVLMRecipe:
+        # Image i of a world rendered with seed s is drawn from default_rng([s, i]) (world/coco.py), so worlds of
+        # different seeds share no scene; the same seed would put the evaluation images into the training data.
+        train, held_out = self.data.mimic, self.eval.mimic
+        if train and held_out and train.world and held_out.world and train.world.seed == held_out.world.seed:
+            raise ValueError(f"data.mimic and eval.mimic render worlds with the same seed ({train.world.seed}): "
+                             "the evaluation images would be training images; give the training world another seed")
+        return self
 
     @property
     def folder_name(self) -> str:
@@ -137,7 +165,8 @@ def micro_recipe_hash(recipe: MicroVLMRecipe) -> str:
 
 
 def vocabulary() -> list[str]:
-    words = [*NUMBER_WORDS, *(str(i) for i in range(21)), "a", "an", "and", "nothing", *PROMPT_WORDS]
+    words = [*NUMBER_WORDS, *(str(i) for i in range(21)), "a", "an", "and", "nothing", *PROMPT_WORDS, *CHAT_ROLES]
+    words += template_words()  # MIMIC's prompts, word by word
     words += [c.name for c in ONTOLOGY.categories] + [c.plural for c in ONTOLOGY.categories]
     words += ONTOLOGY.supercategories + [c.name for c in ONTOLOGY.colours] + ONTOLOGY.sizes
     words += [w for position in ONTOLOGY.positions for w in position.split()]
@@ -268,7 +297,10 @@ def make_sample(task: str, rng: np.random.Generator, size: int, data: MicroData)
 def make_samples(n: int, seed: int, size: int, data: MicroData, tasks: dict[str, float] | None = None) -> list[Sample]:
     tasks = {k: v for k, v in (tasks or data.tasks).items() if v > 0}
     names, weights = list(tasks), np.array(list(tasks.values()), dtype=float)
-    rng = np.random.default_rng(seed)
+    # A rendered world draws image i from default_rng([world seed, i]) and SeedSequence ignores trailing zeros,
+    # so default_rng(seed) would be image 0's generator of the world with that seed; the spawn key gives these
+    # scenes a stream of their own, apart from every world a MIMIC benchmark is built from.
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
     chosen = rng.choice(len(names), size=n, p=weights / weights.sum())
     return [make_sample(names[i], rng, size, data) for i in chosen]
 
@@ -277,8 +309,9 @@ def make_samples(n: int, seed: int, size: int, data: MicroData, tasks: dict[str,
 
 
 @torch.no_grad()
-def counting_accuracy(vlm: VLM, samples: list[Sample], batch_size: int = 32) -> dict[str, float]:
-    """Greedy-decoding accuracy (first word of the answer == the count) and the majority-answer baseline."""
+def answer_accuracy(vlm: VLM, samples: list[Sample], batch_size: int = 32) -> dict[str, float]:
+    """Greedy-decoding accuracy on one-word answers (first word of the answer == the response) and the
+    majority-answer baseline."""
     correct = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -288,9 +321,47 @@ def counting_accuracy(vlm: VLM, samples: list[Sample], batch_size: int = 32) -> 
     return {"accuracy": correct / len(samples), "chance": float(counts.max() / len(samples)), "samples": len(samples)}
 
 
+def own_task_accuracies(vlm: VLM, recipe: MicroVLMRecipe, size: int) -> dict[str, dict[str, float]]:
+    """answer_accuracy on `eval.samples` held-out samples of every one-word task of the recipe's mix."""
+    tasks = [t for t, w in recipe.data.tasks.items() if w > 0 and t != "caption"]
+    return {task: answer_accuracy(vlm, make_samples(recipe.eval.samples, recipe.eval.seed, size, recipe.data, {task: 1}))
+            for task in tasks}
+
+
+# ---- MIMIC-format data and evaluation ---------------------------------------------------------------------
+
+
+def mimic_benchmark(source: DataSource, folder: Path, exclude: list[Path] | None = None):
+    """The benchmark of `source`, built (a world rendered first) into `folder` by stitchkit.multiimage's generator:
+    the same data path as `stitchkit mimic run`."""
+    return load_benchmark(prepare_benchmark(source, folder, exclude=exclude))
+
+
+def mimic_training_samples(recipe: MicroVLMRecipe, folder: Path) -> list[Sample]:
+    """MIMIC-format training queries (images, MIMIC's prompt, ground truth), held out from the evaluation:
+    the evaluation benchmark is built first and none of its image files may be used (the mechanism of the
+    experiments' fine-tuning data), and the recipe refuses training and evaluation worlds of one seed."""
+    exclude = benchmark_images(mimic_benchmark(recipe.eval.mimic, folder / "eval")) if recipe.eval.mimic else []
+    bench = mimic_benchmark(recipe.data.mimic, folder / "train", exclude=exclude)
+    shared = set(exclude) & set(benchmark_images(bench))
+    if shared:
+        raise InputError(f"MIMIC training data shares {len(shared)} images with the evaluation, e.g. {min(shared)}")
+    return training_samples(bench)
+
+
+def mimic_scores(vlm: VLM, source: DataSource, folder: Path) -> dict[str, Any]:
+    """The model on a held-out MIMIC benchmark (MIMIC's prompts, greedy decoding, clean scoring), next to the best
+    constant answer of each task; the full report is in folder/scores/."""
+    bench = mimic_benchmark(source, folder)
+    results = evaluate(vlm, bench, folder / "scores", settings={"model": "micro VLM build"}, batch_size=32,
+                       description="micro VLM: MIMIC eval")
+    answers = results["answers"]
+    return {"samples": {t: m["n"] for t, m in results["tasks"].items()}, "scores": task_scores(results),
+            "constant_answer": answers["constant_answer"], "constant_answer_score": answers["constant_answer_score"],
+            "top_answer_share": answers["top_answer_share"], "legacy_official": results["legacy_official"]}
+
+
 # ---- build ---------------------------------------------------------------------------------------------
-
-
 
 
 def micro_root() -> Path:
@@ -301,8 +372,9 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     """Train, save and evaluate the micro VLM once; later calls return the cached folder.
 
     stitchkit_home()/zoo/<name>-<hash>/ holds the Hugging Face files (config.json, model.safetensors,
-    tokenizer, processor), recipe.yaml, train/ (the engine's folder, so a killed build resumes) and
-    micro_vlm.json (written last: accuracies, timings).
+    tokenizer, processor), recipe.yaml, train/ (the engine's folder, so a killed build resumes), mimic/train and
+    mimic/eval (the MIMIC training and evaluation worlds and benchmarks, with the evaluation's report in
+    mimic/eval/scores) and micro_vlm.json (written last: accuracies, timings).
     """
     if not isinstance(recipe, MicroVLMRecipe):
         recipe = load_micro_recipe(recipe)
@@ -319,6 +391,7 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     size = processor.image_processor.size["height"]
     started = time.perf_counter()
     samples = make_samples(recipe.data.samples, recipe.data.seed, size, recipe.data)
+    mimic_train = mimic_training_samples(recipe, folder / "mimic") if recipe.data.mimic else []
     render_seconds = time.perf_counter() - started
 
     model.requires_grad_(True)
@@ -326,12 +399,13 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     model.train()
     with torch_threads(1):
         started = time.perf_counter()
-        result = train(model, vlm_loss, samples, recipe.train, folder / "train", collate_fn=collate_for(vlm), description="micro VLM")
+        result = train(model, vlm_loss, samples + mimic_train, recipe.train, folder / "train",
+                       collate_fn=collate_for(vlm), description="micro VLM")
         train_seconds = time.perf_counter() - started
         model.eval()
-        eval_samples = make_samples(recipe.eval.samples, recipe.eval.seed, size, recipe.data, {"count": 1})
         started = time.perf_counter()
-        counting = counting_accuracy(vlm, eval_samples)
+        tasks = own_task_accuracies(vlm, recipe, size)
+        mimic = mimic_scores(vlm, recipe.eval.mimic, folder / "mimic" / "eval") if recipe.eval.mimic else None
         eval_seconds = time.perf_counter() - started
     vlm.save_pretrained(folder)
     atomic_write_json(
@@ -345,10 +419,13 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "vocab_size": len(processor.tokenizer),
             "image_size": size,
-            "counting": counting,
+            "counting": tasks.get("count"),  # the headline: single-image counting
+            "tasks": tasks,
+            "mimic": mimic,
             "train": {
                 "steps": result.steps,
-                "samples": recipe.data.samples,
+                "samples": len(samples) + len(mimic_train),
+                "mimic_samples": len(mimic_train),
                 "first_loss": result.losses[0],
                 "final_loss": float(np.mean(result.losses[-10:])),
                 "render_seconds": render_seconds,
@@ -366,6 +443,24 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
 
 def micro_info(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MICRO_JSON).read_text())
+
+
+def micro_summary_row(recipe: MicroVLMRecipe) -> dict[str, Any]:
+    """One row of display strings for `stitchkit zoo list`; None where the recipe is not built. Scores are %:
+    single-image counting against the majority answer, the MIMIC average against the best constant answers'."""
+    path = micro_root() / recipe.folder_name / MICRO_JSON
+    info = json.loads(path.read_text()) if path.is_file() else None
+    mimic = (info or {}).get("mimic")
+    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
+    return {
+        "recipe": recipe.name,
+        "params": f"{info['params'] / 1e6:.2f}M" if info else None,
+        "train s": round(info["train"]["seconds"]) if info else None,
+        "count %": percent(info["counting"]["accuracy"]) if info else None,
+        "majority %": percent(info["counting"]["chance"]) if info else None,
+        "MIMIC avg %": percent(mimic["scores"]["avg"]) if mimic else None,
+        "constant avg %": percent(float(np.mean(list(mimic["constant_answer_score"].values())))) if mimic else None,
+    }
 
 
 def load_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, **options) -> VLM:
