@@ -423,10 +423,11 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
 
     model_dir = out / "train" / "seed0" / "S1" / "S2-encoder" / "S3-encoder" / "model"  # S3 shows images too
     with pytest.raises(SystemExit) as done:
-        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "4", "--probe-examples", "20"])
+        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "4", "--probe-examples", "20", "--knockout-label-layer", "1"])
     assert done.value.code == 0
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert analysis["layers"] == 2 and "labels_delta" in analysis["knockouts"]["windows"][0]
+    assert analysis["knockouts"]["label_layer"] == 1  # --knockout-label-layer
     assert (tmp_path / "an" / "figures" / "knockouts.png").is_file()
 
 

@@ -22,7 +22,7 @@ from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 
 def analyze_subject(
     spec: str, out: str | os.PathLike, ns: list[int], pairs: int, probe_examples: int, knockouts: bool, seed: int,
-    device: str = "auto", command: str | None = None,
+    device: str = "auto", command: str | None = None, knockout_label_layer: int | None = None,
 ) -> Path:  # fmt: skip
     from stitchkit.binding.knockouts import run_knockouts
     from stitchkit.binding.report import analysis_figures
@@ -33,7 +33,10 @@ def analyze_subject(
     too_big = [n for n in ns if n > subject.vocab.max_objects]
     if too_big:
         raise ConfigError(f"--n {too_big}: this model's prompt vocabulary allows at most {subject.vocab.max_objects} objects")
-    run = RunDir(out, config={"model": spec, "n": ns, "pairs": pairs, "probe_examples": probe_examples, "seed": seed}, command=command)
+    settings = {"model": spec, "n": ns, "pairs": pairs, "probe_examples": probe_examples, "seed": seed}
+    if knockout_label_layer is not None:  # only when given, so earlier analysis folders still match their settings
+        settings["knockout_label_layer"] = knockout_label_layer
+    run = RunDir(out, config=settings, command=command)
     result: dict[str, Any] = {"model": spec, "layers": subject.layers, "interventions": {}, "probes": {}, "knockouts": None}
     for n in ns:
         inter = run_interventions(subject, n, pairs, seed)
@@ -41,7 +44,7 @@ def analyze_subject(
         result["interventions"][str(n)] = inter
         result["probes"][str(n)] = run_probes(subject, n, probe_examples, seed)
     if knockouts and isinstance(subject, TokenSubject):
-        result["knockouts"] = run_knockouts(subject.model, ns[0], probe_examples, seed, pairs=pairs)
+        result["knockouts"] = run_knockouts(subject.model, ns[0], probe_examples, seed, pairs=pairs, label_layer=knockout_label_layer)
     atomic_write_json(run.path("analysis.json"), result)
     rows = []
     for n, inter in result["interventions"].items():

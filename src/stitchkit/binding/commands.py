@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from stitchkit.runs import command_line
 
 app = typer.Typer(no_args_is_help=True)
-
 
 
 @app.command()
@@ -34,11 +34,14 @@ def analyze(
     pairs: int = typer.Option(1000, "--pairs", help="Counterfactual pairs per N (kept if the model is right on both)."),
     probe_examples: int = typer.Option(1000, "--probe-examples"),
     knockouts: bool = typer.Option(True, "--knockouts/--no-knockouts", help="Attention knockouts (our token models only)."),
+    knockout_label_layer: Optional[int] = typer.Option(
+        None, "--knockout-label-layer", help="Layer whose intervention outcomes each knockout is read at (default L - 1)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Interchange interventions per layer, probes (binding signature) and knockouts of one model."""
     from stitchkit.binding.analyze import analyze_subject
 
-    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command=command_line())
+    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command_line(), knockout_label_layer)
     typer.echo(f"report: {report}")
