@@ -19,7 +19,7 @@ from stitchkit.engine import EarlyStopping
 from stitchkit.errors import ConfigError
 from stitchkit.stitching import protocol
 from stitchkit.stitching.commands import app
-from stitchkit.stitching.config import OptimConfig, StitchRunConfig
+from stitchkit.stitching.config import OptimConfig, StitchRunConfig, TreeConfig
 from stitchkit.stitching.experiment import run_sweep, run_tree
 from stitchkit.stitching.protocol import Sweep, train_config
 
@@ -169,14 +169,71 @@ def test_stage_options_only_where_a_stage_can_use_them(model_dirs):
     paper = load_config(StitchRunConfig, Path(__file__).parents[1] / "configs" / "stitch" / "paper.yaml")
     assert (paper.tlt.epochs, paper.tlt.lr, paper.tlt.head_lr, paper.tlt.patience) == (100, 1e-4, 1e-3, 5)
     assert (paper.probe.epochs, paper.probe.patience, paper.ffm.epochs) == (100, 5, 1)
+    assert paper.probe.lr_sweep == [1e-4, 3e-4, 1e-3] and paper.tlt.lr_sweep is None
     refused = {
         "ffm": ({"epochs": 1, "patience": 3}, "ffm.patience: FFM trains S without labels"),
         "lfm": ({"epochs": 1, "head_lr": 1e-3}, "lfm.head_lr: LFM trains S alone"),
         "probe": ({"epochs": 1, "head_lr": 1e-3}, "probe.head_lr: a probe is a head alone; set probe.lr"),
+        "tlt": ({"epochs": 1, "lr_sweep": [1e-4, 1e-3]}, "tlt.lr_sweep: only the linear probes of the models sweep"),
     }
     for stage, (optim, message) in refused.items():
         with pytest.raises(ConfigError, match=message):
             validate_config(StitchRunConfig, sweep_config(model_dirs, **{stage: optim}))
+    tree = {"models": model_dirs, "trunk": "dino", "branches": ["clip"], "points": [1], "probe": {"epochs": 1, "lr_sweep": [1e-3]}}
+    with pytest.raises(ConfigError, match="probe.lr_sweep: the tree's probes train at probe.lr"):
+        validate_config(TreeConfig, tree)
+    with pytest.raises(ConfigError, match="lr_sweep"):  # each lr names its training's folder
+        validate_config(StitchRunConfig, sweep_config(model_dirs, probe={"epochs": 1, "lr_sweep": [1e-3, 1e-3]}))
+
+
+def test_probe_lr_sweep_keeps_the_best_val_lr_and_resumes(model_dirs, tmp_path, monkeypatch):
+    """probe.lr_sweep trains a model's probe once per lr (early stopping inside each), keeps the best val score,
+    and reports that lr's test score and predictions: the same as a plain probe trained at that lr."""
+    lrs = [1e-4, 3e-1]  # far apart, so the two val scores differ
+    probe = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "patience": 1}
+
+    def sweep(folder, **probe_overrides):
+        cfg = sweep_config(model_dirs, points=[2], objectives=["lfm"], self_stitch=False, probe={**probe, **probe_overrides})
+        return Sweep(validate_config(StitchRunConfig, cfg), tmp_path / folder)
+
+    swept = sweep("swept", lr_sweep=lrs)
+    result = swept.probe("dino", 0)
+    folder = tmp_path / "swept" / "probes" / "dino" / "seed0"
+    assert [r["lr"] for r in result["lr_sweep"]] == lrs
+    for lr in lrs:  # each lr trained in its own folder, with its val score evaluated per epoch (patience)
+        records = [json.loads(line) for line in (folder / f"train-lr{lr!r}" / "metrics.jsonl").read_text().splitlines()]
+        assert any("val_score" in r for r in records)
+    val = [r["score_val"] for r in result["lr_sweep"]]
+    assert val[0] != val[1]
+    chosen = lrs[val.index(max(val))]
+    assert (result["lr"], result["score_val"]) == (chosen, max(val))
+    plain = sweep("plain", lr=chosen).probe("dino", 0)
+    assert "lr_sweep" not in plain and plain["lr"] == chosen
+    assert (result["score_val"], result["score_test"]) == (plain["score_val"], plain["score_test"])
+    plain_predictions = np.load(tmp_path / "plain" / "probes" / "dino" / "seed0" / "test_predictions.npy")
+    assert np.array_equal(np.load(folder / "test_predictions.npy"), plain_predictions)
+
+    # Re-running the probe (as after a crash before result.json) loads both finished trainings instead of training.
+    resumed = []
+
+    def recording_train(model, loss_fn, dataset, cfg, out_dir, **kwargs):
+        out = real_train(model, loss_fn, dataset, cfg, out_dir, **kwargs)
+        resumed.append((out_dir.name, out.resumed_from == out.steps))
+        return out
+
+    real_train = protocol.train
+    monkeypatch.setattr(protocol, "train", recording_train)
+    again = sweep("swept", lr_sweep=lrs)
+    del again.run.manifest["steps"]["probe/dino/seed0"]
+    strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}
+    assert strip(again.probe("dino", 0)) == strip(result)
+    assert resumed == [(f"train-lr{lr!r}", True) for lr in lrs]
+
+    # The report names the chosen lr.
+    from stitchkit.stitching.report import probe_table
+
+    assert f"| dino | {result['score_test']:.1f} | {chosen:g} |" in probe_table({"dino": [result]}, "top-1")
+    assert "chosen" not in probe_table({"dino": [plain]}, "top-1")
 
 
 def test_head_lr_and_early_stopping_reach_the_trainings(model_dirs, tmp_path, monkeypatch):

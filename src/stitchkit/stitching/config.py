@@ -46,10 +46,25 @@ class OptimConfig(Config):
         description="early stopping: evaluate the val task score once per epoch, stop after this many epochs "
         "without improvement and keep the best epoch's weights (spec §2: patience 5); None = off",
     )
+    lr_sweep: list[pydantic.PositiveFloat] | None = pydantic.Field(
+        None,
+        min_length=1,
+        description="probe only: train each model's linear probe once per learning rate and keep the one with "
+        "the best val score, the first on ties (spec §7: sweep {1e-4, 3e-4, 1e-3} on val, for fair baselines); "
+        "None = train once at lr",
+    )
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_fraction: float = pydantic.Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+    @pydantic.field_validator("lr_sweep")
+    @classmethod
+    def _distinct_lrs(cls, lrs: list[float] | None) -> list[float] | None:
+        # Each lr trains in a folder named after it, so a repeated lr would only repeat a finished training.
+        if lrs is not None and len(set(lrs)) != len(lrs):
+            raise ValueError(f"learning rates must be distinct, got {lrs}")
+        return lrs
 
     def steps(self, examples: int) -> int:
         return max(1, round(self.epochs * examples / self.batch_size))
@@ -67,14 +82,17 @@ def _unused_option(stage: str, option: str) -> str | None:
         return f"{stage.upper()} trains S alone (the head fitted afterwards trains at probe.lr)"
     if stage == "probe" and option == "head_lr":
         return "a probe is a head alone; set probe.lr"
+    if stage != "probe" and option == "lr_sweep":
+        return "only the linear probes of the models sweep their learning rate (set probe.lr_sweep)"
     return None
 
 
 def _check_stage_options(cfg: Config) -> None:
-    """Refuse early stopping and head_lr in the stages (the OptimConfig fields of `cfg`) that cannot use them."""
+    """Refuse early stopping, head_lr and lr_sweep in the stages (the OptimConfig fields of `cfg`) that cannot
+    use them."""
     for stage, optim in cfg:
         if isinstance(optim, OptimConfig):
-            for option in ("patience", "head_lr"):
+            for option in ("patience", "head_lr", "lr_sweep"):
                 why = _unused_option(stage, option)
                 if getattr(optim, option) is not None and why:
                     raise ValueError(f"{stage}.{option}: {why}")
@@ -169,5 +187,7 @@ class TreeConfig(Config):
             raise ValueError(f"branches: the trunk {self.trunk!r} has its own branch already; list only the others")
         if self.stitch.kind == "lora":
             raise ValueError("stitch.kind: tree branches share the trunk's block n, so 'lora' cannot be used")
+        if self.probe.lr_sweep is not None:
+            raise ValueError("probe.lr_sweep: the tree's probes train at probe.lr (the sweep is a `stitch run` option)")
         _check_stage_options(self)
         return self

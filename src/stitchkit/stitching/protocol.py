@@ -230,23 +230,36 @@ class Sweep:
     # ---- probes -----------------------------------------------------------------------------
 
     def probe(self, model: str, seed: int) -> dict:
-        """Linear probe of one frozen model on its own readout (the baseline; spec §2)."""
+        """Linear probe of one frozen model on its own readout (the baseline; spec §2). With probe.lr_sweep the
+        probe trains once per learning rate, each from the same initial head, and the one with the best val score
+        is kept, the first on ties (spec §7: fair baselines); its scores and predictions are the result."""
         step = f"probe/{model}/seed{seed}"
         folder = self.run.path("probes", model, f"seed{seed}", ".")
         if self.run.done(step):
             return json.loads((folder / "result.json").read_text())
         backbone = self.models[model]
-        seed_everything(seed)
-        head = build_head(self.cfg.task, backbone, self.data.num_classes, self.cfg.data.image_size)
         features = {split: self._readout_features(model, split) for split in ("train", "val", "test")}
+        sweep = self.cfg.probe.lr_sweep
         started = time.perf_counter()
-        self._fit_head(head, features["train"], features["val"], folder / "train", seed)
-        result = {"kind": "probe", "model": model, "seed": seed, "train_seconds": time.perf_counter() - started}
-        for split in ("val", "test"):
-            predictions = self._head_predictions(head, features[split])
-            result[f"score_{split}"] = self.score(predictions, split)
-            if split == "test":
-                np.save(folder / "test_predictions.npy", predictions)
+        best, val_scores = None, []
+        for lr in sweep or [self.cfg.probe.lr]:
+            seed_everything(seed)
+            head = build_head(self.cfg.task, backbone, self.data.num_classes, self.cfg.data.image_size)
+            # Without a sweep the training keeps its folder "train" (runs made before lr_sweep resume there).
+            out_dir = folder / (f"train-lr{lr!r}" if sweep else "train")  # repr: distinct lrs, distinct names
+            self._fit_head(head, features["train"], features["val"], out_dir, seed, lr=lr)
+            scores = {split: self._head_predictions(head, features[split]) for split in ("val", "test")}
+            score_val = self.score(scores["val"], "val")
+            val_scores.append({"lr": lr, "score_val": score_val})
+            if best is None or score_val > best["score_val"]:  # strictly better: ties keep the first lr
+                best = {"lr": lr, "score_val": score_val, "test_predictions": scores["test"]}
+        result = {"kind": "probe", "model": model, "seed": seed, "lr": best["lr"]}
+        if sweep:
+            result["lr_sweep"] = val_scores  # the val score of every lr tried, in lr_sweep's order
+        result["train_seconds"] = time.perf_counter() - started
+        result["score_val"] = best["score_val"]
+        result["score_test"] = self.score(best["test_predictions"], "test")
+        np.save(folder / "test_predictions.npy", best["test_predictions"])
         atomic_write_json(folder / "result.json", result)
         self.run.finish(step)
         return result
@@ -263,9 +276,17 @@ class Sweep:
         return task_score(self.cfg.task, predictions, self.data.splits[split].labels, self.data.num_classes)
 
     def _fit_head(
-        self, head: torch.nn.Module, train_features: np.ndarray, val_features: np.ndarray | None, out_dir: Path, seed: int
+        self,
+        head: torch.nn.Module,
+        train_features: np.ndarray,
+        val_features: np.ndarray | None,
+        out_dir: Path,
+        seed: int,
+        lr: float | None = None,
     ) -> None:
-        """Train a head on fixed features by the probe settings (val_features: for early stopping)."""
+        """Train a head on fixed features by the probe settings, at `lr` if given (one lr of probe.lr_sweep), else at
+        probe.lr. val_features: for early stopping."""
+        optim = self.cfg.probe if lr is None else self.cfg.probe.model_copy(update={"lr": lr})
         labels = self.data.splits["train"].labels
         dataset = ArrayDataset(features=train_features, label=labels)
 
@@ -275,7 +296,7 @@ class Sweep:
         def val_score(model):
             return self.score(self._head_predictions(model, val_features), "val")
 
-        train_stage(head, loss_fn, dataset, self.cfg.probe, seed, out_dir, description="head", val_score=val_score)
+        train_stage(head, loss_fn, dataset, optim, seed, out_dir, description="head", val_score=val_score)
 
     @torch.no_grad()
     def _head_predictions(self, head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
@@ -416,6 +437,8 @@ class Sweep:
             train_features = self.stitched_features(model, cell.source, "train")
             # Val features serve only early stopping.
             val_features = self.stitched_features(model, cell.source, "val") if self.cfg.probe.patience else None
+            # At probe.lr even when probe.lr_sweep is set: only the models' own probes (the baselines) sweep, so a
+            # stitch cell costs one head training whatever the sweep.
             self._fit_head(model.head, train_features, val_features, folder / "head", cell.seed)
         train_seconds = time.perf_counter() - started
         result = {

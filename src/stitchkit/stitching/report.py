@@ -107,6 +107,18 @@ def overlap_table(cells: list[dict]) -> str:
     return markdown_table(rows)
 
 
+def probe_table(probe_rows: dict[str, list[dict]], metric_name: str) -> str:
+    """One row per model: test score over seeds and, when probe.lr_sweep ran, the lr chosen on val per seed."""
+    swept = any("lr_sweep" in p for rows in probe_rows.values() for p in rows)
+    rows = []
+    for model, results in probe_rows.items():
+        row = {"model": model, metric_name: format_mean([p["score_test"] for p in results])}
+        if swept:
+            row["lr (chosen on val, per seed)"] = ", ".join(f"{p['lr']:g}" for p in results)
+        rows.append(row)
+    return markdown_table(rows)
+
+
 def write_figures(cells: list[dict], probes: list[dict], points: list[int], figures: Path, metric_name: str) -> list[Path]:
     """Per pair and stitch layer: score vs stitch point per objective; relative final distance vs stitch point."""
     paths = []
@@ -145,7 +157,7 @@ def write_sweep_outputs(out: Path, cfg, data_description: str, results: dict) ->
     figures = write_figures(cells, probes, cfg.points, out / "figures", metric_name)
     probe_rows = defaultdict(list)
     for probe in probes:
-        probe_rows[probe["model"]].append(probe["score_test"])
+        probe_rows[probe["model"]].append(probe)
     parts = [
         "# Model stitching sweep\n",
         f"Task: {cfg.task} on {data_description}; test {metric_name}, mean ± sample std over seeds {cfg.seeds}. "
@@ -155,7 +167,7 @@ def write_sweep_outputs(out: Path, cfg, data_description: str, results: dict) ->
         paper_table(cells, cfg.points),
     ]
     if probe_rows:
-        parts += ["\n## Linear probes\n", markdown_table([{"model": m, metric_name: format_mean(v)} for m, v in probe_rows.items()])]
+        parts += ["\n## Linear probes\n", probe_table(probe_rows, metric_name)]
     if any(c["self_stitch"] for c in cells) and any(not c["self_stitch"] for c in cells):
         parts += ["\n## Cross − self (same target / same source)\n", self_gap_table(cells, cfg.points)]
     parts += [
