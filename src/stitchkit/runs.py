@@ -120,6 +120,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     return path
 
 
+def open_cached_build(folder: Path, done_file: str, recipe_text: str, force: bool = False) -> bool:
+    """The folder of a cached build (a zoo model, the micro VLM), keyed by its recipe's hash: True if the build is
+    already finished (`done_file`, written last, exists); otherwise the folder is created with recipe.yaml in it
+    and the caller builds into it (a killed build finds its training checkpoint there). force: start over."""
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
+    if (folder / done_file).is_file():
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "recipe.yaml", recipe_text)
+    return False
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

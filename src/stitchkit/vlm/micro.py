@@ -31,7 +31,6 @@ the best constant answer.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +53,7 @@ from stitchkit.multiimage.experiment import DataSource, benchmark_images, prepar
 from stitchkit.multiimage.studies import training_samples
 from stitchkit.multiimage.templates import template_words
 from stitchkit.paths import CONFIGS, stitchkit_home
-from stitchkit.runs import atomic_write_json, atomic_write_text, library_versions
+from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.vlm.finetune import Sample, collate_for, vlm_loss
 from stitchkit.vlm.loading import build_processor, load_vlm
 from stitchkit.vlm.model import VLM
@@ -379,12 +378,8 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     if not isinstance(recipe, MicroVLMRecipe):
         recipe = load_micro_recipe(recipe)
     folder = micro_root() / recipe.folder_name
-    if force:
-        shutil.rmtree(folder, ignore_errors=True)
-    if (folder / MICRO_JSON).is_file():
+    if open_cached_build(folder, MICRO_JSON, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), force):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
     model, processor = micro_model(recipe)
     vlm = VLM(model, processor)

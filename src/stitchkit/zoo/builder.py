@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
 from stitchkit.engine import seed_everything, train
 from stitchkit.paths import stitchkit_home
-from stitchkit.runs import atomic_write_json, atomic_write_text, library_versions
+from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.world import ONTOLOGY, classification_set
 from stitchkit.zoo.models import make_trainable
 from stitchkit.zoo.probe import linear_probe
@@ -140,12 +139,8 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     """Train, save and probe a recipe, unless it is already built (force: delete and rebuild). Returns its folder."""
     recipe = _resolve(name_or_recipe)
     folder = zoo_root() / recipe.folder_name
-    if force:
-        shutil.rmtree(folder, ignore_errors=True)
-    if (folder / ZOO_JSON).is_file():
+    if open_cached_build(folder, ZOO_JSON, recipe_yaml(recipe), force):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "recipe.yaml", recipe_yaml(recipe))
 
     encoder, objective = recipe.encoder, recipe.objective
     dataset, num_classes, vocab = training_data(recipe)
