@@ -429,6 +429,10 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
     assert analysis["layers"] == 2 and "labels_delta" in analysis["knockouts"]["windows"][0]
     assert analysis["knockouts"]["label_layer"] == 1  # --knockout-label-layer
     assert (tmp_path / "an" / "figures" / "knockouts.png").is_file()
+    with pytest.raises(SystemExit) as done:  # a layer the model does not have: refused before any output
+        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "bad"), "--knockout-label-layer", "9"])
+    assert done.value.code == 2 and "--knockout-label-layer 9" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
