@@ -23,6 +23,7 @@ from rich.table import Table
 from stitchkit.backbones import load_backbone
 from stitchkit.config import validate_config
 from stitchkit.engine import seed_everything, train
+from stitchkit.engine.devices import BUILD_THREADS, torch_threads
 from stitchkit.zoo import ZooRecipe, linear_probe, list_recipes, load_recipe
 from stitchkit.zoo.builder import probe_sets, training_data
 from stitchkit.zoo.models import make_trainable
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     results = {}
     for name in args.recipes:
         recipe = with_overrides(load_recipe(name), args.set + ([f"train.steps={args.steps}"] if args.steps else []))
-        rows = learning_curve(recipe, args.every or max(recipe.train.steps // 3, 1))
+        with torch_threads(BUILD_THREADS):  # as the builds run
+            rows = learning_curve(recipe, args.every or max(recipe.train.steps // 3, 1))
         results[name] = rows
         table = Table(title=f"{name}: probe accuracy vs steps ({'cuda' if torch.cuda.is_available() else 'cpu'})")
         for column in ("step", "train s", *PROBE_TARGETS):

@@ -200,3 +200,20 @@ def test_tiny_build_reports_own_tasks_and_mimic_against_the_constant(tmp_path, m
     row = micro_summary_row(tiny_recipe())  # what `stitchkit zoo list` shows
     assert row["count %"] == f"{100 * info['counting']['accuracy']:.1f}" and row["MIMIC avg %"] == f"{100 * mimic['scores']['avg']:.1f}"
     assert type(LlavaOnevisionForConditionalGeneration.from_pretrained(folder)) is LlavaOnevisionForConditionalGeneration
+
+
+def test_editing_the_tower_recipe_changes_the_micro_vlm_cache_key(tmp_path):
+    """The micro VLM's cache folder is keyed by its tower's recipe too: a micro VLM trained on an old tower is
+    not reused after the tower's recipe changes."""
+    from stitchkit.paths import CONFIGS
+    from stitchkit.vlm.micro import micro_recipe_hash
+
+    tower = yaml.safe_load((CONFIGS / "zoo" / "siglip.yaml").read_text())
+    tower_file = tmp_path / "tower.yaml"
+    tower_file.write_text(yaml.safe_dump(tower))
+    recipe = tiny_recipe().model_copy(update={"vision": str(tower_file)})
+    before = micro_recipe_hash(recipe)
+    assert micro_recipe_hash(recipe) == before
+    tower["train"]["steps"] += 1
+    tower_file.write_text(yaml.safe_dump(tower))
+    assert micro_recipe_hash(recipe) != before

@@ -162,6 +162,29 @@ def test_build_is_cached_deterministic_and_forced_rebuilds_match():
     assert (folder / "model.safetensors").read_bytes() == weights  # same seed, same bytes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU builds only: on a GPU the thread count is left alone")
+def test_builds_train_on_build_threads_whatever_the_callers_setting(monkeypatch):
+    """Float sums split over another number of threads give other weights, so a build pins its thread count:
+    a build started at 2 threads trains and probes at BUILD_THREADS and gives the bytes of one started at 1."""
+    from stitchkit.engine.devices import BUILD_THREADS
+    from stitchkit.zoo import builder
+
+    seen = []
+    real_train, real_probe = builder.train, builder.linear_probe
+    monkeypatch.setattr(builder, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or real_train(*a, **k))
+    monkeypatch.setattr(builder, "linear_probe", lambda *a: seen.append(torch.get_num_threads()) or real_probe(*a))
+    recipe, before = tiny("siglip"), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        weights = (build(recipe) / "model.safetensors").read_bytes()
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+        torch.set_num_threads(1)
+        assert (build(recipe, force=True) / "model.safetensors").read_bytes() == weights
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [BUILD_THREADS] * 6  # (train, probe, random-init probe) per build
+
+
 def test_image_text_builds_store_their_vocabulary():
     recipe = tiny("clip")
     folder = build(recipe)

@@ -28,7 +28,7 @@ class Config(pydantic.BaseModel):
 C = TypeVar("C", bound=Config)
 
 
-def config_hash(config: pydantic.BaseModel, version: int) -> str:
+def config_hash(config: pydantic.BaseModel, version: int | str) -> str:
     """12 hex digits of sha256 over the fields that differ from their defaults (canonical JSON) and a format
     version: the cache key of what a config builds. Defaults are left out so that adding an option to a config
     class (at a default that keeps today's behaviour) keeps every cached build valid; a change to a default, or

@@ -9,6 +9,11 @@ import torch
 
 from stitchkit.errors import ConfigError
 
+# Zoo and micro-VLM builds train on this many CPU threads, whatever the machine has: float sums split over
+# another number of threads come out in another order, so a build is byte-reproducible only per thread count
+# (docs/zoo.md), and one thread is what every machine has. Tiny models lose little by it (see torch_threads).
+BUILD_THREADS = 1
+
 
 def pick_device(setting: str) -> torch.device:
     """"auto" (CUDA when torch sees one, else CPU), "cpu", "cuda" or any torch device string."""

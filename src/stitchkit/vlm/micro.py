@@ -45,7 +45,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from stitchkit.config import Config, config_hash, load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
-from stitchkit.engine.devices import torch_threads
+from stitchkit.engine.devices import BUILD_THREADS, torch_threads
 from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage.benchmark import load_benchmark
 from stitchkit.multiimage.evaluate import evaluate, task_scores
@@ -157,7 +157,12 @@ def load_micro_recipe(name_or_path: str | Path = RECIPE_FILE) -> MicroVLMRecipe:
 
 
 def micro_recipe_hash(recipe: MicroVLMRecipe) -> str:
-    return config_hash(recipe, MICRO_FORMAT_VERSION)
+    """The recipe's content hash, with its zoo tower's recipe hash in it: a changed tower recipe (or zoo code)
+    builds a new micro VLM instead of reusing one trained on the old tower."""
+    from stitchkit.zoo import load_recipe, recipe_hash
+
+    tower = "random" if recipe.vision == "random" else recipe_hash(load_recipe(recipe.vision))
+    return config_hash(recipe, f"{MICRO_FORMAT_VERSION}+{tower}")
 
 
 # ---- vocabulary, tokenizer, processor, model ---------------------------------------------------------
@@ -392,7 +397,7 @@ def build_micro_vlm(recipe: MicroVLMRecipe | str | Path = RECIPE_FILE, force: bo
     model.requires_grad_(True)
     model.model.vision_tower.requires_grad_(recipe.train_vision)
     model.train()
-    with torch_threads(1):
+    with torch_threads(BUILD_THREADS):
         started = time.perf_counter()
         result = train(model, vlm_loss, samples + mimic_train, recipe.train, folder / "train",
                        collate_fn=collate_for(vlm), description="micro VLM")

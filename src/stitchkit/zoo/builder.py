@@ -21,6 +21,7 @@ import torch
 
 from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
 from stitchkit.engine import seed_everything, train
+from stitchkit.engine.devices import BUILD_THREADS, torch_threads
 from stitchkit.paths import stitchkit_home
 from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.world import ONTOLOGY, classification_set
@@ -141,7 +142,12 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     folder = zoo_root() / recipe.folder_name
     if open_cached_build(folder, ZOO_JSON, recipe_yaml(recipe), force):
         return folder
+    with torch_threads(BUILD_THREADS):  # training and probe: same bytes and numbers on every machine
+        _train_save_probe(recipe, folder)
+    return folder
 
+
+def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
     encoder, objective = recipe.encoder, recipe.objective
     dataset, num_classes, vocab = training_data(recipe)
     seed_everything(recipe.train.seed)  # the initial weights; the engine reseeds for the data order
@@ -150,12 +156,7 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
 
     started = time.perf_counter()
     result = train(
-        model,
-        lambda m, batch: m(batch),
-        dataset,
-        recipe.train,
-        folder / "train",
-        description=f"zoo {recipe.name}",
+        model, lambda m, batch: m(batch), dataset, recipe.train, folder / "train", description=f"zoo {recipe.name}"
     )
     train_seconds = time.perf_counter() - started
 
@@ -215,4 +216,3 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
             "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    return folder

@@ -33,7 +33,7 @@ from stitchkit.zoo.augment import Augmentation
 RECIPES_DIR = CONFIGS / "zoo"
 # Part of every recipe hash: bump it when a change to the zoo's training code changes what a recipe builds,
 # so cached models made by the old code are not reused.
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2  # 2: builds train on BUILD_THREADS CPU threads (1 built with torch's default)
 
 
 class Encoder(Config):
