@@ -217,3 +217,26 @@ def test_editing_the_tower_recipe_changes_the_micro_vlm_cache_key(tmp_path):
     tower["train"]["steps"] += 1
     tower_file.write_text(yaml.safe_dump(tower))
     assert micro_recipe_hash(recipe) != before
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_train_vision_decides_whether_the_tower_learns(tmp_path, monkeypatch, train_vision):
+    """The projector and LM always train; the vision tower only with `train_vision` (the GPU recipe's setting)."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from stitchkit.vlm.micro import MicroVLMRecipe, build_micro_vlm, micro_model
+
+    monkeypatch.setenv("STITCHKIT_HOME", str(tmp_path))
+    data = tiny_recipe().model_dump(mode="json")
+    data["data"]["mimic"] = data["eval"]["mimic"] = None
+    recipe = MicroVLMRecipe.model_validate({**data, "train_vision": train_vision})
+    initial, _ = micro_model(recipe)
+    trained = LlavaOnevisionForConditionalGeneration.from_pretrained(build_micro_vlm(recipe))
+
+    def changed(module: str) -> bool:
+        before, after = initial.get_submodule(module).state_dict(), trained.get_submodule(module).state_dict()
+        return any(not torch.equal(before[name], after[name]) for name in before)
+
+    assert changed("model.multi_modal_projector") and changed("model.language_model")
+    assert changed("model.vision_tower") == train_vision

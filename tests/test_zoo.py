@@ -185,6 +185,18 @@ def test_builds_train_on_build_threads_whatever_the_callers_setting(monkeypatch)
     assert seen == [BUILD_THREADS] * 6  # (train, probe, random-init probe) per build
 
 
+def test_build_all_in_parallel_processes_gives_the_bytes_of_one_by_one_builds(tmp_path, monkeypatch):
+    from stitchkit.zoo import build_all
+
+    recipes = [tiny("clip"), tiny("dino")]
+    parallel = build_all(recipes, processes=2)
+    assert [zoo_info(r)["train"]["resumed_from"] for r in recipes] == [None, None]  # trained in the workers
+    monkeypatch.setenv("STITCHKIT_HOME", str(tmp_path / "one_by_one"))
+    one_by_one = [build(r) for r in recipes]
+    for a, b in zip(parallel, one_by_one):
+        assert a != b and (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
 def test_image_text_builds_store_their_vocabulary():
     recipe = tiny("clip")
     folder = build(recipe)

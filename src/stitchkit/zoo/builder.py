@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
 from stitchkit.engine import seed_everything, train
 from stitchkit.engine.devices import BUILD_THREADS, torch_threads
 from stitchkit.paths import stitchkit_home
+from stitchkit.progress import track
 from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.world import ONTOLOGY, classification_set
 from stitchkit.zoo.models import make_trainable
@@ -145,6 +149,29 @@ def build(name_or_recipe: str | ZooRecipe, force: bool = False) -> Path:
     with torch_threads(BUILD_THREADS):  # training and probe: same bytes and numbers on every machine
         _train_save_probe(recipe, folder)
     return folder
+
+
+def build_all(recipes: list[ZooRecipe], force: bool = False, processes: int | None = None) -> list[Path]:
+    """Build several recipes (see `build`); returns their folders. On a CPU the unbuilt ones train side by side
+    in `processes` processes (default: one per core): each build is pinned to BUILD_THREADS threads, so this
+    gives the same bytes as building them one after another, in about half the time on two cores."""
+    todo = list({recipe.folder_name: recipe for recipe in recipes if force or zoo_path(recipe) is None}.values())
+    if processes is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = cores // BUILD_THREADS
+    workers = min(len(todo), processes)
+    parallel = workers > 1 and not torch.cuda.is_available()
+    if parallel:
+        spawn = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pools
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_quiet_worker) as pool:
+            futures = [pool.submit(build, recipe, force) for recipe in todo]
+            for future in track(as_completed(futures), f"zoo: {len(todo)} builds, {workers} at a time", len(todo)):
+                future.result()  # a failed build raises here, with its own message
+    return [build(recipe, force=force and not parallel) for recipe in recipes]
+
+
+def _quiet_worker() -> None:
+    os.environ["STITCHKIT_PROGRESS"] = "0"  # one progress bar (the parent's), not one per process on one terminal
 
 
 def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:

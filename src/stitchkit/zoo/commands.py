@@ -43,7 +43,7 @@ def train_command(
 ) -> None:
     """Build a recipe (train, save, probe), or all CPU recipes; built ones are reused unless --force."""
     from stitchkit.vlm.micro import MICRO_RECIPES, build_micro_vlm, load_micro_recipe, micro_info
-    from stitchkit.zoo import build, list_recipes, load_recipe, zoo_info
+    from stitchkit.zoo import build_all, list_recipes, load_recipe, zoo_info
 
     if name in MICRO_RECIPES:
         folder = build_micro_vlm(load_micro_recipe(name), force=force)
@@ -53,8 +53,7 @@ def train_command(
         return
     names = list_recipes(include_gpu=False) if name == "all" else [name]
     recipes = [load_recipe(n) for n in names]  # validate every recipe before training any
-    for recipe in recipes:
-        folder = build(recipe, force=force)
+    for recipe, folder in zip(recipes, build_all(recipes, force=force)):
         info = zoo_info(recipe)
         probe, trained = info["probe"], info["train"]
         typer.echo(

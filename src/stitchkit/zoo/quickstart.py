@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from stitchkit.report import markdown_table
 from stitchkit.runs import RunDir, atomic_write_json
-from stitchkit.zoo.builder import build, summary_row, zoo_info
+from stitchkit.zoo.builder import build_all, summary_row, zoo_info
 from stitchkit.zoo.recipes import list_recipes, load_recipe
 
 
 def quickstart(run: RunDir) -> str:
     recipes = [load_recipe(name) for name in list_recipes(include_gpu=False)]
-    for recipe in recipes:
-        build(recipe)  # cached by recipe hash: later suites load the same models
+    build_all(recipes)  # cached by recipe hash: later suites load the same models
     atomic_write_json(run.path("zoo", "models.json"), [zoo_info(r) for r in recipes])
     return (
         "## Micro zoo\n\n"
