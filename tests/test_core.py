@@ -136,6 +136,15 @@ def test_cli_import_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_python_dash_m_runs_the_cli_with_its_exit_codes():
+    """`python -m stitchkit` is the console script (what a machine without the editable install runs)."""
+    shown = subprocess.run([sys.executable, "-m", "stitchkit", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "quickstart" in shown.stdout
+    bad = subprocess.run([sys.executable, "-m", "stitchkit", "zoo", "train", "no_such_recipe"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown zoo recipe 'no_such_recipe'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def _packages() -> list[str]:
     import stitchkit
 
