@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench device-wheels clean
 
 # CPU torch first, from the local wheel, so pip never resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -22,6 +22,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH)
+
+# For developers with the GPU machine (no internet there; Python 3.12; torch, transformers, peft, accelerate, typer,
+# rich, matplotlib, pyarrow, pandas already installed): wheels of what it lacks (pydantic, datasets and their small
+# dependencies, ~14 MB) into .wheels/, to carry there and install before `PYTHONPATH=src python3 -m stitchkit ...`:
+#   pip install -q --no-index --find-links .wheels pydantic datasets
+device-wheels: $(STAMP)
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --dest .wheels \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  "pydantic>=2.6,<3" "datasets>=3.0,<5"
+	rm -f .wheels/pyarrow-* .wheels/numpy-* .wheels/pandas-*  # large, and already there
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
