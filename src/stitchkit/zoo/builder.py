@@ -162,11 +162,15 @@ def build_all(recipes: list[ZooRecipe], force: bool = False, processes: int | No
     workers = min(len(todo), processes)
     parallel = workers > 1 and not torch.cuda.is_available()
     if parallel:
-        spawn = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pools
+        spawn = multiprocessing.get_context("spawn")  # a fork after torch has started its thread pools can hang
         with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_quiet_worker) as pool:
             futures = [pool.submit(build, recipe, force) for recipe in todo]
-            for future in track(as_completed(futures), f"zoo: {len(todo)} builds, {workers} at a time", len(todo)):
-                future.result()  # a failed build raises here, with its own message
+            try:
+                for future in track(as_completed(futures), f"zoo: {len(todo)} builds, {workers} at a time", len(todo)):
+                    future.result()  # a failed build raises here, with its own message
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # builds not started yet are dropped; running ones finish
+                raise
     return [build(recipe, force=force and not parallel) for recipe in recipes]
 
 
