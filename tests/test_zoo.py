@@ -185,11 +185,17 @@ def test_builds_train_on_build_threads_whatever_the_callers_setting(monkeypatch)
     assert seen == [BUILD_THREADS] * 6  # (train, probe, random-init probe) per build
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, build_all builds one after another")
 def test_build_all_in_parallel_processes_gives_the_bytes_of_one_by_one_builds(tmp_path, monkeypatch):
-    from stitchkit.zoo import build_all
+    from stitchkit.zoo import build_all, builder
+
+    def not_here(*args):
+        raise AssertionError("trained in the calling process, not in a worker")
 
     recipes = [tiny("clip"), tiny("dino")]
-    parallel = build_all(recipes, processes=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "_train_save_probe", not_here)  # spawned workers import the real one
+        parallel = build_all(recipes, processes=2)
     assert [zoo_info(r)["train"]["resumed_from"] for r in recipes] == [None, None]  # trained in the workers
     monkeypatch.setenv("STITCHKIT_HOME", str(tmp_path / "one_by_one"))
     one_by_one = [build(r) for r in recipes]
