@@ -244,6 +244,25 @@ def test_resume_after_a_crash_while_checkpointing(tmp_path, monkeypatch):
     assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
 
 
+def test_a_passed_time_limit_checkpoints_the_step_and_stops_then_the_same_call_resumes(tmp_path, monkeypatch):
+    from stitchkit.errors import DEADLINE_ENV, TimeLimitReached
+
+    cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=4, log_every=1)
+    data = tiny.make_dataset()
+    reference = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, None)
+    monkeypatch.setenv(DEADLINE_ENV, "0")  # long passed
+    in_memory = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, None)
+    assert in_memory.steps == 6  # nothing to resume from: the limit does not apply
+    out = tmp_path / "run"
+    with pytest.raises(TimeLimitReached, match="after step 1 of 6; run the same command again"):
+        train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, out)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1  # before checkpoint_every
+    monkeypatch.delenv(DEADLINE_ENV)
+    resumed = train(tiny.build_model(dropout=0.3), tiny.loss_fn, data, cfg, out)
+    assert resumed.resumed_from == 1 and resumed.losses == reference.losses
+    assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
+
+
 def run_helper(args: list[str], launcher: list[str] | None = None, extra_env: dict | None = None):
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
     env.update(STITCHKIT_PROGRESS="0", **(extra_env or {}))

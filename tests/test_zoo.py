@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from stitchkit.backbones import load_backbone
 from stitchkit.config import validate_config
@@ -201,6 +203,22 @@ def test_build_all_in_parallel_processes_gives_the_bytes_of_one_by_one_builds(tm
     one_by_one = [build(r) for r in recipes]
     for a, b in zip(parallel, one_by_one):
         assert a != b and (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_time_limit_stops_a_build_with_exit_3_and_the_same_command_resumes_it(tmp_path):
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny("supervised").model_dump(mode="json")))
+    command = [sys.executable, "-m", "stitchkit", "zoo", "train", str(recipe_file)]
+    env = {**os.environ, "STITCHKIT_HOME": str(tmp_path / "home"), "STITCHKIT_PROGRESS": "0"}
+    stopped = subprocess.run([*command[:3], "--time-limit", "0", *command[3:]], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 3, stopped.stderr
+    assert "stopped: the time limit passed: zoo supervised saved a checkpoint after step 1 of 3" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    info = json.loads(next((tmp_path / "home" / "zoo").glob("supervised-*/zoo.json")).read_text())
+    assert info["train"]["resumed_from"] == 1
 
 
 def test_image_text_builds_store_their_vocabulary():

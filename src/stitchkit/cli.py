@@ -7,7 +7,9 @@ Heavy imports (torch, transformers) happen inside the commands so `--help` stays
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from stitchkit.errors import StitchkitError
+from stitchkit.errors import DEADLINE_ENV, StitchkitError
 
 app = typer.Typer(
     name="stitchkit",
@@ -31,8 +33,15 @@ _state = {"debug": False}
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for user errors."),
+    time_limit: Optional[float] = typer.Option(
+        None, "--time-limit", min=0, metavar="MINUTES",
+        help="Wall-clock limit: a training that reaches it saves a checkpoint and stops (exit code 3); run the "
+        "same command again to resume. For batch jobs and machines with a per-command limit.",
+    ),
 ) -> None:
     _state["debug"] = debug
+    if time_limit is not None:
+        os.environ[DEADLINE_ENV] = str(time.time() + 60 * time_limit)
 
 
 @app.command()
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except StitchkitError as err:
         if _state["debug"] or "--debug" in argv:
             raise
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+        err_console.print(Text.assemble((f"{err.label}: ", "bold red"), str(err)), soft_wrap=True)
         sys.exit(err.exit_code)
 
 

@@ -8,12 +8,17 @@ traceback unless `--debug` is given. Programming errors stay ordinary exceptions
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_TIME_LIMIT = 3
+# Unix time after which trainings stop (set by `stitchkit --time-limit`); an environment variable, so that worker
+# processes (zoo builds, accelerate launch) see the same deadline.
+DEADLINE_ENV = "STITCHKIT_DEADLINE"
 
 
 class StitchkitError(Exception):
     """A problem with the user's input, reported as one clear message (exit code 2)."""
 
     exit_code = EXIT_USER_ERROR
+    label = "error"
 
 
 class ConfigError(StitchkitError):
@@ -30,3 +35,10 @@ class ModelNotFoundError(StitchkitError):
 
 class IncompatibleError(StitchkitError):
     """Two things that cannot be combined (dimensions, grids, architectures)."""
+
+
+class TimeLimitReached(StitchkitError):
+    """The time limit passed during a training, which saved a checkpoint first: the same command resumes it."""
+
+    exit_code = EXIT_TIME_LIMIT
+    label = "stopped"

@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +70,7 @@ from stitchkit.engine.checkpoint import (
     wait_for_everyone,
 )
 from stitchkit.engine.seeding import rng_state, seed_everything, set_rng_state
-from stitchkit.errors import ConfigError, InputError, StitchkitError
+from stitchkit.errors import DEADLINE_ENV, ConfigError, InputError, StitchkitError, TimeLimitReached
 from stitchkit.progress import make_progress
 from stitchkit.runs import atomic_write_json, atomic_write_text
 
@@ -309,7 +310,10 @@ def train(
             eval_now = eval_fn is not None and eval_due
             # Every process evaluates the stop rule on the main process's metrics (broadcast below).
             stop_now = False
-            checkpoint_now = out_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            out_of_time = out_dir is not None and done < final_step and _deadline_passed(state.num_processes)
+            checkpoint_now = out_dir is not None and (
+                done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time
+            )
             if not (log_now or eval_now or checkpoint_now):
                 continue
             # Turning values into floats waits for the device, so we do it only here.
@@ -365,6 +369,11 @@ def train(
                 final_step = done
                 progress.update(bar, total=done)
                 break
+            if out_of_time:
+                raise TimeLimitReached(
+                    f"the time limit passed: {description} saved a checkpoint after step {done} of {final_step}; "
+                    "run the same command again to resume"
+                )
 
     best_step = int(evaluations[rule.best(evaluations)][0]) if rule is not None and evaluations else None
     if best_step is not None and rule.restore_best:
@@ -386,6 +395,16 @@ def train(
     return TrainResult(
         model=model, steps=final_step, losses=losses, metrics=metrics, resumed_from=resumed_from, best_step=best_step
     )
+
+
+def _deadline_passed(num_processes: int) -> bool:
+    """Whether the `--time-limit` deadline (errors.DEADLINE_ENV) has passed; with several processes the main
+    process decides for all, so they stop at the same step."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    if deadline is None:
+        return False
+    passed = time.time() >= float(deadline)
+    return broadcast_object_list([passed])[0] if num_processes > 1 else passed
 
 
 def _micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
