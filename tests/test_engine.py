@@ -263,6 +263,32 @@ def test_a_passed_time_limit_checkpoints_the_step_and_stops_then_the_same_call_r
     assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
 
 
+def test_sigterm_during_a_training_checkpoints_the_step_and_stops_then_the_same_call_resumes(tmp_path):
+    import signal
+
+    from stitchkit.errors import TimeLimitReached
+
+    cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=4, log_every=1)
+    data = tiny.make_dataset()
+    reference = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+    calls = []
+
+    def terminated_in_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would
+        return tiny.loss_fn(model, batch)
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    with pytest.raises(TimeLimitReached, match=r"terminated \(SIGTERM\): .* after step 3 of 6"):
+        train(tiny.build_model(), terminated_in_step_3, data, cfg, out)
+    assert signal.getsignal(signal.SIGTERM) is before  # restored once the training is over
+    resumed = train(tiny.build_model(), tiny.loss_fn, data, cfg, out)
+    assert resumed.resumed_from == 3 and resumed.losses == reference.losses
+    assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
+
+
 def run_helper(args: list[str], launcher: list[str] | None = None, extra_env: dict | None = None):
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
     env.update(STITCHKIT_PROGRESS="0", **(extra_env or {}))

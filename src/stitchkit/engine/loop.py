@@ -34,6 +34,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,7 +281,7 @@ def train(
 
     progress = make_progress()
     progress.disable = progress.disable or not accelerator.is_main_process
-    with progress:
+    with progress, _stop_on_sigterm(out_dir is not None and state.num_processes == 1) as terminated:
         bar = progress.add_task(description, total=cfg.steps, completed=start_step, status="")
         pending: list[torch.Tensor] = []  # reduced [loss, *extras] per step, not yet turned into floats
         metric_names: list[str] = []
@@ -310,7 +312,9 @@ def train(
             eval_now = eval_fn is not None and eval_due
             # Every process evaluates the stop rule on the main process's metrics (broadcast below).
             stop_now = False
-            out_of_time = out_dir is not None and done < final_step and _deadline_passed(state.num_processes)
+            out_of_time = out_dir is not None and done < final_step and (
+                terminated["signal"] is not None or _deadline_passed(state.num_processes)
+            )
             checkpoint_now = out_dir is not None and (
                 done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time
             )
@@ -370,8 +374,9 @@ def train(
                 progress.update(bar, total=done)
                 break
             if out_of_time:
+                reason = "terminated (SIGTERM)" if terminated["signal"] is not None else "the time limit passed"
                 raise TimeLimitReached(
-                    f"the time limit passed: {description} saved a checkpoint after step {done} of {final_step}; "
+                    f"{reason}: {description} saved a checkpoint after step {done} of {final_step}; "
                     "run the same command again to resume"
                 )
 
@@ -395,6 +400,22 @@ def train(
     return TrainResult(
         model=model, steps=final_step, losses=losses, metrics=metrics, resumed_from=resumed_from, best_step=best_step
     )
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(enabled: bool) -> Iterator[dict[str, int | None]]:
+    """While a checkpointed one-process training runs, SIGTERM (what `timeout`, SLURM and other schedulers send
+    before they kill) asks it to stop like --time-limit: at the end of the current step, after a checkpoint.
+    Elsewhere SIGTERM keeps its usual meaning. (Several processes would have to agree on the step: not done.)"""
+    request: dict[str, int | None] = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: request.update(signal=signum))
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _deadline_passed(num_processes: int) -> bool:
