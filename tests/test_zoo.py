@@ -18,7 +18,7 @@ from stitchkit.errors import ConfigError
 from stitchkit.world import classification_set
 from stitchkit.zoo import ZooRecipe, build, linear_probe, list_recipes, load_recipe, recipe_hash, zoo_info, zoo_path
 from stitchkit.zoo.augment import Augmentation
-from stitchkit.zoo.builder import VOCAB_JSON, caption_vocabulary
+from stitchkit.zoo.builder import VOCAB_JSON, caption_vocabulary, summary_row
 from stitchkit.zoo.models import make_trainable, training_pixels
 from stitchkit.zoo.recipes import RECIPES_DIR
 from stitchkit.zoo.text import WordVocab
@@ -128,6 +128,9 @@ def test_tiny_build_saves_a_backbone_that_loads_with_identical_features(name):
     info = zoo_info(recipe)
     assert info["train"]["steps"] == 3 and len(info["recipe"]) > 0
     assert 0 <= info["probe"]["accuracy"] <= 1 and 0 <= info["probe"]["random_init_accuracy"] <= 1
+    assert 0 <= info["probe"]["category_accuracy"] <= 1 and info["probe"]["category_chance"] == 1 / 13
+    shown = summary_row(recipe)["category % (random init)"]  # what `stitchkit zoo list` shows
+    assert shown == f"{100 * info['probe']['category_accuracy']:.1f} ({100 * info['probe']['category_random_init_accuracy']:.1f})"
     assert info["prefix_tokens"] == {"supervised": 1, "clip": 1, "siglip": 0, "dino": 5}[name]
 
     images = classification_set(6, recipe.encoder.image_size, seed=5, target="both").images
@@ -184,7 +187,7 @@ def test_builds_train_on_build_threads_whatever_the_callers_setting(monkeypatch)
         assert (build(recipe, force=True) / "model.safetensors").read_bytes() == weights
     finally:
         torch.set_num_threads(before)
-    assert seen == [BUILD_THREADS] * 6  # (train, probe, random-init probe) per build
+    assert seen == [BUILD_THREADS] * 10  # (train, 2 probes, 2 random-init probes) per build
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, build_all builds one after another")

@@ -87,6 +87,12 @@ def summary_row(recipe: ZooRecipe) -> dict[str, Any]:
         "probe %": f"{100 * probe['accuracy']:.1f}" if info else None,
         "random init %": f"{100 * probe['random_init_accuracy']:.1f}" if info else None,
         "chance %": f"{100 * probe['chance']:.1f}" if info else None,
+        # Builds made before the category probe existed have none (weights unchanged, so no rebuild for it).
+        "category % (random init)": (
+            f"{100 * probe['category_accuracy']:.1f} ({100 * probe['category_random_init_accuracy']:.1f})"
+            if "category_accuracy" in probe
+            else None
+        ),
     }
 
 
@@ -204,6 +210,11 @@ def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
     started = time.perf_counter()
     accuracy = linear_probe(backbone, probe_train, probe_test)
     random_accuracy = linear_probe(baseline, probe_train, probe_test)
+    # The same probe by category (shape) alone: the colour x category probe is mostly colour for these tiny ViTs
+    # (results/zoo/shape_learning.md), so shape gets its own number.
+    category_sets = probe_sets(recipe, "category")
+    category_accuracy = linear_probe(backbone, *category_sets)
+    category_random_accuracy = linear_probe(baseline, *category_sets)
     probe_seconds = time.perf_counter() - started
 
     atomic_write_json(
@@ -231,6 +242,9 @@ def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
                 "test_images": probe.test_images,
                 "accuracy": accuracy,
                 "random_init_accuracy": random_accuracy,
+                "category_accuracy": category_accuracy,
+                "category_random_init_accuracy": category_random_accuracy,
+                "category_chance": 1 / len(category_sets[0].class_names),
                 "seconds": probe_seconds,
             },
             "train": {

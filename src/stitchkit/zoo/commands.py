@@ -29,7 +29,9 @@ def list_command() -> None:
     if not console.is_terminal:
         console.width = 140  # piped output has no terminal width to respect: do not truncate names
     encoders = [summary_row(load_recipe(name)) for name in list_recipes()]
-    console.print(table(f"micro zoo in {zoo_root()}", "probe: linear probe on held-out images (% correct)", encoders))
+    caption = ("probe: linear probe on held-out images, colour x category (% correct); category: the same probe "
+               "by category (shape) alone")  # fmt: skip
+    console.print(table(f"micro zoo in {zoo_root()}", caption, encoders))
     vlms = [micro_summary_row(load_micro_recipe(name)) for name in MICRO_RECIPES]
     caption = ("count: greedy single-image counting on held-out scenes, next to always giving the majority answer; "
                "MIMIC avg: the held-out MIMIC benchmark, next to each task's best constant answer")  # fmt: skip
@@ -62,4 +64,6 @@ def train_command(
             f"{trained['seconds']:.0f} s on {trained['device']}; linear probe ({probe['target']}, "
             f"{probe['classes']} classes): {100 * probe['accuracy']:.1f}% vs {100 * probe['random_init_accuracy']:.1f}% "
             "at random init"
-        )
+            + (f"; by category: {100 * probe['category_accuracy']:.1f}% vs "
+               f"{100 * probe['category_random_init_accuracy']:.1f}%" if "category_accuracy" in probe else "")
+        )  # fmt: skip

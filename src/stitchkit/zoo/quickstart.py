@@ -17,7 +17,9 @@ def quickstart(run: RunDir) -> str:
         "Small encoders of four Hugging Face classes, each trained here with its own objective (supervised "
         "cross-entropy, CLIP softmax contrastive, SigLIP sigmoid, DINO self-distillation with registers). "
         "tokens: patch grid + prefix tokens (CLS, registers). probe: linear probe on the encoder's own pooled "
-        "output, held-out shapes-world images, next to the same architecture at random init.\n\n"
+        "output, held-out shapes-world images labelled colour x category, next to the same architecture at random "
+        "init; category: the same probe by category (shape) alone, which these tiny ViTs learn far less well than "
+        "colour (results/zoo/shape_learning.md in the repository).\n\n"
         + markdown_table([summary_row(r) for r in recipes])
         + f"\nMetadata of every model: `{run.path('zoo', 'models.json').relative_to(run.root)}`.\n"
     )
