@@ -263,6 +263,14 @@ def test_a_passed_time_limit_checkpoints_the_step_and_stops_then_the_same_call_r
     assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
 
 
+def test_a_malformed_deadline_is_a_config_error_naming_it(tmp_path, monkeypatch):
+    from stitchkit.errors import DEADLINE_ENV
+
+    monkeypatch.setenv(DEADLINE_ENV, "soon")
+    with pytest.raises(ConfigError, match="STITCHKIT_DEADLINE='soon' is not a Unix time"):
+        train(tiny.build_model(), tiny.loss_fn, tiny.make_dataset(), TrainConfig(steps=2, batch_size=8), tmp_path / "run")
+
+
 def test_sigterm_during_a_training_checkpoints_the_step_and_stops_then_the_same_call_resumes(tmp_path):
     import signal
 

@@ -424,7 +424,12 @@ def _deadline_passed(num_processes: int) -> bool:
     deadline = os.environ.get(DEADLINE_ENV)
     if deadline is None:
         return False
-    passed = time.time() >= float(deadline)
+    try:
+        passed = time.time() >= float(deadline)
+    except ValueError:
+        raise ConfigError(
+            f"{DEADLINE_ENV}={deadline!r} is not a Unix time in seconds (stitchkit --time-limit sets it)"
+        ) from None
     return broadcast_object_list([passed])[0] if num_processes > 1 else passed
 
 
