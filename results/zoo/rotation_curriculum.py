@@ -12,7 +12,6 @@ from benchmarks.bench_zoo import with_overrides
 from stitchkit.backbones import load_backbone
 from stitchkit.engine import seed_everything, train
 from stitchkit.engine.devices import BUILD_THREADS, torch_threads
-from stitchkit.world import classification_set
 from stitchkit.zoo import linear_probe, load_recipe
 from stitchkit.zoo.builder import probe_sets, training_data
 from stitchkit.zoo.models import make_trainable
@@ -26,12 +25,9 @@ with torch_threads(BUILD_THREADS):
     rotated_data, classes, vocab = training_data(rotated)
     seed_everything(rotated.train.seed)
     model = make_trainable(rotated, num_classes=classes, vocab_size=len(vocab) if vocab else 0)
-    upright_data, _, _ = training_data(upright)
-    if vocab is not None:  # the upright captions through the model's own vocabulary (the same words)
-        captions = classification_set(upright.data.images, upright.encoder.image_size, upright.data.seed, "both",
-                                      upright.data.world).captions
-        upright_data.columns["caption_ids"], upright_data.columns["caption_mask"] = vocab.encode(
-            captions, upright.objective.text.max_words)
+    upright_data, _, upright_vocab = training_data(upright)
+    # Both vocabularies hold every colour and category name, sorted: caption ids mean the same words in both.
+    assert vocab is None or upright_vocab.tokens == vocab.tokens
     train(model, lambda m, batch: m(batch), upright_data, upright.train, None, description="upright")
     train(model, lambda m, batch: m(batch), rotated_data, rotated.train, None, description="rotated")
     encoder = rotated.encoder
