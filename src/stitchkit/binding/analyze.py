@@ -24,14 +24,13 @@ def analyze_subject(
     spec: str, out: str | os.PathLike, ns: list[int], pairs: int, probe_examples: int, knockouts: bool, seed: int,
     device: str = "auto", command: str | None = None, knockout_label_layer: int | None = None,
 ) -> Path:  # fmt: skip
-    from stitchkit.binding.knockouts import run_knockouts
+    from stitchkit.binding.knockouts import read_out_layer, run_knockouts
     from stitchkit.binding.report import analysis_figures
 
     if any(n < 4 for n in ns):
         raise ConfigError(f"--n: interchange interventions need N >= 4, got {ns}")
     subject = load_subject(spec, str(pick_device(device)))
-    if knockout_label_layer is not None and not 0 <= knockout_label_layer <= subject.layers:
-        raise ConfigError(f"--knockout-label-layer {knockout_label_layer}: this model has layers 0..{subject.layers} (L = resid_post)")
+    read_out_layer(knockout_label_layer, subject.layers, "--knockout-label-layer")  # before the run folder exists
     too_big = [n for n in ns if n > subject.vocab.max_objects]
     if too_big:
         raise ConfigError(f"--n {too_big}: this model's prompt vocabulary allows at most {subject.vocab.max_objects} objects")

@@ -58,6 +58,16 @@ def blocked_mask(encoded: list[Encoded], name: str) -> torch.Tensor:
     return mask
 
 
+def read_out_layer(label_layer: int | None, layers: int, name: str = "knockout_label_layer") -> int:
+    """The layer the knockouts' intervention outcomes are read at: `label_layer`, or L - 1 (ratio_layer) if None;
+    one out of 0..L is refused, naming the option `name`."""
+    if label_layer is None:
+        return ratio_layer(layers)
+    if not 0 <= label_layer <= layers:
+        raise ConfigError(f"{name} {label_layer}: this model has layers 0..{layers} (L = resid_post)")
+    return label_layer
+
+
 @torch.no_grad()
 def run_knockouts(
     model, n: int = 8, examples: int = 500, seed: int = 0, window: int = 3, sets=tuple(EDGE_SETS),
@@ -73,9 +83,7 @@ def run_knockouts(
     targets = torch.tensor([e.target for e in encoded], device=device)
     layers = model.settings.layers
     window = min(window, layers)
-    label_layer = ratio_layer(layers) if label_layer is None else label_layer
-    if not 0 <= label_layer <= layers:
-        raise ConfigError(f"knockout_label_layer {label_layer}: this model has layers 0..{layers} (L = resid_post)")
+    label_layer = read_out_layer(label_layer, layers)
     subject = TokenSubject(model, vocab)
     kept, _ = correct_pairs(subject, n, pairs, seed)
     pair_layouts = [encode_text(p.orig, vocab) for p in kept]  # the cf has the same layout: one mask serves both
