@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from stitchkit.config import Config, config_hash, load_config
-from stitchkit.errors import ConfigError
-from stitchkit.runs import RunDir, atomic_path, atomic_write_json
+from stitchkit.errors import ConfigError, InputError, TimeLimitReached
+from stitchkit.runs import RunDir, atomic_path, atomic_write_json, discard_outputs_on_user_error, prepare_output
 
 STITCHKIT = [sys.executable, "-m", "stitchkit.cli"]
 
@@ -116,6 +116,55 @@ def test_run_dir_accepts_its_config_after_the_config_class_gained_an_option(tmp_
     RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2)))  # the same run: no error
     with pytest.raises(ConfigError, match="different config"):
         RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2), verbose=True))
+
+
+def test_prepare_output_refuses_a_file_and_an_uncreatable_folder(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match="is an existing file"):
+        prepare_output(tmp_path / "afile")
+    with pytest.raises(InputError, match="cannot create the output folder"):
+        prepare_output(tmp_path / "afile" / "run")
+    assert prepare_output(tmp_path / "new" / "run").is_dir()
+
+
+def test_a_user_error_takes_back_the_folders_its_command_created(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ConfigError):
+        with discard_outputs_on_user_error():
+            RunDir(tmp_path / "runs" / "fresh", config=Outer(name="x", train=Inner(steps=1)))  # creates runs/ too
+            prepare_output(existing / "inner")
+            RunDir(existing, config=Outer(name="x", train=Inner(steps=1)))
+            raise ConfigError("bad input found late")
+    assert not (tmp_path / "runs").exists() and not (existing / "inner").exists()
+    assert (existing / "manifest.json").is_file()  # a folder that was there before is never removed
+
+
+def test_finished_steps_and_time_limits_keep_their_folders(tmp_path):
+    with pytest.raises(InputError):
+        with discard_outputs_on_user_error():
+            RunDir(tmp_path / "done", config=Outer(name="x", train=Inner(steps=1))).finish("first step")  # resumable work
+            raise InputError("a later step's input is bad")
+    assert (tmp_path / "done" / "manifest.json").is_file()
+    with pytest.raises(TimeLimitReached):
+        with discard_outputs_on_user_error():
+            prepare_output(tmp_path / "stopped")
+            raise TimeLimitReached("checkpoint saved")  # exit code 3: the same command resumes
+    assert (tmp_path / "stopped").is_dir()
+
+
+def test_cli_bad_input_leaves_no_output_folder(tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = _run_cli("world", "render", "--out", str(tmp_path / "afile"), "--images", "2")
+    assert out.returncode == 2 and "is an existing file" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "images").mkdir()
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}], "categories": [{"id": 1, "name": "star"}],
+            "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    out = _run_cli("mimic", "build", "--annotations", str(tmp_path / "ann.json"), "--images", str(tmp_path / "images"),
+                   "--out", str(tmp_path / "bench"))  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert not (tmp_path / "bench").exists()
 
 
 def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

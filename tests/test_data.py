@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stitchkit.data import load_coco, load_image, scan_image_folder
+from stitchkit.data import check_images, load_coco, load_image, scan_image_folder
 from stitchkit.errors import InputError
 
 COCO = {
@@ -38,6 +38,9 @@ def test_load_coco_builds_lookups(tmp_path):
         (lambda d: d["annotations"][0].update(bbox=[1, 2]), "bbox must be"),
         (lambda d: d["annotations"][0].update(image_id=99), "unknown image_id 99"),
         (lambda d: d["annotations"][0].update(category_id=99), "unknown category_id 99"),
+        (lambda d: d["annotations"][0].update(bbox=["a", 2, 3, 4]), r"annotations\[0\] has a field of the wrong type"),
+        (lambda d: d["images"][0].update(width=None), r"images\[0\] has a field of the wrong type"),
+        (lambda d: d.update(annotations={"0": {}}), "annotations must be a list"),
     ],
 )
 def test_bad_coco_names_the_field(tmp_path, mutate, message):
@@ -67,6 +70,9 @@ def test_corrupt_and_truncated_images_are_input_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:40])
     with pytest.raises(InputError):
         load_image(truncated)
+    check_images([good])
+    with pytest.raises(InputError, match=r"2 image file\(s\) cannot be read, e.g. .*bad.png"):
+        check_images([good, tmp_path / "bad.png", truncated])
 
 
 def test_image_folder(tmp_path):

@@ -6,8 +6,10 @@ and recomputes every sample's answer and control variables.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage import MimicConfig, build_benchmark, load_benchmark
@@ -156,13 +159,20 @@ def test_same_seed_same_bytes_other_seed_differs(shapes, tmp_path):
     assert odd(third) == odd(again)
 
 
+def write_tiny_images(folder: Path, coco: dict) -> None:
+    """A 2 x 2 PNG under every file name of `coco`: the generator checks that the files open, never their pixels."""
+    tiny = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(tiny, format="PNG")
+    folder.mkdir(exist_ok=True)
+    for image in coco["images"]:
+        (folder / image["file_name"]).write_bytes(tiny.getvalue())
+
+
 def test_coco_like_annotations_all_filter_modes_and_class_balance(tmp_path):
     coco = synthetic_coco(n_images=2500, seed=1)
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(coco))
-    (tmp_path / "images").mkdir()
-    for image in coco["images"]:
-        (tmp_path / "images" / image["file_name"]).touch()  # the generator checks files exist, never opens them
+    write_tiny_images(tmp_path / "images", coco)
     base = {
         "counting": {"n_samples": 48, "k": [1, 3], "spread": [1, 4], "distractors": [0, 34], "max_count": 10},
         "listing": {"n_samples": 40, "spread": [2, 5], "distractors": [0, 4]},
@@ -200,9 +210,7 @@ def test_crowd_regions_and_small_boxes_never_carry_a_query(tmp_path):
     assert crowded  # the synthetic file has crowd regions to avoid
     path = tmp_path / "a.json"
     path.write_text(json.dumps(coco))
-    (tmp_path / "im").mkdir()
-    for image in coco["images"]:
-        (tmp_path / "im" / image["file_name"]).touch()
+    write_tiny_images(tmp_path / "im", coco)
     config = MimicConfig.model_validate({"filter": {"mode": "off"},
                                          "counting": {"n_samples": 300, "k": [1], "spread": [1, 2],
                                                       "distractors": [0], "splits": ["unbalanced"]},
@@ -229,6 +237,14 @@ def test_user_errors_are_one_clear_message(shapes, tmp_path):
     with pytest.raises(InputError, match="missing under"):
         build_benchmark(world / "annotations.json", tmp_path / "partial", tmp_path / "p",
                         MimicConfig.model_validate(SHAPES_CONFIG))
+    # images that are there but do not open: named before the benchmark is written
+    broken = tmp_path / "broken"
+    shutil.copytree(world, broken)
+    for png in (broken / "images").glob("*.png"):
+        png.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot be read"):
+        build_benchmark(broken / "annotations.json", broken, tmp_path / "b", MimicConfig.model_validate(SHAPES_CONFIG))
+    assert not (tmp_path / "b" / "samples.jsonl").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"counting": {"n_sampels": 3}}))
     from stitchkit.config import load_config

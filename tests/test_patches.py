@@ -221,6 +221,19 @@ def test_build_writes_one_row_per_patch_and_id_with_its_grid_position(tmp_path):
     assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == 63
 
 
+def test_a_failed_rebuild_never_passes_for_complete(tmp_path):
+    """A rebuild with other settings that meets a corrupt image half-way must not leave the old dataset.json
+    beside a half-replaced patches/ folder (a later run with the old settings would take it as built)."""
+    folder = image_folder(tmp_path)
+    (tmp_path / "names.json").write_text(json.dumps({f"img-{i}.png": f"shape {i}" for i in range(3)}))
+    items = read_names(tmp_path / "names.json", folder)
+    build_patch_dataset(items, tmp_path / "out", [1])
+    (folder / "img-2.png").write_bytes(b"not an image any more")
+    with pytest.raises(InputError, match="cannot read image"):
+        build_patch_dataset(items, tmp_path / "out", [1, 2])
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
 def test_names_file_errors_are_clear(tmp_path):
     folder = image_folder(tmp_path, 2)
     (tmp_path / "names.csv").write_text("file,name\nimg-0.png,a\nmissing.png,b\n")

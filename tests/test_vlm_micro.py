@@ -240,3 +240,18 @@ def test_train_vision_decides_whether_the_tower_learns(tmp_path, monkeypatch, tr
 
     assert changed("model.multi_modal_projector") and changed("model.language_model")
     assert changed("model.vision_tower") == train_vision
+
+
+def test_every_vlm_command_reads_the_same_micro_specs(tmp_path):
+    from stitchkit.errors import ConfigError, ModelNotFoundError
+    from stitchkit.vlm.loading import load_tokenizer
+    from stitchkit.vlm.micro import micro_spec_recipe, resolve_vlm
+
+    assert micro_spec_recipe("org/model") is None and micro_spec_recipe(str(tmp_path)) is None
+    assert micro_spec_recipe("micro").name == micro_spec_recipe("zoo:micro_vlm").name == "micro_vlm"
+    assert micro_spec_recipe("micro:gpu/micro_vlm").name == "gpu/micro_vlm"
+    with pytest.raises(ConfigError, match="unknown micro VLM recipe 'dino'.*vision encoders"):
+        micro_spec_recipe("zoo:dino")
+    assert resolve_vlm(str(tmp_path)) == (str(tmp_path), str(tmp_path.resolve()))  # folders and hub ids pass through
+    with pytest.raises(ModelNotFoundError, match="has no tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -1,7 +1,8 @@
 """The one command-line app: `stitchkit <suite> <verb>`, plus `stitchkit quickstart`.
 
 Each layer that has verbs defines a small Typer sub-app in its own `commands.py`; this file only
-assembles them and turns user errors (`StitchkitError`) into one message and exit code 2.
+assembles them and turns user errors (`StitchkitError`) into one message and exit code 2 (taking back the
+output folders the failed command created: runs.discard_outputs_on_user_error).
 Heavy imports (torch, transformers) happen inside the commands so `--help` stays fast.
 """
 
@@ -77,8 +78,14 @@ _add_subapps()
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from stitchkit.runs import discard_outputs_on_user_error
+
+    def report(folder) -> None:
+        err_console.print(f"removed {folder}, the unfinished output of this command", style="dim")
+
     try:
-        app(args=argv, prog_name="stitchkit")  # standalone: usage errors exit 2 via click
+        with discard_outputs_on_user_error(report):
+            app(args=argv, prog_name="stitchkit")  # standalone: usage errors exit 2 via click
     except StitchkitError as err:
         if _state["debug"] or "--debug" in argv:
             raise

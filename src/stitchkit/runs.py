@@ -7,7 +7,8 @@ A run folder (`runs/NAME`) holds:
 
 Every file is written to a temporary sibling and renamed into place, so a killed process never
 leaves a half-written file. A step is marked finished in the manifest only after its outputs are
-written; re-running the same command skips finished steps.
+written; re-running the same command skips finished steps. Output folders are made by `prepare_output`, so
+that a command ended by a user error can take back the folders it created (`discard_outputs_on_user_error`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from stitchkit.errors import ConfigError
+from stitchkit.errors import EXIT_USER_ERROR, ConfigError, InputError, StitchkitError
 
 TRACKED_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "datasets", "numpy", "pillow")
 
@@ -79,6 +80,54 @@ def atomic_replace_dir(target: str | os.PathLike, write: Callable[[Path], Any]) 
     write(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+# The topmost folder each prepare_output call created, in order (see discard_outputs_on_user_error).
+_created_outputs: list[Path] = []
+
+
+def prepare_output(folder: str | os.PathLike) -> Path:
+    """Create the output folder `folder` (with its parents), or say in one message why it cannot be."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the output folder {folder} is an existing file; choose another --out")
+    if not folder.exists():
+        topmost = next(p for p in [folder, *folder.parents] if p.parent.exists() or p.parent == p)
+        try:
+            folder.mkdir(parents=True)
+        except OSError as err:
+            raise InputError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+        _created_outputs.append(topmost.resolve())
+    return folder
+
+
+def _holds_finished_step(folder: Path) -> bool:
+    for manifest in folder.rglob("manifest.json"):
+        try:
+            if json.loads(manifest.read_text()).get("steps"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def discard_outputs_on_user_error(report: Callable[[Path], Any] = lambda folder: None) -> Iterator[None]:
+    """Output folders created inside the block are removed again when a user error (exit code 2) ends it: bad
+    input leaves nothing half-written behind. A folder whose manifest records a finished step is resumable
+    work and stays, and so does everything after a time limit (exit code 3), which saved a checkpoint."""
+    start = len(_created_outputs)
+    try:
+        yield
+    except StitchkitError as err:
+        if err.exit_code == EXIT_USER_ERROR:
+            for folder in reversed(_created_outputs[start:]):
+                if folder.is_dir() and not _holds_finished_step(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    report(folder)
+        raise
+    finally:
+        del _created_outputs[start:]
 
 
 def command_line() -> str:
@@ -180,8 +229,7 @@ class RunDir:
         inputs: dict[str, str | os.PathLike] | None = None,
         command: str | None = None,
     ):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = prepare_output(root)
         config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
         existing = self._read_manifest()
         if existing and config_dict is not None and not _same_config(existing.get("config"), config):

@@ -30,14 +30,15 @@ def run(
 def analyze(
     model: str = typer.Option(..., "--model", help="A model folder from `binding run` (train/.../model), or a hub id / folder of a causal LM or VLM."),
     out: Path = typer.Option(..., "--out", help="Folder for analysis.json, report.md and figures/."),
-    n: list[int] = typer.Option([8], "--n", help="Context sizes (>= 4; repeatable). Pretrained models: the paper's 20 fits few tokenizers' single-token word lists, see docs."),
-    pairs: int = typer.Option(1000, "--pairs", help="Counterfactual pairs per N (kept if the model is right on both)."),
-    probe_examples: int = typer.Option(1000, "--probe-examples"),
+    n: list[int] = typer.Option([8], "--n", min=4, help="Context sizes (>= 4; repeatable). Pretrained models: the paper's 20 fits few tokenizers' single-token word lists, see docs."),
+    pairs: int = typer.Option(1000, "--pairs", min=1, help="Counterfactual pairs per N (kept if the model is right on both)."),
+    # As the config's analysis.probe_examples: the probes test on the last 20%, so fewer leave one test example or none.
+    probe_examples: int = typer.Option(1000, "--probe-examples", min=10),
     knockouts: bool = typer.Option(True, "--knockouts/--no-knockouts", help="Attention knockouts (our token models only)."),
     knockout_label_layer: Optional[int] = typer.Option(
-        None, "--knockout-label-layer", help="Layer whose intervention outcomes each knockout is read at (default L - 1)."
+        None, "--knockout-label-layer", min=0, help="Layer whose intervention outcomes each knockout is read at (default L - 1)."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Interchange interventions per layer, probes (binding signature) and knockouts of one model."""

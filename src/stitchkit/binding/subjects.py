@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stitchkit.binding.task import Example, Vocabulary, encode_text
-from stitchkit.errors import IncompatibleError, InputError
+from stitchkit.errors import ConfigError, IncompatibleError, InputError
 
 COLOUR_WORDS = (
     "red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white", "gray", "gold",
@@ -161,17 +161,22 @@ def _single_tokens(tokenizer, words: tuple[str, ...]) -> list[str]:
 def load_subject(spec: str, device: str | None = None) -> Subject:
     """A binding model folder (written by `stitchkit binding run`), or a hub id / folder of a causal LM or VLM."""
     from stitchkit.binding.model import is_binding_model, load_binding_model
+    from stitchkit.vlm.micro import is_micro_spec
 
+    if is_micro_spec(spec):
+        raise ConfigError(f"{spec!r} names the micro VLM, whose word vocabulary has no words for the binding prompts; "
+                          "analyze a binding model folder (written by `stitchkit binding run`) or a hub LM / VLM")
     if is_binding_model(spec):
         model, _ = load_binding_model(spec)
         return TokenSubject(model.to(device or "cpu"), model.vocab, name=str(spec))
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from stitchkit.backbones.loading import from_hub  # cache first, then the hub; one clear error
+    from stitchkit.vlm.loading import load_tokenizer
 
     config = from_hub(spec, lambda **kw: AutoConfig.from_pretrained(spec, **kw))
     loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    tokenizer = from_hub(spec, lambda **kw: AutoTokenizer.from_pretrained(spec, **kw))
+    tokenizer = load_tokenizer(spec)
     model = from_hub(spec, lambda **kw: loader.from_pretrained(spec, attn_implementation="sdpa", **kw))
     return WordSubject(model.to(device or "cpu").eval(), tokenizer, name=spec)
 

@@ -10,7 +10,7 @@ from stitchkit._lazy import lazy_exports
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name is imported on first use
     from stitchkit.data.coco import CocoAnnotation, CocoCategory, CocoImage, CocoIndex, load_coco
-    from stitchkit.data.images import IMAGE_EXTENSIONS, ImageFolder, load_image, scan_image_folder
+    from stitchkit.data.images import IMAGE_EXTENSIONS, ImageFolder, check_images, load_image, scan_image_folder
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "CocoImage",
     "CocoIndex",
     "ImageFolder",
+    "check_images",
     "load_coco",
     "load_image",
     "scan_image_folder",
@@ -28,6 +29,6 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "coco": ["CocoAnnotation", "CocoCategory", "CocoImage", "CocoIndex", "load_coco"],
-        "images": ["IMAGE_EXTENSIONS", "ImageFolder", "load_image", "scan_image_folder"],
+        "images": ["IMAGE_EXTENSIONS", "ImageFolder", "check_images", "load_image", "scan_image_folder"],
     },
 )

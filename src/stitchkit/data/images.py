@@ -26,6 +26,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"cannot read image {path}: {err}") from None
 
 
+def check_images(paths) -> None:
+    """Every file must open as an image: a cheap check (headers and checksums, no decoding) for work that
+    records image paths now and reads the pixels later, so a corrupt file is named before anything is written."""
+    from stitchkit.progress import track
+
+    bad = []
+    for path in track(list(paths), "checking images"):
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            bad.append(f"{path} ({err})")
+    if bad:
+        raise InputError(f"{len(bad)} image file(s) cannot be read, e.g. {bad[0]}")
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """`root/<class name>/<image>` (torchvision's ImageFolder layout): sorted class names, (path, label) pairs."""

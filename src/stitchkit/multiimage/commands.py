@@ -20,7 +20,7 @@ def build(
     images: Path = typer.Option(..., "--images", help="Folder the annotation file's file_name entries live in."),
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples.jsonl, benchmark.json, summary.md)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML build config (configs/mimic/*.yaml)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the config's seed."),
 ) -> None:
     """Generate the four MIMIC tasks (counting, listing, common, odd-one) from annotated images."""
     from stitchkit.config import load_config, validate_config
@@ -81,17 +81,17 @@ def eval_(
     pool: list[int] = typer.Option(
         [1], "--pool", help="1-D vision-token pooling factor 1|2|4|8|16 (repeatable: one evaluation each, and a figure)."
     ),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch."),
     max_images_per_batch: Optional[int] = typer.Option(
-        None, "--max-images-per-batch", help="Cap on the images of one batch (long prompts get smaller batches)."
+        None, "--max-images-per-batch", min=1, help="Cap on the images of one batch (long prompts get smaller batches)."
     ),
-    max_per_task: Optional[int] = typer.Option(None, "--max-per-task", help="Only the first N samples of each task."),
+    max_per_task: Optional[int] = typer.Option(None, "--max-per-task", min=1, help="Only the first N samples of each task."),
     legacy_official: bool = typer.Option(
         False, "--legacy-official", help="Headline scores from the released MIMIC scorer (both modes are stored)."
     ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: 1 for the micro VLM on CPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the micro VLM on CPU)."),
 ) -> None:
     """Evaluate a VLM on a MIMIC benchmark: batched greedy generation (resumable), scores, report, figures."""
     from stitchkit.multiimage.evaluate import eval_command

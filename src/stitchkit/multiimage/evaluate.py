@@ -29,7 +29,6 @@ from stitchkit.multiimage.protocol import GENERATION_MAX_NEW_TOKENS, TASKS
 from stitchkit.multiimage.scoring import score_predictions, write_score_report
 
 PREDICTIONS_FILE = "predictions.jsonl"
-MICRO = "micro"
 # named layer sets of the masking study (mimic.md section 6; Table 5 right): what "masked:NAME" means
 LAYER_SETS = ("none", "all", "first_half", "second_half")
 
@@ -76,31 +75,15 @@ def attention_policy(spec: str, num_layers: int):
     return AttentionPolicy(masked_layers=layers or "none")
 
 
-def is_micro(spec: str) -> bool:
-    return spec == MICRO or spec.startswith(MICRO + ":")
-
-
-def model_source(spec: str) -> tuple[str, str]:
-    """(what load_vlm reads, an identity recorded with the results). `micro` or `micro:RECIPE` is the micro
-    VLM, built through its recipe (configs/zoo/micro_vlm.yaml by default) if it is not cached yet."""
-    if is_micro(spec):
-        from stitchkit.vlm.micro import RECIPE_FILE, build_micro_vlm, load_micro_recipe
-
-        recipe = load_micro_recipe(spec.partition(":")[2] or RECIPE_FILE)
-        folder = build_micro_vlm(recipe)
-        return str(folder), f"micro:{recipe.folder_name}"
-    path = Path(spec)
-    return spec, str(path.resolve()) if path.exists() else spec
-
-
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
-    """(VLM, model identity) for `micro[:RECIPE]`, a hub id or a local folder."""
+    """(VLM, model identity) for a micro VLM spec (`micro`, `micro:RECIPE`), a hub id or a local folder."""
     import torch
 
     from stitchkit.engine.devices import pick_device
     from stitchkit.vlm import load_vlm
+    from stitchkit.vlm.micro import resolve_vlm
 
-    source, identity = model_source(spec)
+    source, identity = resolve_vlm(spec)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -112,8 +95,9 @@ def default_threads(spec: str, device: str) -> int | None:
     """One CPU thread for the micro VLM on a CPU: its matrices are tiny, and on a busy machine OpenMP threads of
     small ops spin waiting for each other (vlm/micro.py measured 10 s per step with 2 threads, 0.7 s with 1)."""
     from stitchkit.engine.devices import pick_device
+    from stitchkit.vlm.micro import is_micro_spec
 
-    return 1 if is_micro(spec) and pick_device(device).type == "cpu" else None
+    return 1 if is_micro_spec(spec) and pick_device(device).type == "cpu" else None
 
 
 # ---- samples and images -----------------------------------------------------------------------------------
@@ -324,7 +308,7 @@ def eval_command(
     from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.vlm.pooling import check_pool_factor
 
-    layers = check_policy_spec(policy)
+    check_policy_spec(policy)  # a bad --policy fails before the model loads
     pools = list(dict.fromkeys(pools or [1]))
     for f in pools:
         check_pool_factor(f)

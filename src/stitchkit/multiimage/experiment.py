@@ -46,7 +46,6 @@ from stitchkit.multiimage.evaluate import (
     default_threads,
     evaluate,
     first_per_task,
-    is_micro,
     load_model,
     masked_layer_list,
     task_scores,
@@ -215,11 +214,12 @@ def check_micro_held_out(cfg: ExperimentConfig) -> None:
     """The micro VLM trains on MIMIC-format queries from a shapes world of its own (its recipe's data.mimic); an
     evaluation world rendered with the same seed would hold the same scenes (image i of a world comes from
     default_rng([seed, i])), so it is refused."""
-    if not is_micro(cfg.model) or cfg.data.world is None:
-        return
-    from stitchkit.vlm.micro import RECIPE_FILE, load_micro_recipe
+    from stitchkit.vlm.micro import micro_spec_recipe
 
-    train = load_micro_recipe(cfg.model.partition(":")[2] or RECIPE_FILE).data.mimic
+    recipe = micro_spec_recipe(cfg.model)
+    if recipe is None or cfg.data.world is None:
+        return
+    train = recipe.data.mimic
     if train is not None and train.world is not None and train.world.seed == cfg.data.world.seed:
         raise InputError(f"data.world.seed {cfg.data.world.seed} is the seed of the micro VLM's training world: its "
                          "images were training data; render the evaluation world with another seed")
@@ -390,6 +390,9 @@ def summary(results: dict) -> dict:
 
 def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, command: str | None = None) -> Path:
     """Run every configured study into `out` (finished steps are skipped), then write results.json and report.md."""
+    from stitchkit.vlm.micro import check_vlm_spec
+
+    check_vlm_spec(cfg.model)  # before the data step renders and builds benchmarks
     run = RunDir(out, config=cfg, command=command)
     exp = Experiment(cfg, run)
     threads = cfg.threads if cfg.threads is not None else default_threads(cfg.model, cfg.device)

@@ -22,7 +22,7 @@ from pathlib import Path
 from stitchkit.errors import InputError
 from stitchkit.multiimage import protocol
 from stitchkit.multiimage.benchmark import Benchmark, Sample
-from stitchkit.runs import atomic_path, atomic_replace_dir, atomic_write_text
+from stitchkit.runs import atomic_path, atomic_replace_dir, atomic_write_text, prepare_output
 
 FORMATS = ("hf", "parquet", "lmms-eval", "vlmevalkit")
 ADAPTERS = Path(__file__).parent / "adapters"
@@ -240,8 +240,7 @@ def export_benchmark(bench: Benchmark, out: str | os.PathLike, formats: list[str
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise InputError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out)
     written: dict[str, Path] = {}
     if "hf" in formats or "parquet" in formats or "lmms-eval" in formats:
         written.update(export_hf(bench, out, parquet="parquet" in formats,

@@ -414,7 +414,7 @@ def build_benchmark(
 
     `exclude_images`: image files (paths) that must not be used, e.g. every image of an evaluation benchmark
     when this one is its training data; matched by normalised absolute path, so any source file works."""
-    from stitchkit.data import load_coco
+    from stitchkit.data import check_images, load_coco
     from stitchkit.progress import make_progress
     from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 
@@ -423,8 +423,8 @@ def build_benchmark(
     if not images_root.is_dir():
         raise InputError(f"image folder not found: {images}")
     coco = load_coco(annotations)
-    if not coco.images or not coco.categories:
-        raise InputError(f"{annotations}: no images or no categories to build questions from")
+    if not coco.images or not coco.categories or not coco.annotations:
+        raise InputError(f"{annotations}: no images, categories or annotations to build questions from")
     run = RunDir(out, config=config, seeds={"mimic": config.seed}, inputs={"annotations": annotations}, command=command)
     excluded_files = {os.path.normpath(os.path.abspath(p)) for p in exclude_images}
     excluded = [i for i, im in coco.images.items() if os.path.normpath(images_root / im.file_name) in excluded_files]
@@ -437,6 +437,7 @@ def build_benchmark(
             f"{len(missing)} image file(s) used by the benchmark are missing under {images_root}, "
             f"e.g. {', '.join(missing[:3])}"
         )
+    check_images(sorted({images_root / name for s in samples for name in s.images}))
     meta = {
         "format": "stitchkit-mimic/1",
         "stitchkit_version": stitchkit.__version__,

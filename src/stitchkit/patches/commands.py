@@ -29,7 +29,7 @@ def build(
     out: Path = typer.Option(..., "--out", help="Dataset folder (hf/, patches/, manifest.jsonl, dataset.json)."),
     splits: str = typer.Option("1,2,4,8", "--splits", help="Split factors f (f x f patches per image)."),
     model: Optional[str] = typer.Option(None, "--model", help="Check first-token distinctness of the IDs under this model's tokenizer (hub id, folder, zoo:micro_vlm)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the generated IDs."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the generated IDs."),
     fmt: str = typer.Option("png", "--format", help="png, or jpeg (quality 75, as the official patches)."),
     train_prompt: str = typer.Option("The shape shown is associated with ID", "--train-prompt", help="Prompt of every patch."),
     reference_prompt: str = typer.Option("The {name} is associated with ID", "--reference-prompt", help="Text-only prompt, with {name}."),
@@ -38,7 +38,8 @@ def build(
     """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset."""
     from stitchkit.errors import InputError
     from stitchkit.patches.dataset import Templates, build_patch_dataset, read_names
-    from stitchkit.patches.models import load_tokenizer, resolve_model
+    from stitchkit.patches.models import resolve_model
+    from stitchkit.vlm.loading import load_tokenizer
 
     if fmt not in ("png", "jpeg"):
         raise InputError(f"--format must be png or jpeg, got {fmt!r}")
@@ -52,14 +53,15 @@ def build(
 
 @app.command()
 def ids(
-    n: int = typer.Option(20, "--n", help="How many IDs."),
-    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(20, "--n", min=1, max=26, help="How many IDs (distinct first letters: at most 26)."),
+    seed: int = typer.Option(0, "--seed", min=0),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer to check first-token distinctness under."),
     response: str = typer.Option(" {id}", "--response", help="Template the IDs are scored in, with {id}."),
 ) -> None:
     """Generate IDs (two letters + three digits) with distinct first tokens."""
     from stitchkit.patches.ids import generate_ids
-    from stitchkit.patches.models import load_tokenizer, resolve_model
+    from stitchkit.patches.models import resolve_model
+    from stitchkit.vlm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(model)) if model else None
     typer.echo(" ".join(generate_ids(n, seed, tokenizer, response)))

@@ -50,7 +50,7 @@ class TrainSettings(Config):
     weight_decay: float = pydantic.Field(0.0, ge=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
     max_grad_norm: Optional[float] = pydantic.Field(1.0, gt=0)
-    seeds: list[int] = pydantic.Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    seeds: list[pydantic.NonNegativeInt] = pydantic.Field(default_factory=lambda: [1, 2, 3], min_length=1)
     eval_points: int = pydantic.Field(10, ge=1, description="evaluations spread evenly over training, plus step 0")
     loss_on: Literal["id", "text"] = pydantic.Field(
         "id", description="id: the response tokens only (official --mask_prompt); text: every non-pad, non-image token"
@@ -115,6 +115,13 @@ class HFFilterSettings(Config):
     threshold: float = pydantic.Field(0.5, ge=0, le=1)
 
 
+def _check_split_fit(splits: list[int], size: int, field: str, what: str) -> None:
+    """Split factors of square `size`-px images: each at least 1 and at most `size` (f x f patches of >= 1 px)."""
+    bad = [f for f in splits if not 1 <= f <= size]
+    if bad:
+        raise ValueError(f"{field}: {what} has {size}x{size} px images, so split factors must be 1..{size}; got {bad}")
+
+
 FilterSettings = Annotated[Union[MarkerFilterSettings, HFFilterSettings], pydantic.Field(discriminator="kind")]
 
 
@@ -137,12 +144,18 @@ class ModerationStudy(Config):
     unsafe_label: str = "unsafe"
     train: TrainSettings = pydantic.Field(default_factory=_moderation_training)
 
+    @pydantic.model_validator(mode="after")
+    def _splits_fit(self) -> "ModerationStudy":
+        # The images are rendered in the run (after the model is loaded): refuse a factor they cannot take now.
+        _check_split_fit(self.splits, self.images.size, "splits", "the moderation set")
+        return self
+
 
 class PatchesConfig(Config):
     name: str = "patches"
     description: str = ""
     model: ModelSettings = ModelSettings()
-    id_seed: int = 0
+    id_seed: int = pydantic.Field(0, ge=0)
     splits: list[int] = pydantic.Field(default_factory=lambda: list(DEFAULT_SPLITS), min_length=1)
     patch_format: Literal["png", "jpeg"] = pydantic.Field("png", description="jpeg: PIL quality 75, as the official patches")
     image_sets: dict[str, ImageSet] = pydantic.Field(default_factory=lambda: {"shapes": ImageSet(shapes=ShapesSet())}, min_length=1)
@@ -164,3 +177,11 @@ class PatchesConfig(Config):
         if bad:
             raise ValueError(f"image set names must be letters, digits and _: {bad}")
         return sets
+
+    @pydantic.model_validator(mode="after")
+    def _splits_fit(self) -> "PatchesConfig":
+        # Shapes-world sets are rendered in the run; folder sets are checked by experiment.check_sources.
+        for name, image_set in self.image_sets.items():
+            if image_set.shapes is not None:
+                _check_split_fit(self.splits, image_set.shapes.size, "splits", f"image set {name!r}")
+        return self

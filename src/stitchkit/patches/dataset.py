@@ -33,7 +33,7 @@ from PIL import Image
 from stitchkit.data import IMAGE_EXTENSIONS, load_image
 from stitchkit.errors import InputError
 from stitchkit.patches.ids import check_first_tokens, check_id_format, generate_ids
-from stitchkit.runs import atomic_replace_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from stitchkit.runs import atomic_replace_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output
 
 PatchFormat = Literal["png", "jpeg"]
 DATASET_JSON = "dataset.json"
@@ -212,7 +212,6 @@ def build_patch_dataset(
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    out = Path(out)
     templates.check()
     splits = check_splits(splits)
     ids = assign_ids(items, id_seed, tokenizer, templates.response)
@@ -224,12 +223,16 @@ def build_patch_dataset(
         "format": fmt,
         "first_tokens_checked_with": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
     }
+    out = prepare_output(out)
     if (out / DATASET_JSON).is_file():
         existing = json.loads((out / DATASET_JSON).read_text())
         if {k: existing.get(k) for k in meta} == meta:
             return existing
 
-    shutil.rmtree(out / "patches", ignore_errors=True)  # patches of an earlier build with other settings
+    # An earlier build with other settings: dataset.json goes first (it is written last), so a build that fails
+    # half-way never leaves a folder that passes for complete.
+    (out / DATASET_JSON).unlink(missing_ok=True)
+    shutil.rmtree(out / "patches", ignore_errors=True)
     patch_features, full_features = _features()
     rows: dict[str, list[dict[str, Any]]] = {f"f{f}": [] for f in splits}
     full_rows, manifest = [], []

@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from stitchkit.data import load_image
+from stitchkit.errors import InputError
 from stitchkit.patches.config import ImageSet, PatchesConfig
-from stitchkit.patches.dataset import build_patch_dataset, load_patch_dataset, read_names
+from stitchkit.patches.dataset import assign_ids, build_patch_dataset, load_patch_dataset, read_names
 from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
 from stitchkit.engine.devices import torch_threads
-from stitchkit.patches.models import load_tokenizer, model_loader, resolve_model
+from stitchkit.patches.models import model_loader, resolve_model
+from stitchkit.vlm.loading import load_tokenizer
 from stitchkit.patches.shapes import render_shapes_set
 from stitchkit.patches.train import PatchSample, finetune_step
 from stitchkit.runs import RunDir, atomic_write_json
@@ -36,6 +39,25 @@ def source_items(image_set: ImageSet, folder: Path):
         names = render_shapes_set(image_set.shapes, folder)
         return read_names(names, folder)
     return read_names(image_set.names, image_set.images)
+
+
+def check_sources(cfg: PatchesConfig) -> None:
+    """Refuse bad data before the run folder exists and the model is resolved (zoo: builds the micro VLM, minutes):
+    every set's templates; for a folder set its names file, every listed image (decoded), its IDs (given ones
+    well-formed, or at most 26 to generate) and every split factor against every image's size. Shapes-world sets
+    are rendered in the run; the config checks their split factors against their size."""
+    for set_name, image_set in cfg.image_sets.items():
+        image_set.templates.check()
+        if image_set.shapes is not None:
+            continue
+        items = read_names(image_set.names, image_set.images)
+        assign_ids(items, cfg.id_seed)  # no tokenizer yet: the first-token check waits for the model
+        for item in items:
+            width, height = load_image(item.file).size
+            too_fine = [f for f in cfg.splits if width // f == 0 or height // f == 0]
+            if too_fine:
+                raise InputError(f"image set {set_name!r}: {item.file} is {width}x{height} px, too small to cut into "
+                                 f"f x f patches for split factor(s) {too_fine}")  # fmt: skip
 
 
 def stitching_items(images, meta: dict[str, Any]) -> tuple[list[EvalItem], list[str]]:
@@ -68,6 +90,10 @@ def run_patches(cfg: PatchesConfig, out: str | os.PathLike, command: str | None 
     from stitchkit.patches.moderation import run_moderation
     from stitchkit.patches.report import write_report
 
+    from stitchkit.vlm.micro import check_vlm_spec
+
+    check_sources(cfg)
+    check_vlm_spec(cfg.model.source)  # a missing model or unknown recipe, before the run folder and any build
     run = RunDir(out, config=cfg, seeds={"ids": cfg.id_seed, **{f"train_{s}": s for s in cfg.train.seeds}}, command=command)
     with torch_threads(cfg.model.cpu_threads):
         source = resolve_model(cfg.model.source)

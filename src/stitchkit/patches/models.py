@@ -1,4 +1,4 @@
-"""Which VLM a patches run fine-tunes: a hub id, a local folder, or `zoo:<recipe>` (the micro VLM, built on demand)."""
+"""Which VLM a patches run fine-tunes: a hub id, a local folder, or a micro VLM spec such as `zoo:micro_vlm` (built on demand)."""
 
 from __future__ import annotations
 
@@ -6,30 +6,16 @@ from collections.abc import Callable
 
 import torch
 
-from stitchkit.errors import ConfigError, ModelNotFoundError
+from stitchkit.errors import ConfigError
 from stitchkit.patches.config import ModelSettings
 from stitchkit.vlm import VLM, load_vlm
 
-ZOO_PREFIX = "zoo:"
-
-
 def resolve_model(source: str) -> str:
-    """A loadable hub id or folder; `zoo:micro_vlm` (or `zoo:gpu/micro_vlm`, `zoo:path/to/recipe.yaml`) builds
-    the micro VLM from that recipe once and returns its cached folder."""
-    if source.startswith(ZOO_PREFIX):
-        from stitchkit.vlm.micro import build_micro_vlm
+    """A loadable hub id or folder; a micro VLM spec (`zoo:micro_vlm`, `micro`, ...: vlm.micro.micro_spec_recipe)
+    builds the micro VLM from its recipe once and returns its cached folder."""
+    from stitchkit.vlm.micro import resolve_vlm
 
-        return str(build_micro_vlm(source[len(ZOO_PREFIX) :]))
-    return source
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load the tokenizer of {source!r}: {str(err).splitlines()[0]}") from None
+    return resolve_vlm(source)[0]
 
 
 def model_loader(settings: ModelSettings, source: str) -> Callable[[], VLM]:

@@ -98,11 +98,30 @@ def _check_stage_options(cfg: Config) -> None:
                     raise ValueError(f"{stage}.{option}: {why}")
 
 
+def _check_points(points: list[int]) -> list[int]:
+    """Refuse stitch points below 1 at validation, before any model is built; the upper bound (N - 1) depends on
+    the model's depth and is checked by model.check_point once the models are loaded."""
+    bad = [n for n in points if n < 1]
+    if bad:
+        raise ValueError(
+            f"stitch point(s) {bad} out of range: point n stitches after block n (1-indexed), so n >= 1 "
+            "(and at most the model's number of blocks - 1)"
+        )
+    return points
+
+
+def _check_block_index(name: str, value: int) -> int:
+    """A block given as k in 1..N or as -j for HF `hidden_states[-j]`; 0 is neither (the embeddings are no block)."""
+    if value == 0:
+        raise ValueError(f"{name} 0 is no block: give a block k >= 1 (1-indexed) or -j for hidden_states[-j]")
+    return value
+
+
 class StitchRunConfig(Config):
     task: Literal["classification", "segmentation"] = "classification"
     data: DataConfig = DataConfig()
     models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
-    image_size: dict[str, int] = pydantic.Field(default_factory=dict, description="per-model resolution override")
+    image_size: dict[str, pydantic.PositiveInt] = pydantic.Field(default_factory=dict, description="per-model resolution override")
     pairs: list[tuple[str, str]] | Literal["all"] = pydantic.Field(
         "all", description="ordered (source, target) cross pairs; 'all' = every ordered pair of distinct models"
     )
@@ -111,7 +130,7 @@ class StitchRunConfig(Config):
     objectives: list[Objective] = pydantic.Field(default_factory=lambda: ["tlt", "ffm_tlt"], min_length=1)
     self_stitch: bool = True  # the control: source = target, same S, point, objective, data and seed
     probes: bool = True  # linear probes of every model (baselines, and prediction overlap)
-    seeds: list[int] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[pydantic.NonNegativeInt] = pydantic.Field(default_factory=lambda: [0], min_length=1)
     match_layer: Literal["last_normed", "last_raw"] | int = "last_normed"
     prefix_policy: Literal["map", "learnable", "drop"] = "map"
     grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
@@ -127,6 +146,16 @@ class StitchRunConfig(Config):
     compile: bool = pydantic.Field(
         False, description="torch.compile the stitched model for training (GPU: ~1.4x faster steps at ViT-L size)"
     )
+
+    @pydantic.field_validator("points")
+    @classmethod
+    def _points(cls, points: list[int]) -> list[int]:
+        return _check_points(points)
+
+    @pydantic.field_validator("match_layer")
+    @classmethod
+    def _match_block(cls, match_layer: str | int) -> str | int:
+        return match_layer if isinstance(match_layer, str) else _check_block_index("match_layer", match_layer)
 
     @pydantic.model_validator(mode="after")
     def _names_exist(self):
@@ -160,7 +189,7 @@ class TreeConfig(Config):
     task: Literal["classification"] = "classification"
     data: DataConfig = DataConfig()
     models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
-    image_size: dict[str, int] = pydantic.Field(default_factory=dict)
+    image_size: dict[str, pydantic.PositiveInt] = pydantic.Field(default_factory=dict)
     trunk: str = pydantic.Field(description="the model whose blocks 1..n are shared")
     branches: list[str] = pydantic.Field(min_length=1, description="the other models; each gets a branch")
     points: list[int] = pydantic.Field(min_length=1)
@@ -170,12 +199,22 @@ class TreeConfig(Config):
     grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
     ffm: OptimConfig = OptimConfig(epochs=2, lr=1e-3)
     probe: OptimConfig = OptimConfig(epochs=10, lr=1e-3)
-    seeds: list[int] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[pydantic.NonNegativeInt] = pydantic.Field(default_factory=lambda: [0], min_length=1)
     timing_batches: int = pydantic.Field(5, ge=1, description="batches timed per variant")
     eval_batch_size: int = pydantic.Field(64, ge=1)
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @pydantic.field_validator("points")
+    @classmethod
+    def _points(cls, points: list[int]) -> list[int]:
+        return _check_points(points)
+
+    @pydantic.field_validator("feature_layer")
+    @classmethod
+    def _feature_block(cls, feature_layer: int) -> int:
+        return _check_block_index("feature_layer", feature_layer)
 
     @pydantic.model_validator(mode="after")
     def _names_exist(self):
@@ -183,6 +222,12 @@ class TreeConfig(Config):
             for name in names:
                 if name not in self.models:
                     raise ValueError(f"{field}: {name!r} is not in models ({', '.join(sorted(self.models))})")
+        late = [n for n in self.points if self.feature_layer > 0 and n >= self.feature_layer]
+        if late:  # a negative feature_layer counts from the model's last block: checked once the models are loaded
+            raise ValueError(
+                f"points {late}: the trunk is read at feature_layer {self.feature_layer}, so it can be stitched "
+                f"after blocks 1..{self.feature_layer - 1} only"
+            )
         if self.trunk in self.branches:
             raise ValueError(f"branches: the trunk {self.trunk!r} has its own branch already; list only the others")
         if self.stitch.kind == "lora":

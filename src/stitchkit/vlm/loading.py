@@ -101,6 +101,18 @@ def build_processor(processor_class: type, image_processor, tokenizer, **kwargs)
     return processor_without_video(processor_class)(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(source: str):
+    """AutoTokenizer.from_pretrained(source): the local cache first, then the hub once; one clear error."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): pass a language model or "
+                                 "VLM folder saved with its tokenizer")
+    return from_hub(source, lambda **kw: transformers.AutoTokenizer.from_pretrained(source, **kw))
+
+
 def load_processor(source: str):
     """AutoProcessor.from_pretrained(source), or the same processor class without its video part."""
     if _torchvision_available():

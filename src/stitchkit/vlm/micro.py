@@ -150,10 +150,49 @@ class MicroVLMRecipe(Config):
 
 def load_micro_recipe(name_or_path: str | Path = RECIPE_FILE) -> MicroVLMRecipe:
     """A recipe file, or a bundled recipe by name: "micro_vlm" (CPU) or "gpu/micro_vlm"."""
-    path = Path(name_or_path)
-    if not path.is_file() and not path.suffix:
-        path = CONFIGS / "zoo" / f"{name_or_path}.yaml"
-    return load_config(MicroVLMRecipe, path)
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        return load_config(MicroVLMRecipe, name_or_path)
+    if str(name_or_path) not in MICRO_RECIPES:
+        raise ConfigError(
+            f"unknown micro VLM recipe {str(name_or_path)!r}; choose from: {', '.join(MICRO_RECIPES)}, or a recipe "
+            "file (.yaml). The zoo's other recipes (dino, clip, ...) are vision encoders, not VLMs"
+        )
+    return load_config(MicroVLMRecipe, CONFIGS / "zoo" / f"{name_or_path}.yaml")
+
+
+def is_micro_spec(spec: str) -> bool:
+    """Every command that takes a VLM reads the same specs: a hub id, a folder, or the micro VLM as `micro` (the
+    CPU recipe), `micro:RECIPE` or `zoo:RECIPE`, RECIPE a bundled micro VLM recipe (micro_vlm, gpu/micro_vlm) or a
+    recipe file."""
+    return spec == "micro" or spec.startswith(("micro:", "zoo:"))
+
+
+def micro_spec_recipe(spec: str) -> MicroVLMRecipe | None:
+    """The micro VLM recipe a model spec names (is_micro_spec), or None for a hub id or a folder."""
+    if not is_micro_spec(spec):
+        return None
+    return load_micro_recipe(spec.partition(":")[2] or RECIPE_FILE)
+
+
+def check_vlm_spec(spec: str) -> None:
+    """Fail fast on a VLM spec that cannot load (an unknown recipe, a missing folder, a hub id that is neither
+    cached nor downloadable), before the work that comes ahead of loading it; reads a config, builds nothing."""
+    if micro_spec_recipe(spec) is None:
+        from transformers import AutoConfig
+
+        from stitchkit.backbones.loading import from_hub
+
+        from_hub(spec, lambda **kw: AutoConfig.from_pretrained(spec, **kw))
+
+
+def resolve_vlm(spec: str) -> tuple[str, str]:
+    """(what load_vlm reads, the identity recorded with results) for a hub id, a folder or a micro VLM spec; a
+    micro VLM is built first if it is not cached yet."""
+    recipe = micro_spec_recipe(spec)
+    if recipe is not None:
+        return str(build_micro_vlm(recipe)), f"micro:{recipe.folder_name}"
+    path = Path(spec).expanduser()
+    return spec, str(path.resolve()) if path.exists() else spec
 
 
 def micro_recipe_hash(recipe: MicroVLMRecipe) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import stitchkit
 from stitchkit.errors import InputError
 from stitchkit.progress import track
-from stitchkit.runs import atomic_path, atomic_write_text
+from stitchkit.runs import atomic_path, atomic_write_text, prepare_output
 from stitchkit.world.captions import caption
 from stitchkit.world.ontology import ONTOLOGY
 from stitchkit.world.render import RenderedScene, check_render_args, render_scene
@@ -83,7 +83,7 @@ def render_coco(
     """
     cfg = cfg or WorldConfig()
     check_render_args(n_images, size, seed)
-    out_dir = Path(out_dir)
+    out_dir = prepare_output(out_dir)
     images, annotations = [], []
     for index in track(range(n_images), "rendering shapes world"):
         scene = sample_scene(np.random.default_rng([seed, index]), cfg)
