@@ -328,3 +328,13 @@ def test_cli_build_and_score(shapes, tmp_path):
                              str(tmp_path / "missing.json"), "--images", str(world), "--out", str(tmp_path / "x")],
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and "annotation file not found" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_corrupt_benchmark_names_its_file_and_line(tmp_path):
+    (tmp_path / "benchmark.json").write_text("{}")
+    (tmp_path / "samples.jsonl").write_text('{"id": 1\n')
+    with pytest.raises(InputError, match=r"samples.jsonl:1: not a MIMIC sample"):
+        load_benchmark(tmp_path)
+    (tmp_path / "benchmark.json").write_text("{")
+    with pytest.raises(InputError, match=r"benchmark.json is not valid JSON"):
+        load_benchmark(tmp_path)

@@ -100,7 +100,13 @@ def load_benchmark(root: str | os.PathLike) -> Benchmark:
             )
     try:
         meta = json.loads(meta_path.read_text())
-        samples = [Sample(**json.loads(line)) for line in samples_path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, TypeError) as err:
-        raise InputError(f"{root}: corrupt benchmark files ({err})") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{meta_path} is not valid JSON ({err})") from None
+    samples = []
+    for number, line in enumerate(samples_path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                samples.append(Sample(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise InputError(f"{samples_path}:{number}: not a MIMIC sample ({err})") from None
     return Benchmark(root, samples, meta)
