@@ -488,3 +488,12 @@ def test_image_contexts_larger_than_the_glyph_set_are_refused_before_anything_is
     assert done.value.code == 2
     assert "10 colours x 13 shapes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_summary_groups_context_sizes_by_the_trained_range():
+    from stitchkit.binding.evaluate import summarize
+
+    per_n = {1: 1.0, 2: 0.5, 3: 0.25, 4: 0.0, 5: 0.1}
+    # trained on N = 2..3: N = 1 was never trained, so it is neither ID nor OOD
+    assert summarize(per_n, (2, 3), ood_headline=4) == {"id": 0.375, "ood": 0.0, "ood_far": 0.1}
+    assert summarize(per_n, (1, 2)) == {"id": 0.75, "ood": (0.25 + 0.0 + 0.1) / 3, "ood_far": None}

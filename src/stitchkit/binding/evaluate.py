@@ -53,13 +53,15 @@ def image_accuracy(model, vocab: Vocabulary, bank: ImageBank, seed: int, batch_s
         model.train(was_training)
 
 
-def summarize(per_n: dict[int, float], max_train_objects: int, ood_headline: int | None = None) -> dict[str, float | None]:
-    """ID average (N <= max trained N), OOD average (above it, up to `ood_headline`: the paper's headline 9..16)
-    and far-OOD average (above the headline range); unweighted over N (§6)."""
+def summarize(per_n: dict[int, float], train_objects: tuple[int, int], ood_headline: int | None = None) -> dict[str, float | None]:
+    """ID average (the trained range lo..hi; smaller N, when lo > 1, are neither ID nor OOD), OOD average (above
+    hi, up to `ood_headline`: the paper's headline 9..16) and far-OOD average (above the headline range);
+    unweighted over N (§6)."""
+    lo, hi = train_objects
     headline = ood_headline or max(per_n)
     groups = {
-        "id": [a for n, a in per_n.items() if n <= max_train_objects],
-        "ood": [a for n, a in per_n.items() if max_train_objects < n <= headline],
+        "id": [a for n, a in per_n.items() if lo <= n <= hi],
+        "ood": [a for n, a in per_n.items() if hi < n <= headline],
         "ood_far": [a for n, a in per_n.items() if n > headline],
     }
     return {k: float(np.mean(v)) if v else None for k, v in groups.items()}

@@ -172,11 +172,11 @@ def train_stage(
 def evaluate_stage(model: BindingModel, cfg: BindingConfig, stage_run: StageRun, banks: Banks | None, seed: int) -> dict[str, Any]:
     vocab = cfg.vocab.vocabulary
     per_n = text_accuracy(model, vocab, range(1, cfg.eval.max_objects + 1), cfg.eval.per_n, seed, cfg.eval.batch_size)
-    result: dict[str, Any] = {"text": {str(n): a for n, a in per_n.items()}, **summarize(per_n, cfg.train_objects[1], cfg.eval.ood_headline)}
+    result: dict[str, Any] = {"text": {str(n): a for n, a in per_n.items()}, **summarize(per_n, cfg.train_objects, cfg.eval.ood_headline)}
     if banks is not None and stage_run.images_seen:
         image = image_accuracy(model, vocab, banks.eval, seed, cfg.eval.batch_size)
         result["image"] = {str(n): a for n, a in image.items()}
-        result["image_id"] = summarize(image, cfg.train_objects[1])["id"]
+        result["image_id"] = summarize(image, cfg.train_objects)["id"]
     return result
 
 

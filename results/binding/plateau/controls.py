@@ -1,0 +1,75 @@
+"""Experiment for results/binding/README.md, not part of stitchkit: is the N = 2 plateau (plateau/n2.yaml) the
+task's, or would this model and training loop fail any retrieval? Two easier controls, trained exactly like
+n2.yaml's S1 (the suite's model, batching, answer-only loss, engine, optimiser, stop rule; 6 x 6 x 6, N = 2):
+
+    onehop   BOS a_1 e_1 a_2 e_2 QUE a_q            -> e_q     (first hop only: the colour's shape)
+    ordered  the suite's sequence, but the associations listed in context order, so the second hop can be an
+             ordinal lookup (the reason binding.md §2 makes the shuffled order mandatory)
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|ordered [STEPS]
+
+Prints the held-out accuracy at every check (500 examples, every 250 steps) and the step at which it stopped.
+"""
+
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from stitchkit.binding.config import BindingConfig
+from stitchkit.binding.data import as_sample, collate
+from stitchkit.binding.evaluate import accuracy_of_samples
+from stitchkit.binding.model import BindingModel, answer_loss
+from stitchkit.binding.task import BOS, QUE, encode_text, example_rng, sample_example
+from stitchkit.config import load_config
+from stitchkit.engine import TrainConfig, seed_everything, train
+
+N = 2
+variant = sys.argv[1]
+cfg = load_config(BindingConfig, Path(__file__).with_name("n2.yaml"))
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else cfg.stages["S1"].steps
+vocab = cfg.vocab.vocabulary
+
+
+def sample(seed: int, split: str, index: int) -> dict:
+    ex = sample_example(example_rng(seed, split, N, index), N, vocab)
+    if variant == "onehop":
+        ids = [BOS] + [t for c, s in zip(ex.colours, ex.shapes) for t in (vocab.colour(c), vocab.shape(s))]
+        ids += [QUE, vocab.colour(ex.colours[ex.query])]
+        return {"input_ids": ids, "position_ids": list(range(len(ids))), "target": vocab.shape(ex.shapes[ex.query]), "image_index": -1}
+    if variant == "ordered":
+        return as_sample(encode_text(dataclasses.replace(ex, order=tuple(range(N))), vocab))
+    raise SystemExit(f"unknown variant {variant!r}: onehop or ordered")
+
+
+class Stream(torch.utils.data.Dataset):
+    def __len__(self):
+        return steps * cfg.optim.batch_size
+
+    def __getitem__(self, index):
+        return sample(0, "train", index)
+
+
+held_out = [sample(0, "stop", i) for i in range(500)]
+o = cfg.optim
+train_cfg = TrainConfig(
+    steps=steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+    schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=0,
+)  # fmt: skip
+torch.set_num_threads(1)
+seed_everything(0)
+model = BindingModel(cfg.model, vocab)
+
+
+def eval_fn(m, step):
+    accuracy = accuracy_of_samples(m, held_out, 500)
+    print(f"step {step}: held-out accuracy {accuracy:.3f}", flush=True)
+    return {"id_accuracy": accuracy}
+
+
+with tempfile.TemporaryDirectory() as folder:
+    result = train(model, answer_loss, Stream(), train_cfg, Path(folder), collate_fn=collate, eval_fn=eval_fn,
+                   eval_every=250, stop_fn=lambda metrics: metrics["id_accuracy"] >= 0.99)  # fmt: skip
+print(f"{variant}: stopped at step {result.steps}")
