@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from stitchkit.engine import TrainConfig, seed_everything, train
+from stitchkit.engine import TrainConfig, train
 from stitchkit.errors import IncompatibleError
 from stitchkit.patches.config import TrainSettings
 from stitchkit.patches.evaluate import summarize
@@ -101,7 +101,6 @@ def finetune_with_curve(
         warmup_steps=settings.warmup_steps, grad_accum=settings.grad_accum, max_grad_norm=settings.max_grad_norm,
         checkpoint_every=every, log_every=min(10, every), seed=seed, mixed_precision=settings.mixed_precision,
     )  # fmt: skip
-    seed_everything(seed)  # LoRA's initial weights come from the global RNG
     vlm = load()
     prepare(vlm, FinetuneConfig(method=settings.method, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
                                 lora_dropout=settings.lora_dropout, train=train_cfg))  # fmt: skip

@@ -24,7 +24,7 @@ from torch import nn
 
 from stitchkit.backbones.backbone import find_module
 from stitchkit.config import Config
-from stitchkit.engine import TrainConfig, TrainResult, train
+from stitchkit.engine import TrainConfig, TrainResult, seed_everything, train
 from stitchkit.errors import IncompatibleError
 from stitchkit.vlm.attention import AttentionPolicy
 from stitchkit.vlm.model import IGNORE_INDEX, VLM
@@ -79,6 +79,8 @@ def prepare(vlm: VLM, cfg: FinetuneConfig) -> None:
         return
     from peft import LoraConfig, get_peft_model
 
+    # LoRA's A matrices are drawn from the global RNG: seed it, or a process's first adapter is irreproducible.
+    seed_everything(cfg.train.seed)
     targets = _module_names(model, language_model(model), nn.Linear)
     config = LoraConfig(
         r=cfg.lora_r,
