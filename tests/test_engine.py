@@ -530,3 +530,12 @@ def test_seed_everything_seeds_every_rng():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     seed_everything(11)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_a_seed_numpy_cannot_take_is_a_config_error():
+    from stitchkit.errors import ConfigError
+
+    seed_everything(2**32 - 1)
+    for bad in (-1, 2**32):
+        with pytest.raises(ConfigError, match=f"seed {bad} is out of range"):
+            seed_everything(bad)

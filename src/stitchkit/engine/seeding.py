@@ -8,9 +8,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from stitchkit.errors import ConfigError
+
+
+MAX_SEED = 2**32 - 1  # NumPy's global RNG takes seeds 0..2^32 - 1
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, NumPy's global RNG and torch (CPU and every CUDA device)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed {seed} is out of range: seeds are integers from 0 to {MAX_SEED}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds all CUDA devices
