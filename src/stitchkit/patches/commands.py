@@ -38,13 +38,13 @@ def build(
     """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset."""
     from stitchkit.errors import InputError
     from stitchkit.patches.dataset import Templates, build_patch_dataset, read_names
-    from stitchkit.patches.models import resolve_model
     from stitchkit.vlm.loading import load_tokenizer
+    from stitchkit.vlm.micro import resolve_vlm
 
     if fmt not in ("png", "jpeg"):
         raise InputError(f"--format must be png or jpeg, got {fmt!r}")
     items = read_names(names, images)
-    tokenizer = load_tokenizer(resolve_model(model)) if model else None
+    tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
     meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response),
                                id_seed=seed, tokenizer=tokenizer, fmt=fmt)  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in meta["counts"].items())
@@ -60,10 +60,10 @@ def ids(
 ) -> None:
     """Generate IDs (two letters + three digits) with distinct first tokens."""
     from stitchkit.patches.ids import generate_ids
-    from stitchkit.patches.models import resolve_model
     from stitchkit.vlm.loading import load_tokenizer
+    from stitchkit.vlm.micro import resolve_vlm
 
-    tokenizer = load_tokenizer(resolve_model(model)) if model else None
+    tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
     typer.echo(" ".join(generate_ids(n, seed, tokenizer, response)))
 
 

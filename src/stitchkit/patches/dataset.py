@@ -76,14 +76,19 @@ class Patch:
     image: Image.Image
 
 
+def too_fine(width: int, height: int, splits: Sequence[int]) -> list[int]:
+    """The split factors whose f x f patches of a width x height image would be 0 px wide or tall."""
+    return [f for f in splits if width // f == 0 or height // f == 0]
+
+
 def cut_patches(image: Image.Image, f: int) -> list[Patch]:
     """The f x f grid of `image`, row-major, floor division as the official `src/utils.py`."""
     if f < 1:
         raise InputError(f"the split factor must be at least 1, got {f}")
     width, height = image.size
-    pw, ph = width // f, height // f
-    if pw == 0 or ph == 0:
+    if too_fine(width, height, [f]):
         raise InputError(f"a {width}x{height} image cannot be cut into {f}x{f} patches")
+    pw, ph = width // f, height // f
     patches = []
     for row in range(f):
         for col in range(f):

@@ -21,10 +21,10 @@ import numpy as np
 from stitchkit.data import load_image
 from stitchkit.errors import InputError
 from stitchkit.patches.config import ImageSet, PatchesConfig
-from stitchkit.patches.dataset import assign_ids, build_patch_dataset, load_patch_dataset, read_names
+from stitchkit.patches.dataset import assign_ids, build_patch_dataset, load_patch_dataset, read_names, too_fine
 from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
 from stitchkit.engine.devices import torch_threads
-from stitchkit.patches.models import model_loader, resolve_model
+from stitchkit.patches.models import model_loader
 from stitchkit.vlm.loading import load_tokenizer
 from stitchkit.patches.shapes import render_shapes_set
 from stitchkit.patches.train import PatchSample, finetune_step
@@ -54,10 +54,10 @@ def check_sources(cfg: PatchesConfig) -> None:
         assign_ids(items, cfg.id_seed)  # no tokenizer yet: the first-token check waits for the model
         for item in items:
             width, height = load_image(item.file).size
-            too_fine = [f for f in cfg.splits if width // f == 0 or height // f == 0]
-            if too_fine:
+            bad = too_fine(width, height, cfg.splits)
+            if bad:
                 raise InputError(f"image set {set_name!r}: {item.file} is {width}x{height} px, too small to cut into "
-                                 f"f x f patches for split factor(s) {too_fine}")  # fmt: skip
+                                 f"f x f patches for split factor(s) {bad}")  # fmt: skip
 
 
 def stitching_items(images, meta: dict[str, Any]) -> tuple[list[EvalItem], list[str]]:
@@ -90,13 +90,13 @@ def run_patches(cfg: PatchesConfig, out: str | os.PathLike, command: str | None 
     from stitchkit.patches.moderation import run_moderation
     from stitchkit.patches.report import write_report
 
-    from stitchkit.vlm.micro import check_vlm_spec
+    from stitchkit.vlm.micro import check_vlm_spec, resolve_vlm
 
     check_sources(cfg)
     check_vlm_spec(cfg.model.source)  # a missing model or unknown recipe, before the run folder and any build
     run = RunDir(out, config=cfg, seeds={"ids": cfg.id_seed, **{f"train_{s}": s for s in cfg.train.seeds}}, command=command)
     with torch_threads(cfg.model.cpu_threads):
-        source = resolve_model(cfg.model.source)
+        source = resolve_vlm(cfg.model.source)[0]
         load = model_loader(cfg.model, source)
         tokenizer = load_tokenizer(source)
         sets: dict[str, Any] = {}

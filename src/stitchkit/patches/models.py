@@ -10,13 +10,6 @@ from stitchkit.errors import ConfigError
 from stitchkit.patches.config import ModelSettings
 from stitchkit.vlm import VLM, load_vlm
 
-def resolve_model(source: str) -> str:
-    """A loadable hub id or folder; a micro VLM spec (`zoo:micro_vlm`, `micro`, ...: vlm.micro.micro_spec_recipe)
-    builds the micro VLM from its recipe once and returns its cached folder."""
-    from stitchkit.vlm.micro import resolve_vlm
-
-    return resolve_vlm(source)[0]
-
 
 def model_loader(settings: ModelSettings, source: str) -> Callable[[], VLM]:
     """A function that loads a fresh copy of the model (every training starts from the pretrained weights)."""

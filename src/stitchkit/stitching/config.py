@@ -7,7 +7,7 @@ A model is named by a hub id, a local folder, or `zoo:NAME` for a micro-zoo mode
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -110,6 +110,10 @@ def _check_points(points: list[int]) -> list[int]:
     return points
 
 
+# The stitch points of a sweep or a tree (_check_points).
+StitchPoints = Annotated[list[int], pydantic.AfterValidator(_check_points)]
+
+
 def _check_block_index(name: str, value: int) -> int:
     """A block given as k in 1..N or as -j for HF `hidden_states[-j]`; 0 is neither (the embeddings are no block)."""
     if value == 0:
@@ -125,7 +129,7 @@ class StitchRunConfig(Config):
     pairs: list[tuple[str, str]] | Literal["all"] = pydantic.Field(
         "all", description="ordered (source, target) cross pairs; 'all' = every ordered pair of distinct models"
     )
-    points: list[int] = pydantic.Field(min_length=1, description="source stitch points n (after block n, 1-indexed)")
+    points: StitchPoints = pydantic.Field(min_length=1, description="source stitch points n (after block n, 1-indexed)")
     stitch_layers: list[StitchLayerConfig] = pydantic.Field(default_factory=lambda: [StitchLayerConfig()], min_length=1)
     objectives: list[Objective] = pydantic.Field(default_factory=lambda: ["tlt", "ffm_tlt"], min_length=1)
     self_stitch: bool = True  # the control: source = target, same S, point, objective, data and seed
@@ -146,11 +150,6 @@ class StitchRunConfig(Config):
     compile: bool = pydantic.Field(
         False, description="torch.compile the stitched model for training (GPU: ~1.4x faster steps at ViT-L size)"
     )
-
-    @pydantic.field_validator("points")
-    @classmethod
-    def _points(cls, points: list[int]) -> list[int]:
-        return _check_points(points)
 
     @pydantic.field_validator("match_layer")
     @classmethod
@@ -192,7 +191,7 @@ class TreeConfig(Config):
     image_size: dict[str, pydantic.PositiveInt] = pydantic.Field(default_factory=dict)
     trunk: str = pydantic.Field(description="the model whose blocks 1..n are shared")
     branches: list[str] = pydantic.Field(min_length=1, description="the other models; each gets a branch")
-    points: list[int] = pydantic.Field(min_length=1)
+    points: StitchPoints = pydantic.Field(min_length=1)
     feature_layer: int = pydantic.Field(-2, description="block the consumer reads (-2 = N-1, LLaVA's choice)")
     stitch: StitchLayerConfig = StitchLayerConfig()
     prefix_policy: Literal["map", "learnable", "drop"] = "map"
@@ -205,11 +204,6 @@ class TreeConfig(Config):
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @pydantic.field_validator("points")
-    @classmethod
-    def _points(cls, points: list[int]) -> list[int]:
-        return _check_points(points)
 
     @pydantic.field_validator("feature_layer")
     @classmethod
