@@ -5,7 +5,10 @@ One decoder layer's attention core of LLaVA-OneVision-0.5B's language model (Qwe
 between images, 30 suffix tokens. For each batch size and N it times
 
     dense       transformers' sdpa_attention_forward with is_causal (what an unmasked layer runs)
-    fast        stitchkit's masked kernel: per-image causal SDPA as one batched call + one text-query call
+    fast        stitchkit's masked kernel as a model runs it: on CUDA one varlen flash call over the
+                layout's segments + one call for the late text queries
+    grouped     the same kernel's other executor (the CPU one; on CUDA as a comparison): one causal SDPA
+                call per distinct segment length + the late text call
     dense_mask  the official code's way: SDPA with the explicit (B, 1, S, S) boolean mask
 
 forward and forward+backward, and reports the kept fraction of query-key pairs (mimic.md §7) and the
@@ -89,14 +92,20 @@ def measure(batch: int, n_images: int, image_tokens: int, heads: int, kv_heads: 
     def fast(q, k, v):
         return block_diagonal_attention(q, k, v, None, layout, scaling, 0.0, None, {})
 
+    def grouped(q, k, v):
+        return block_diagonal_attention(q, k, v, None, layout, scaling, 0.0, None, {}, executor="grouped")
+
     def dense_mask(q, k, v):
         return policy_attention(module, q, k, v, None, base="sdpa", vision_layout=_with_kernel(layout, "dense_mask"), scaling=scaling)[0]
 
     timed = _timer(device)
     grad_out = torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, generator=generator)
-    results = {}
+    results, errors = {}, {}
     reference = dense_mask(q, k, v).float()
-    for name, fn in (("dense", dense), ("fast", fn_fast := fast), ("dense_mask", dense_mask)):
+    kernels = {"dense": dense, "fast": fast, "grouped": grouped, "dense_mask": dense_mask}
+    if device.type != "cuda":  # fast is grouped there
+        del kernels["grouped"]
+    for name, fn in kernels.items():
         with torch.no_grad():
             for _ in range(2):
                 fn(q, k, v)
@@ -109,9 +118,11 @@ def measure(batch: int, n_images: int, image_tokens: int, heads: int, kv_heads: 
         for _ in range(2):
             step()
         results[name] = (forward, timed(step, iters))
-    error = float((fn_fast(q, k, v).float() - reference).abs().max())
+        if name in ("fast", "grouped"):
+            with torch.no_grad():
+                errors[name] = float((fn(q, k, v).float() - reference).abs().max())
     dense_pairs, kept_pairs = layout_pairs(layout)
-    return seq, kept_pairs / dense_pairs, results, error
+    return seq, kept_pairs / dense_pairs, results, errors
 
 
 def _with_kernel(layout: VisionLayout, kernel: str) -> VisionLayout:
@@ -150,19 +161,23 @@ def main(quick: bool = False) -> list[dict]:
         grid = [(1, 2), (1, 4)] if not quick else [(1, 2)]
         title = "masked-layer attention vs dense SDPA on CPU (small: 64 tokens per image, 4 heads of 32, fp32)"
     table = Table(title=title)
-    for column in ("batch", "images", "S", "kept", "dense fwd ms", "fast fwd ms", "dense_mask fwd ms", "fast/dense fwd",
-                   "dense f+b ms", "fast f+b ms", "dense_mask f+b ms", "fast/dense f+b", "target 1.5 x kept", "max |fast - mask|"):  # fmt: skip
+    kernels = ("fast", "grouped", "dense_mask") if cuda else ("fast", "dense_mask")
+    columns = ["batch", "images", "S", "kept", "dense fwd ms", *(f"{k} fwd ms" for k in kernels), "fast/dense fwd",
+               "dense f+b ms", *(f"{k} f+b ms" for k in kernels), "fast/dense f+b", "target 1.5 x kept",
+               *(f"max |{k} - mask|" for k in kernels[:-1])]  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     rows = []
     for batch, n_images in grid:
-        seq, kept, results, error = measure(batch, n_images, device=device, **settings)
-        (d_f, d_b), (f_f, f_b), (m_f, m_b) = results["dense"], results["fast"], results["dense_mask"]
-        rows.append(dict(batch=batch, images=n_images, seq_len=seq, kept=kept, error=error,
+        seq, kept, results, errors = measure(batch, n_images, device=device, **settings)
+        rows.append(dict(batch=batch, images=n_images, seq_len=seq, kept=kept, **{f"{k}_error": e for k, e in errors.items()},
                          **{f"{k}_{m}_ms": 1000 * v[i] for k, v in results.items() for i, m in enumerate(("fwd", "fwdbwd"))}))  # fmt: skip
         ms = lambda s: f"{1000 * s:.2f}"  # noqa: E731
+        (d_f, d_b), (f_f, f_b) = results["dense"], results["fast"]
         table.add_row(
-            str(batch), str(n_images), str(seq), f"{kept:.3f}", ms(d_f), ms(f_f), ms(m_f), f"{f_f / d_f:.2f}",
-            ms(d_b), ms(f_b), ms(m_b), f"{f_b / d_b:.2f}", f"{1.5 * kept:.2f}", f"{error:.1e}",
+            str(batch), str(n_images), str(seq), f"{kept:.3f}", ms(d_f), *(ms(results[k][0]) for k in kernels),
+            f"{f_f / d_f:.2f}", ms(d_b), *(ms(results[k][1]) for k in kernels), f"{f_b / d_b:.2f}", f"{1.5 * kept:.2f}",
+            *(f"{errors[k]:.1e}" for k in kernels[:-1]),
         )  # fmt: skip
     console.print(table)
     return rows

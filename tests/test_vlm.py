@@ -222,6 +222,61 @@ def test_masked_gradients_match_dense_mask_kernel():
     assert torch.allclose(grads["fast"], grads["dense_mask"], atol=1e-4, rtol=1e-4)
 
 
+def _fake_varlen(new_api: bool):
+    """torch's varlen_attn (CUDA only) on CPU, for its contract: cu_seqlens partition the packed tokens, every
+    segment is causal inside itself. new_api: window_size and enable_gqa (torch >= 2.11); else is_causal."""
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
+        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        bounds = cu_q.tolist()
+        assert bounds[0] == 0 and bounds[-1] == q.shape[0] and all(a < b for a, b in zip(bounds, bounds[1:]))
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        parts = [
+            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return torch.cat(parts, 1).transpose(0, 1)
+
+    if new_api:
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False: attend(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size == (-1, 0)
+        )
+
+    def old_api(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
+        assert q.shape[1] == k.shape[1], "this torch's varlen_attn has no enable_gqa"
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal)
+
+    return old_api
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_varlen_segments_equal_the_grouped_kernel(monkeypatch, new_api):
+    """The CUDA path (one varlen flash call over the layout's segments) against the tested CPU path, with text
+    between images, a single-image row and left padding: same logits and gradients."""
+    from stitchkit.vlm import attention
+
+    vlm = load_vlm(*tiny_llava_onevision(), image_layout="markers")
+    ims = images(6)
+    prompts = ["<image> <image> how many shapes?", "what colour is this? <image> how many", "<image> which <image> is red <image>"]
+    batch = vlm.encode([ims[:2], ims[2:3], ims[3:6]], prompts)
+    vlm.policy = AttentionPolicy(masked_layers="all")
+    results = {}
+    for executor in ("grouped", "varlen"):
+        if executor == "varlen":
+            monkeypatch.setattr(attention, "varlen_attn", _fake_varlen(new_api))
+            monkeypatch.setattr(attention, "varlen_eligible", lambda query, dropout: True)
+        vlm.model.zero_grad()
+        logits = vlm.forward(batch).logits
+        logits[batch.attention_mask.bool()].logsumexp(-1).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in vlm.model.parameters() if p.grad is not None])
+        results[executor] = logits.detach(), grads
+    real = batch.attention_mask.bool()
+    assert (results["varlen"][0] - results["grouped"][0])[real].abs().max() <= 1e-5
+    assert torch.allclose(results["varlen"][1], results["grouped"][1], atol=1e-4, rtol=1e-4)
+
+
 # ---- generate and score -------------------------------------------------------------------------------
 
 

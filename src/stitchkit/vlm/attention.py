@@ -19,8 +19,14 @@ the chosen (query, key) pairs in the chosen layers, on all heads: their pre-soft
 base mask loses those pairs. Other layers run the base attention unchanged.
 
 Kernels for a masked layer:
-    fast        every image block as one batched causal SDPA call (blocks of equal length are stacked;
-                one call per distinct length), plus one SDPA call for all text queries over all keys.
+    fast        causal attention inside segments, then the late text queries over all keys. The segments
+                partition the flattened (B * S) batch: each image block, each text or padding run of a
+                multi-image row, and the real tokens of every other row (whose causal attention is the base
+                attention). On CUDA in half precision the segments are one variable-length flash call
+                (torch's varlen_attn, cu_seqlens = the segment bounds); elsewhere the segments a masked row
+                needs (image blocks, the text before the first image) are stacked by length into one causal
+                SDPA call per distinct length, and other rows run the base attention. Text queries after a
+                row's first image ("late text") see every earlier key: one SDPA call for all of them.
                 Its cost is that of the allowed pairs, so it shrinks with what the mask removes.
     dense_mask  the official code's way: one SDPA call with the explicit (B, 1, S, S) boolean mask.
                 Same numbers, no savings; kept as the readable definition and for benchmarks.
@@ -28,6 +34,8 @@ Kernels for a masked layer:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 import sys
@@ -46,6 +54,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from stitchkit.config import Config
 from stitchkit.errors import ConfigError, IncompatibleError
 from stitchkit.vlm.spans import ImageSpan, block_ids
+
+try:  # torch >= 2.9; CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover
+    varlen_attn = None
 
 PREFIX = "stitchkit_"
 BASES = ("sdpa", "eager")
@@ -103,10 +116,10 @@ def parse_layer_spec(spec: str) -> list[int]:
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """Image blocks of one length, gathered as a batch of sequences for one causal SDPA call."""
+    """Segments of one length, gathered as a batch of sequences for one causal SDPA call."""
 
-    index: torch.Tensor  # (n * length,) positions of the blocks' tokens in the flattened (B * S) batch
-    count: int  # n, the number of blocks
+    index: torch.Tensor  # (n * length,) positions of the segments' tokens in the flattened (B * S) batch
+    count: int  # n, the number of segments
     length: int
 
 
@@ -116,10 +129,14 @@ class VisionLayout:
 
     block_ids: (B, S) j inside image j's span, -1 for text and padding.
     multi_image: (B,) rows with at least two images, the only rows that are masked.
-    text_positions: (B_multi, T) positions of every text token of each multi-image row, padded to the
-        longest row by repeating a real position; text_index: the same in the flattened (B * S) batch;
-        text_from / text_to: which entries of the flattened (B_multi * T) queries are real, and where they go.
-    groups: the image blocks of the multi-image rows, grouped by length.
+    cu_seqlens: (n + 1,) int32 bounds of the segments in the flattened (B * S) batch (module docstring);
+        max_segment: the longest one.
+    groups: the segments of the multi-image rows that the late text does not cover (image blocks, text before
+        the first image), grouped by length.
+    text_positions: (B_multi, T) positions of the late text tokens (text after the row's first image) of each
+        multi-image row, padded to the longest row by repeating a real position; text_index: the same in the
+        flattened (B * S) batch; text_from / text_to: which entries of the flattened (B_multi * T) queries are
+        real, and where they go.
     probe: attention analysis; when set, every layer computes its probabilities explicitly.
     Index tensors are built once per batch, so a masked layer launches no index arithmetic of its own
     and never waits for the device.
@@ -130,11 +147,13 @@ class VisionLayout:
     multi_image: torch.Tensor
     multi_rows: torch.Tensor
     single_rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_segment: int
+    groups: tuple[BlockGroup, ...]
     text_positions: torch.Tensor
     text_index: torch.Tensor
     text_from: torch.Tensor
     text_to: torch.Tensor
-    groups: tuple[BlockGroup, ...]
     masked_layers: frozenset[int] = frozenset()
     kernel: str = "fast"
     probe: Probe | None = None
@@ -149,11 +168,37 @@ class VisionLayout:
         masked_layers: frozenset[int] = frozenset(),
         kernel: str = "fast",
         probe: Probe | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> "VisionLayout":
+        """attention_mask: (B, S), 0 at padding (at either end of a row); None = no padding."""
         ids = block_ids(spans, seq_len)
+        batch = len(spans)
+        real = torch.ones(batch, seq_len, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
         multi = torch.tensor([len(s) >= 2 for s in spans], dtype=torch.bool)
         multi_rows = multi.nonzero().flatten()
-        text_lists = [(ids[row] < 0).nonzero().flatten() for row in multi_rows.tolist()]
+
+        # Segments: maximal runs of one label, never across rows. Labels: the image index in a multi-image row's
+        # blocks, -1 for its text and for every real token of another row, -2 for padding.
+        labels = torch.where(multi[:, None], ids, -1).masked_fill(~real, -2).flatten()
+        first = torch.ones_like(labels, dtype=torch.bool)
+        first[1:] = labels[1:] != labels[:-1]
+        first[::seq_len] = True
+        starts = first.nonzero().flatten()
+        bounds = torch.cat([starts, torch.tensor([batch * seq_len])])
+        lengths = bounds.diff()
+
+        first_image = {row: spans[row][0].start for row in multi_rows.tolist()}
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            row, position, label = start // seq_len, start % seq_len, int(labels[start])
+            if row in first_image and (label >= 0 or (label == -1 and position < first_image[row])):
+                by_length.setdefault(length, []).append(torch.arange(start, start + length))
+        groups = tuple(BlockGroup(torch.cat(blocks), len(blocks), length) for length, blocks in sorted(by_length.items()))
+
+        text_lists = [
+            ((ids[row] < 0) & real[row] & (torch.arange(seq_len) > first_image[row])).nonzero().flatten()
+            for row in multi_rows.tolist()
+        ]
         width = max((len(t) for t in text_lists), default=0)
         text_positions = torch.zeros(len(text_lists), width, dtype=torch.long)
         text_from, text_to = [], []
@@ -162,11 +207,6 @@ class VisionLayout:
             text_positions[i, len(positions) :] = positions[-1] if len(positions) else 0
             text_from.append(i * width + torch.arange(len(positions)))
             text_to.append(row * seq_len + positions)
-        by_length: dict[int, list[torch.Tensor]] = {}
-        for row in multi_rows.tolist():
-            for span in spans[row]:
-                by_length.setdefault(len(span), []).append(row * seq_len + torch.arange(span.start, span.end))
-        groups = tuple(BlockGroup(torch.cat(blocks), len(blocks), length) for length, blocks in sorted(by_length.items()))
         empty = torch.zeros(0, dtype=torch.long)
         return cls(
             seq_len=seq_len,
@@ -174,11 +214,13 @@ class VisionLayout:
             multi_image=multi,
             multi_rows=multi_rows,
             single_rows=(~multi).nonzero().flatten(),
+            cu_seqlens=bounds.to(torch.int32),
+            max_segment=int(lengths.max()) if len(lengths) else 0,
+            groups=groups,
             text_positions=text_positions,
             text_index=(multi_rows[:, None] * seq_len + text_positions).flatten(),
             text_from=torch.cat(text_from) if text_from else empty,
             text_to=torch.cat(text_to) if text_to else empty,
-            groups=groups,
             masked_layers=frozenset(masked_layers),
             kernel=kernel,
             probe=probe,
@@ -192,11 +234,12 @@ class VisionLayout:
             multi_image=move(self.multi_image),
             multi_rows=move(self.multi_rows),
             single_rows=move(self.single_rows),
+            cu_seqlens=move(self.cu_seqlens),
+            groups=tuple(replace(g, index=move(g.index)) for g in self.groups),
             text_positions=move(self.text_positions),
             text_index=move(self.text_index),
             text_from=move(self.text_from),
             text_to=move(self.text_to),
-            groups=tuple(replace(g, index=move(g.index)) for g in self.groups),
             cache={},
         )
 
@@ -293,41 +336,79 @@ def _sdpa_few_queries(query, key, value, folded_mask, scaling, dropout):
     return out.reshape(batch, heads, length, dim)
 
 
-def block_diagonal_attention(query, key, value, attention_mask, layout: VisionLayout, scaling, dropout, run_base, kwargs):
+def block_diagonal_attention(
+    query, key, value, attention_mask, layout: VisionLayout, scaling, dropout, run_base, kwargs,
+    executor: Literal["varlen", "grouped"] | None = None,
+):  # fmt: skip
     """The fast kernel of a masked layer; returns (B, S, H, d) like transformers' attention functions.
 
-    Tokens are addressed in the flattened (B * S) batch: transformers' q/k/v are (B, H, S, d) views of
-    (B, S, H, d) projections, so flattening them is free, and gathering a block or the text queries is one
-    index_select per tensor.
+    Tokens are addressed in the flattened (B * S) batch, where a segment is a contiguous range and the late
+    text queries are one index_select. executor: "varlen" (one flash call over all segments), "grouped" (SDPA
+    per segment length), or None: varlen where `varlen_eligible`, else grouped.
     """
+    if not len(layout.multi_rows):  # no row is masked: the base attention, unchanged
+        return run_base(query, key, value, attention_mask, **kwargs)[0]
     batch, heads, seq, dim = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)  # noqa: E731
     q, k, v = flat(query), flat(key), flat(value)
-    out = query.new_empty(batch * seq, heads, dim)
-    if len(layout.single_rows):  # rows with < 2 images are not masked: the base attention, unchanged
-        rows = layout.single_rows
-        mask = attention_mask[rows] if attention_mask is not None and attention_mask.shape[0] > 1 else attention_mask
-        dense = run_base(query[rows], key[rows], value[rows], mask, **kwargs)[0]
-        out.view(batch, seq, heads, dim)[rows] = dense
-    if not len(layout.multi_rows):
-        return out.view(batch, seq, heads, dim)
+    if (executor or ("varlen" if varlen_eligible(query, dropout) else "grouped")) == "varlen":
+        out = varlen_causal(q, k, v, layout.cu_seqlens, layout.max_segment, scaling)
+    else:
+        out = query.new_zeros(batch * seq, heads, dim)  # padding of masked rows stays 0
+        if len(layout.single_rows):  # rows with < 2 images are not masked: the base attention, unchanged
+            rows = layout.single_rows
+            mask = attention_mask[rows] if attention_mask is not None and attention_mask.shape[0] > 1 else attention_mask
+            dense = run_base(query[rows], key[rows], value[rows], mask, **kwargs)[0]
+            out.view(batch, seq, heads, dim)[rows] = dense
+        for group in layout.groups:  # image blocks and leading text: causal inside the segment only
+            gather = lambda t: t.index_select(0, group.index).view(group.count, group.length, t.shape[1], dim).transpose(1, 2)  # noqa: E731
+            block_out = _sdpa(gather(q), gather(k), gather(v), None, scaling, dropout, is_causal=True)
+            out.index_copy_(0, group.index, block_out.transpose(1, 2).reshape(-1, heads, dim))
 
-    # Text queries of the multi-image rows: ordinary causal attention over every key of their row.
-    if layout.text_positions.shape[1]:
+    # Late text queries of the masked rows: ordinary causal attention over every key of their row.
+    if layout.text_positions.numel():
         rows = layout.multi_rows
         text_queries = q.index_select(0, layout.text_index).view(len(rows), -1, heads, dim).transpose(1, 2)
         keys, values = (key, value) if len(rows) == batch else (key[rows], value[rows])
         mask = _text_query_mask(layout, attention_mask, seq, heads // key.shape[1], query.device)
         text_out = _sdpa_few_queries(text_queries, keys, values, mask, scaling, dropout)
         text_out = text_out.transpose(1, 2).reshape(-1, heads, dim).index_select(0, layout.text_from)
-        out.index_copy_(0, layout.text_to, text_out)
-
-    # Vision queries: each image block attends causally to itself only, as a batch of short sequences.
-    for group in layout.groups:
-        gather = lambda t: t.index_select(0, group.index).view(group.count, group.length, t.shape[1], dim).transpose(1, 2)  # noqa: E731
-        block_out = _sdpa(gather(q), gather(k), gather(v), None, scaling, dropout, is_causal=True)
-        out.index_copy_(0, group.index, block_out.transpose(1, 2).reshape(-1, heads, dim))
+        # varlen saves its output for backward, so under autograd the late text goes into a copy.
+        out = out.index_copy(0, layout.text_to, text_out) if out.requires_grad else out.index_copy_(0, layout.text_to, text_out)
     return out.view(batch, seq, heads, dim)
+
+
+def varlen_eligible(query: torch.Tensor, dropout: float) -> bool:
+    """Whether torch's flash varlen kernel can run this layer: CUDA (Ampere or newer), half precision, no
+    attention dropout (varlen has none), a head size flash takes."""
+    return (
+        varlen_attn is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and query.shape[-1] % 8 == 0
+        and query.shape[-1] <= 256
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
+
+
+def varlen_causal(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scaling: float) -> torch.Tensor:
+    """Causal attention inside every segment of packed (T, H, d) q and (T, H_kv, d) k/v: one flash call."""
+    options = _varlen_options(varlen_attn)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and "enable_gqa" not in options:  # torch versions without it take equal head counts
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **options)
+
+
+@functools.cache
+def _varlen_options(function) -> dict:
+    """Causality and GQA in the keywords this torch's varlen_attn has (is_causal until ~2.10, window_size after)."""
+    params = inspect.signature(function).parameters
+    options: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    return options
 
 
 def _text_query_mask(layout: VisionLayout, attention_mask, seq: int, groups: int, device) -> torch.Tensor:

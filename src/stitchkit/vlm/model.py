@@ -227,7 +227,9 @@ class VLM:
 
     # ---- forward ----
     def layout(self, batch: VLMBatch, probe: Probe | None = None) -> VisionLayout:
-        return VisionLayout.build(batch.spans, batch.input_ids.shape[1], self.masked_layers, self.policy.kernel, probe)
+        return VisionLayout.build(
+            batch.spans, batch.input_ids.shape[1], self.masked_layers, self.policy.kernel, probe, batch.attention_mask
+        )
 
     def model_kwargs(self, batch: VLMBatch, probe: Probe | None = None) -> dict[str, Any]:
         """The keyword arguments of one Hugging Face forward over `batch` (what training calls the model with)."""
