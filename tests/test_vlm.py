@@ -275,6 +275,8 @@ def test_varlen_segments_equal_the_grouped_kernel(monkeypatch, new_api):
     real = batch.attention_mask.bool()
     assert (results["varlen"][0] - results["grouped"][0])[real].abs().max() <= 1e-5
     assert torch.allclose(results["varlen"][1], results["grouped"][1], atol=1e-4, rtol=1e-4)
+    # A varlen_attn without any causal keyword is never used.
+    assert attention._varlen_options(lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None: q) is None
 
 
 # ---- generate and score -------------------------------------------------------------------------------

@@ -351,7 +351,8 @@ def block_diagonal_attention(
     batch, heads, seq, dim = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)  # noqa: E731
     q, k, v = flat(query), flat(key), flat(value)
-    if (executor or ("varlen" if varlen_eligible(query, dropout) else "grouped")) == "varlen":
+    varlen = (executor or ("varlen" if varlen_eligible(query, dropout) else "grouped")) == "varlen"
+    if varlen:
         out = varlen_causal(q, k, v, layout.cu_seqlens, layout.max_segment, scaling)
     else:
         out = query.new_zeros(batch * seq, heads, dim)  # padding of masked rows stays 0
@@ -373,8 +374,10 @@ def block_diagonal_attention(
         mask = _text_query_mask(layout, attention_mask, seq, heads // key.shape[1], query.device)
         text_out = _sdpa_few_queries(text_queries, keys, values, mask, scaling, dropout)
         text_out = text_out.transpose(1, 2).reshape(-1, heads, dim).index_select(0, layout.text_from)
-        # varlen saves its output for backward, so under autograd the late text goes into a copy.
-        out = out.index_copy(0, layout.text_to, text_out) if out.requires_grad else out.index_copy_(0, layout.text_to, text_out)
+        if varlen and out.requires_grad:  # varlen saved its output for backward: write the late text into a copy
+            out = out.index_copy(0, layout.text_to, text_out)
+        else:
+            out.index_copy_(0, layout.text_to, text_out)
     return out.view(batch, seq, heads, dim)
 
 
@@ -383,6 +386,7 @@ def varlen_eligible(query: torch.Tensor, dropout: float) -> bool:
     attention dropout (varlen has none), a head size flash takes."""
     return (
         varlen_attn is not None
+        and _varlen_options(varlen_attn) is not None
         and query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and dropout == 0.0
@@ -402,10 +406,16 @@ def varlen_causal(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scaling: floa
 
 
 @functools.cache
-def _varlen_options(function) -> dict:
-    """Causality and GQA in the keywords this torch's varlen_attn has (is_causal until ~2.10, window_size after)."""
+def _varlen_options(function) -> dict | None:
+    """Causality and GQA in the keywords this torch's varlen_attn has (is_causal in early versions, window_size
+    later); None if it has neither (not eligible)."""
     params = inspect.signature(function).parameters
-    options: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "window_size" in params:
+        options: dict = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        options = {"is_causal": True}
+    else:
+        return None
     if "enable_gqa" in params:
         options["enable_gqa"] = True
     return options
