@@ -341,3 +341,11 @@ def test_user_errors_are_one_message():
         load_vlm("/nonexistent/folder")
     with pytest.raises(ConfigError):
         vlm.pool_factor = 3
+
+
+def test_attention_benchmark_runs_and_its_kernels_agree_with_the_dense_mask():
+    """`python -m benchmarks vlm` stays runnable (its CPU part), and what it times computes the masked attention."""
+    from benchmarks.bench_vlm import main as bench_vlm
+
+    rows = bench_vlm(quick=True)
+    assert rows and all(row["fast_error"] <= 1e-5 and row["fast_fwd_ms"] > 0 for row in rows)
