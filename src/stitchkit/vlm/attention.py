@@ -204,7 +204,9 @@ class VisionLayout:
         text_from, text_to = [], []
         for i, (row, positions) in enumerate(zip(multi_rows.tolist(), text_lists)):
             text_positions[i, : len(positions)] = positions
-            text_positions[i, len(positions) :] = positions[-1] if len(positions) else 0
+            # Padding entries repeat a real position (the row's last real token if it has no late text), so no
+            # query row of the text call is fully masked.
+            text_positions[i, len(positions) :] = positions[-1] if len(positions) else int(real[row].nonzero()[-1])
             text_from.append(i * width + torch.arange(len(positions)))
             text_to.append(row * seq_len + positions)
         empty = torch.zeros(0, dtype=torch.long)
