@@ -1,12 +1,19 @@
 """Experiment for results/binding/README.md, not part of stitchkit: is the N = 2 plateau (plateau/n2.yaml) the
-task's, or would this model and training loop fail any retrieval? Two easier controls, trained exactly like
+task's, or would this model and training loop fail any retrieval? Easier controls, trained exactly like
 n2.yaml's S1 (the suite's model, batching, answer-only loss, engine, optimiser, stop rule; 6 x 6 x 6, N = 2):
 
     onehop   BOS a_1 e_1 a_2 e_2 QUE a_q            -> e_q     (first hop only: the colour's shape)
     ordered  the suite's sequence, but the associations listed in context order, so the second hop can be an
              ordinal lookup (the reason binding.md §2 makes the shuffled order mandatory)
+    hop1     onehop with the grounding question's tokens: BOS a_1 e_1 a_2 e_2 CTX_END GND_C2S a_q -> e_q
+    hop2     the suite's sequence queried by the shape instead of the colour: QUE e_q -> t(e_q) (second hop only)
+    mixed    the suite's task, with two thirds of the training examples replaced by its single hops: one third
+             onehop, one third the suite's sequence queried by the shape (QUE e_q -> t(e_q), the second hop
+             alone). Held out: the suite's task only. Does practising each hop break the two-hop plateau?
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|ordered [STEPS]
+    full     the suite's task itself (as n2.yaml), for other depths
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|hop1|hop2|ordered|mixed|full [STEPS [LAYERS [SEED]]]
 
 Prints the held-out accuracy at every check (500 examples, every 250 steps) and the step at which it stopped.
 """
@@ -22,7 +29,7 @@ from stitchkit.binding.config import BindingConfig
 from stitchkit.binding.data import as_sample, collate
 from stitchkit.binding.evaluate import accuracy_of_samples
 from stitchkit.binding.model import BindingModel, answer_loss
-from stitchkit.binding.task import BOS, QUE, encode_text, example_rng, sample_example
+from stitchkit.binding.task import BOS, CTX_END, GND_C2S, QUE, encode_text, example_rng, sample_example
 from stitchkit.config import load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
 
@@ -30,18 +37,30 @@ N = 2
 variant = sys.argv[1]
 cfg = load_config(BindingConfig, Path(__file__).with_name("n2.yaml"))
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else cfg.stages["S1"].steps
+if len(sys.argv) > 3:
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"layers": int(sys.argv[3])})})
+seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # model initialisation, data and batch order
 vocab = cfg.vocab.vocabulary
 
 
-def sample(seed: int, split: str, index: int) -> dict:
+def sample(split: str, index: int, kind: str) -> dict:
     ex = sample_example(example_rng(seed, split, N, index), N, vocab)
-    if variant == "onehop":
-        ids = [BOS] + [t for c, s in zip(ex.colours, ex.shapes) for t in (vocab.colour(c), vocab.shape(s))]
-        ids += [QUE, vocab.colour(ex.colours[ex.query])]
+    context = [BOS] + [t for c, s in zip(ex.colours, ex.shapes) for t in (vocab.colour(c), vocab.shape(s))]
+    if kind == "full":
+        return as_sample(encode_text(ex, vocab))
+    if kind in ("onehop", "hop1"):
+        ids = context + ([QUE] if kind == "onehop" else [CTX_END, GND_C2S]) + [vocab.colour(ex.colours[ex.query])]
         return {"input_ids": ids, "position_ids": list(range(len(ids))), "target": vocab.shape(ex.shapes[ex.query]), "image_index": -1}
-    if variant == "ordered":
+    if kind == "hop2":
+        full = as_sample(encode_text(ex, vocab))
+        return {**full, "input_ids": full["input_ids"][:-1] + [vocab.shape(ex.shapes[ex.query])]}
+    if kind == "ordered":
         return as_sample(encode_text(dataclasses.replace(ex, order=tuple(range(N))), vocab))
-    raise SystemExit(f"unknown variant {variant!r}: onehop or ordered")
+    raise SystemExit(f"unknown variant {variant!r}: onehop, hop1, hop2, ordered, mixed or full")
+
+
+MIXED = ("full", "onehop", "hop2")
+train_kind = (lambda index: MIXED[index % 3]) if variant == "mixed" else (lambda index: variant)
 
 
 class Stream(torch.utils.data.Dataset):
@@ -49,17 +68,17 @@ class Stream(torch.utils.data.Dataset):
         return steps * cfg.optim.batch_size
 
     def __getitem__(self, index):
-        return sample(0, "train", index)
+        return sample("train", index, train_kind(index))
 
 
-held_out = [sample(0, "stop", i) for i in range(500)]
+held_out = [sample("stop", i, "full" if variant == "mixed" else variant) for i in range(500)]
 o = cfg.optim
 train_cfg = TrainConfig(
     steps=steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-    schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=0,
+    schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=seed,
 )  # fmt: skip
 torch.set_num_threads(1)
-seed_everything(0)
+seed_everything(seed)
 model = BindingModel(cfg.model, vocab)
 
 
@@ -73,3 +92,6 @@ with tempfile.TemporaryDirectory() as folder:
     result = train(model, answer_loss, Stream(), train_cfg, Path(folder), collate_fn=collate, eval_fn=eval_fn,
                    eval_every=250, stop_fn=lambda metrics: metrics["id_accuracy"] >= 0.99)  # fmt: skip
 print(f"{variant}: stopped at step {result.steps}")
+if variant == "mixed":  # which of the trained kinds the final model answers (held out)
+    for kind in MIXED:
+        print(f"final held-out accuracy, {kind}: {accuracy_of_samples(model, [sample('stop', i, kind) for i in range(500)], 500):.3f}")
