@@ -224,7 +224,7 @@ def test_masked_gradients_match_dense_mask_kernel():
 
 def _fake_varlen(new_api: bool):
     """torch's varlen_attn (CUDA only) on CPU, for its contract: cu_seqlens partition the packed tokens, every
-    segment is causal inside itself. new_api: window_size and enable_gqa (torch >= 2.11); else is_causal."""
+    segment is causal inside itself. new_api: window_size and enable_gqa (newer torch); else is_causal (older)."""
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
         assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
