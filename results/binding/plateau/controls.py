@@ -10,10 +10,12 @@ n2.yaml's S1 (the suite's model, batching, answer-only loss, engine, optimiser, 
     mixed    the suite's task, with two thirds of the training examples replaced by its single hops: one third
              onehop, one third the suite's sequence queried by the shape (QUE e_q -> t(e_q), the second hop
              alone). Held out: the suite's task only. Does practising each hop break the two-hop plateau?
+    staged   onehop first (until 99% held out, at most 1,000 steps), then the suite's task from that model (a new
+             optimiser and warmup, as a new stage). Does a first hop that is already there break the plateau?
 
     full     the suite's task itself (as n2.yaml), for other depths
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|hop1|hop2|ordered|mixed|full [STEPS [LAYERS [SEED]]]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|hop1|hop2|ordered|mixed|staged|full [STEPS [LAYERS [SEED]]]
 
 Prints the held-out accuracy at every check (500 examples, every 250 steps) and the step at which it stopped.
 """
@@ -56,42 +58,49 @@ def sample(split: str, index: int, kind: str) -> dict:
         return {**full, "input_ids": full["input_ids"][:-1] + [vocab.shape(ex.shapes[ex.query])]}
     if kind == "ordered":
         return as_sample(encode_text(dataclasses.replace(ex, order=tuple(range(N))), vocab))
-    raise SystemExit(f"unknown variant {variant!r}: onehop, hop1, hop2, ordered, mixed or full")
+    raise SystemExit(f"unknown variant {variant!r}: onehop, hop1, hop2, ordered, mixed, staged or full")
 
 
 MIXED = ("full", "onehop", "hop2")
-train_kind = (lambda index: MIXED[index % 3]) if variant == "mixed" else (lambda index: variant)
+STAGED_STEPS = 1000
+# Training phases: (the kind of training example `index`, the held-out kind of the stop rule, steps).
+phases = {
+    "mixed": [(lambda index: MIXED[index % 3], "full", steps)],
+    "staged": [(lambda index: "onehop", "onehop", STAGED_STEPS), (lambda index: "full", "full", steps)],
+}.get(variant, [(lambda index: variant, variant, steps)])
 
 
 class Stream(torch.utils.data.Dataset):
+    def __init__(self, kind_of, length):
+        self.kind_of, self.length = kind_of, length
+
     def __len__(self):
-        return steps * cfg.optim.batch_size
+        return self.length
 
     def __getitem__(self, index):
-        return sample("train", index, train_kind(index))
+        return sample("train", index, self.kind_of(index))
 
 
-held_out = [sample("stop", i, "full" if variant == "mixed" else variant) for i in range(500)]
-o = cfg.optim
-train_cfg = TrainConfig(
-    steps=steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-    schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=seed,
-)  # fmt: skip
 torch.set_num_threads(1)
 seed_everything(seed)
 model = BindingModel(cfg.model, vocab)
+o = cfg.optim
+for kind_of, held_out_kind, phase_steps in phases:
+    held_out = [sample("stop", i, held_out_kind) for i in range(500)]
+    train_cfg = TrainConfig(
+        steps=phase_steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+        schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=seed,
+    )  # fmt: skip
 
+    def eval_fn(m, step, held_out=held_out, held_out_kind=held_out_kind):
+        accuracy = accuracy_of_samples(m, held_out, 500)
+        print(f"step {step}: held-out accuracy {accuracy:.3f}" + (f" ({held_out_kind})" if len(phases) > 1 else ""), flush=True)
+        return {"id_accuracy": accuracy}
 
-def eval_fn(m, step):
-    accuracy = accuracy_of_samples(m, held_out, 500)
-    print(f"step {step}: held-out accuracy {accuracy:.3f}", flush=True)
-    return {"id_accuracy": accuracy}
-
-
-with tempfile.TemporaryDirectory() as folder:
-    result = train(model, answer_loss, Stream(), train_cfg, Path(folder), collate_fn=collate, eval_fn=eval_fn,
-                   eval_every=250, stop_fn=lambda metrics: metrics["id_accuracy"] >= 0.99)  # fmt: skip
-print(f"{variant}: stopped at step {result.steps}")
-if variant == "mixed":  # which of the trained kinds the final model answers (held out)
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(model, answer_loss, Stream(kind_of, phase_steps * o.batch_size), train_cfg, Path(folder),
+                       collate_fn=collate, eval_fn=eval_fn, eval_every=250, stop_fn=lambda metrics: metrics["id_accuracy"] >= 0.99)  # fmt: skip
+    print(f"{variant}: stopped at step {result.steps}" + (f" of the {held_out_kind} phase" if len(phases) > 1 else ""))
+if variant in ("mixed", "staged"):  # which of the trained kinds the final model answers (held out)
     for kind in MIXED:
         print(f"final held-out accuracy, {kind}: {accuracy_of_samples(model, [sample('stop', i, kind) for i in range(500)], 500):.3f}")
