@@ -108,6 +108,28 @@ def test_training_streams_never_contain_ood_contexts():
     assert sizes == set(range(1, 7))  # context colours = N (the query colour excluded): 1..6, never more
 
 
+def test_hop_practice_asks_each_hop_alone_and_leaves_the_rest_of_the_stream_unchanged():
+    plain = ExampleStream(StreamSpec(0.0, True, 40, False, 0.0), 400, 0, "train/seed0/S1", VOCAB, (1, 6), None)
+    practice = ExampleStream(StreamSpec(0.0, True, 40, False, 0.0, hop_practice=0.5), 400, 0, "train/seed0/S1", VOCAB, (1, 6), None)
+    shapes = {VOCAB.shape(k) for k in range(VOCAB.shapes)}
+    hops = {1: 0, 2: 0}
+    for i in range(400):
+        sample, ids, task = practice[i], practice[i]["input_ids"], plain[i]["input_ids"]
+        if CTX_END not in ids:  # hop 1: the task's context, then QUE and the query colour -> its shape
+            que = ids.index(QUE)
+            assert que == len(ids) - 2 and ids[:que] == task[: task.index(CTX_END)]
+            assert sample["target"] == dict(zip(ids[1:que:2], ids[2:que:2]))[ids[-1]]
+            hops[1] += 1
+        elif ids[-1] in shapes:  # hop 2: the task's sequence queried by a shape -> its item
+            assert ids[:-1] == task[:-1]
+            assoc = ids[ids.index(CTX_END) + 1 : ids.index(QUE)]
+            assert sample["target"] == {assoc[k]: assoc[k + 2] for k in range(0, len(assoc), 3)}[ids[-1]]
+            hops[2] += 1
+        else:
+            assert sample == plain[i] and parse_and_answer(ids, VOCAB) == sample["target"]
+    assert 60 <= hops[1] <= 140 and 60 <= hops[2] <= 140  # half the examples, the hops with equal odds
+
+
 def test_noise_gaps_shift_positions_but_not_tokens():
     rng = np.random.default_rng(0)
     for n in (1, 4, 8):

@@ -18,6 +18,10 @@ n2.yaml's S1 (the suite's model, batching, answer-only loss, engine, optimiser, 
     PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py onehop|hop1|hop2|ordered|mixed|staged|full [STEPS [LAYERS [SEED]]]
 
 Prints the held-out accuracy at every check (500 examples, every 250 steps) and the step at which it stopped.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python results/binding/plateau/controls.py kinds MODEL_FOLDER
+
+prints a saved N = 2 model's held-out accuracy on the task, onehop and hop2 (e.g. a `binding run` S1 model).
 """
 
 import dataclasses
@@ -30,15 +34,16 @@ import torch
 from stitchkit.binding.config import BindingConfig
 from stitchkit.binding.data import as_sample, collate
 from stitchkit.binding.evaluate import accuracy_of_samples
-from stitchkit.binding.model import BindingModel, answer_loss
+from stitchkit.binding.model import BindingModel, answer_loss, load_binding_model
 from stitchkit.binding.task import BOS, CTX_END, GND_C2S, QUE, encode_text, example_rng, sample_example
 from stitchkit.config import load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
 
 N = 2
+MIXED = ("full", "onehop", "hop2")
 variant = sys.argv[1]
 cfg = load_config(BindingConfig, Path(__file__).with_name("n2.yaml"))
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else cfg.stages["S1"].steps
+steps = int(sys.argv[2]) if len(sys.argv) > 2 and variant != "kinds" else cfg.stages["S1"].steps
 if len(sys.argv) > 3:
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"layers": int(sys.argv[3])})})
 seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # model initialisation, data and batch order
@@ -61,7 +66,18 @@ def sample(split: str, index: int, kind: str) -> dict:
     raise SystemExit(f"unknown variant {variant!r}: onehop, hop1, hop2, ordered, mixed, staged or full")
 
 
-MIXED = ("full", "onehop", "hop2")
+
+
+def print_kinds(model) -> None:
+    """The model's held-out accuracy on each kind of MIXED."""
+    for kind in MIXED:
+        print(f"final held-out accuracy, {kind}: {accuracy_of_samples(model, [sample('stop', i, kind) for i in range(500)], 500):.3f}")
+
+
+if variant == "kinds":
+    print_kinds(load_binding_model(sys.argv[2])[0])
+    sys.exit()
+
 STAGED_STEPS = 1000
 # Training phases: (the kind of training example `index`, the held-out kind of the stop rule, steps).
 phases = {
@@ -101,6 +117,5 @@ for kind_of, held_out_kind, phase_steps in phases:
         result = train(model, answer_loss, Stream(kind_of, phase_steps * o.batch_size), train_cfg, Path(folder),
                        collate_fn=collate, eval_fn=eval_fn, eval_every=250, stop_fn=lambda metrics: metrics["id_accuracy"] >= 0.99)  # fmt: skip
     print(f"{variant}: stopped at step {result.steps}" + (f" of the {held_out_kind} phase" if len(phases) > 1 else ""))
-if variant in ("mixed", "staged"):  # which of the trained kinds the final model answers (held out)
-    for kind in MIXED:
-        print(f"final held-out accuracy, {kind}: {accuracy_of_samples(model, [sample('stop', i, kind) for i in range(500)], 500):.3f}")
+if variant in ("mixed", "staged"):  # which of the trained kinds the final model answers
+    print_kinds(model)

@@ -67,6 +67,10 @@ class Stage(Config):
     image_fraction: float = pydantic.Field(0.0, ge=0, le=1)
     noise: bool = pydantic.Field(False, description="noise gaps in the text examples")
     grounding: float = pydantic.Field(0.0, ge=0, le=1, description="share of image examples that are grounding questions")
+    hop_practice: float = pydantic.Field(
+        0.0, ge=0, lt=1, description="share of text examples that ask one hop alone (task.encode_hop): an aid against "
+        "S1's plateau that the paper does not use (docs/binding.md); stop rule and evaluation stay on the task",
+    )
     steps: int = pydantic.Field(ge=1, description="steps, or the cap when until_id_accuracy is set")
     until_id_accuracy: Optional[float] = pydantic.Field(None, gt=0, le=1, description="stop once text ID accuracy reaches this")
     eval_every: int = pydantic.Field(500, ge=1, description="how often the stop rule is checked")

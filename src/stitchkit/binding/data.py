@@ -26,6 +26,7 @@ from stitchkit.binding.task import (
     Example,
     Vocabulary,
     encode_grounding,
+    encode_hop,
     encode_image,
     encode_text,
     example_rng,
@@ -111,6 +112,7 @@ class StreamSpec:
     noise_span: int
     noise_between_pairs_only: bool
     grounding_fraction: float  # of the image examples
+    hop_practice: float = 0.0  # of the text examples: one hop alone (encode_hop), hop 1 or 2 with equal odds
 
 
 class ExampleStream(Dataset):
@@ -137,6 +139,8 @@ class ExampleStream(Dataset):
         n = int(rng.integers(self.objects[0], self.objects[1] + 1))
         ex = sample_example(rng, n, self.vocab)
         gaps = noise_gaps(rng, n, spec.noise_span, spec.noise_between_pairs_only) if spec.noise else None
+        if spec.hop_practice and rng.random() < spec.hop_practice:  # no draw without practice: streams unchanged
+            return as_sample(encode_hop(ex, self.vocab, 1 + int(rng.integers(2)), gaps))
         return as_sample(encode_text(ex, self.vocab, gaps))
 
 

@@ -141,7 +141,9 @@ def train_stage(
     count and stop evaluations."""
     stage = cfg.stages[stage_run.stage]
     vocab = cfg.vocab.vocabulary
-    spec = StreamSpec(stage.image_fraction, stage.noise, _noise_span(cfg, banks), cfg.noise.between_pairs_only, stage.grounding)
+    spec = StreamSpec(
+        stage.image_fraction, stage.noise, _noise_span(cfg, banks), cfg.noise.between_pairs_only, stage.grounding, stage.hop_practice
+    )
     dataset = ExampleStream(spec, stage.steps * cfg.optim.batch_size, seed, stage_run.relative, vocab, cfg.train_objects, banks.train if banks else None)
     if model.projector is not None:
         model.projector.requires_grad_(stage_run.images_seen)

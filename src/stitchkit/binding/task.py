@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -177,6 +178,19 @@ def encode_text(ex: Example, vocab: Vocabulary, gaps: list[int] | None = None) -
     ids.append(CTX_END)
     shape_at, item_at = _tail(ex, vocab, ids, positions)
     return Encoded(ids, positions, vocab.item(ex.answer), colour_pos, shape_pos, shape_at, item_at, [])
+
+
+def encode_hop(ex: Example, vocab: Vocabulary, hop: Literal[1, 2], gaps: list[int] | None = None) -> Encoded:
+    """One hop of the task alone on a text context, for hop practice (Stage.hop_practice, off by default):
+    hop 1 asks the query colour's shape in the context, `BOS a1 e1 .. aN eN QUE a_q -> e_q` (no associations);
+    hop 2 asks the query shape's item, the task's sequence ending `QUE e_q -> t_q`."""
+    task = encode_text(ex, vocab, gaps)
+    if hop == 2:
+        return dataclasses.replace(task, input_ids=task.input_ids[:-1] + [vocab.shape(ex.shapes[ex.query])])
+    end = task.input_ids.index(CTX_END)  # QUE takes CTX_END's place
+    ids = task.input_ids[:end] + [QUE, vocab.colour(ex.colours[ex.query])]
+    positions = task.position_ids[: end + 1] + [task.position_ids[end] + 1]
+    return Encoded(ids, positions, vocab.shape(ex.shapes[ex.query]), task.colour_pos, task.shape_pos, [], [], [])
 
 
 def encode_image(ex: Example, vocab: Vocabulary, image_tokens: int) -> Encoded:
