@@ -2,11 +2,12 @@
 task's, or would this model and training loop fail any retrieval? Easier controls, trained exactly like
 n2.yaml's S1 (the suite's model, batching, answer-only loss, engine, optimiser, stop rule; 6 x 6 x 6, N = 2):
 
-    onehop   BOS a_1 e_1 a_2 e_2 QUE a_q            -> e_q     (first hop only: the colour's shape)
+    onehop   BOS a_1 e_1 a_2 e_2 QUE a_q            -> e_q     (first hop only: the colour's shape; task.encode_hop)
     ordered  the suite's sequence, but the associations listed in context order, so the second hop can be an
              ordinal lookup (the reason binding.md §2 makes the shuffled order mandatory)
     hop1     onehop with the grounding question's tokens: BOS a_1 e_1 a_2 e_2 CTX_END GND_C2S a_q -> e_q
-    hop2     the suite's sequence queried by the shape instead of the colour: QUE e_q -> t(e_q) (second hop only)
+    hop2     the suite's sequence queried by the shape instead of the colour: QUE e_q -> t(e_q) (second hop only;
+             task.encode_hop)
     mixed    the suite's task, with two thirds of the training examples replaced by its single hops: one third
              onehop, one third the suite's sequence queried by the shape (QUE e_q -> t(e_q), the second hop
              alone). Held out: the suite's task only. Does practising each hop break the two-hop plateau?
@@ -35,7 +36,7 @@ from stitchkit.binding.config import BindingConfig
 from stitchkit.binding.data import as_sample, collate
 from stitchkit.binding.evaluate import accuracy_of_samples
 from stitchkit.binding.model import BindingModel, answer_loss, load_binding_model
-from stitchkit.binding.task import BOS, CTX_END, GND_C2S, QUE, encode_text, example_rng, sample_example
+from stitchkit.binding.task import BOS, CTX_END, GND_C2S, encode_hop, encode_text, example_rng, sample_example
 from stitchkit.config import load_config
 from stitchkit.engine import TrainConfig, seed_everything, train
 
@@ -52,20 +53,17 @@ vocab = cfg.vocab.vocabulary
 
 def sample(split: str, index: int, kind: str) -> dict:
     ex = sample_example(example_rng(seed, split, N, index), N, vocab)
-    context = [BOS] + [t for c, s in zip(ex.colours, ex.shapes) for t in (vocab.colour(c), vocab.shape(s))]
     if kind == "full":
         return as_sample(encode_text(ex, vocab))
-    if kind in ("onehop", "hop1"):
-        ids = context + ([QUE] if kind == "onehop" else [CTX_END, GND_C2S]) + [vocab.colour(ex.colours[ex.query])]
+    if kind in ("onehop", "hop2"):  # the suite's hop-practice formats
+        return as_sample(encode_hop(ex, vocab, 1 if kind == "onehop" else 2))
+    if kind == "hop1":
+        context = [BOS] + [t for c, s in zip(ex.colours, ex.shapes) for t in (vocab.colour(c), vocab.shape(s))]
+        ids = context + [CTX_END, GND_C2S, vocab.colour(ex.colours[ex.query])]
         return {"input_ids": ids, "position_ids": list(range(len(ids))), "target": vocab.shape(ex.shapes[ex.query]), "image_index": -1}
-    if kind == "hop2":
-        full = as_sample(encode_text(ex, vocab))
-        return {**full, "input_ids": full["input_ids"][:-1] + [vocab.shape(ex.shapes[ex.query])]}
     if kind == "ordered":
         return as_sample(encode_text(dataclasses.replace(ex, order=tuple(range(N))), vocab))
     raise SystemExit(f"unknown variant {variant!r}: onehop, hop1, hop2, ordered, mixed, staged or full")
-
-
 
 
 def print_kinds(model) -> None:
