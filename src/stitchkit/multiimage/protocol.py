@@ -122,7 +122,7 @@ def legacy_word_to_num(text: str) -> int | float:
         last = len(words) - 1
         if thousand > -1 and thousand != last:
             total += _w2n_group(words[thousand + 1 :])
-        elif million > -1 and million != last and thousand != last:
+        elif million > -1 and million != last:  # also when 'thousand' is last: w2n 1.1 counts that group twice
             total += _w2n_group(words[million + 1 :])
         elif billion > -1 and billion != last:
             total += _w2n_group(words[billion + 1 :])
@@ -339,14 +339,18 @@ def clean_counts(generation: str, classes: Sequence[str], vocab: Vocabulary) -> 
     counts: dict[str, int] = {}
     for _, _, value, name in zeros:
         counts.setdefault(name, value)
+    pairs = []  # (class, the number right after its mention, the number right before it)
     for start, end, name in vocab.mentions(text):
-        if name in counts:
-            continue
         after = next((n for n in numbers if n[0] >= end and re.fullmatch(r"\s*(?:[:=]|is|are|x)?\s*",
                                                                           text[end:n[0]])), None)
         before = next((n for n in numbers if n[1] <= start and re.fullmatch(r"\s+", text[n[1]:start])), None)
-        pick = after or before
-        if pick is not None:
+        pairs.append((name, after, before))
+    # One style per answer, read off its first mention: "4 zebras 2 giraffes" counts before each class,
+    # "zebras 4 giraffes 2" / "zebra: 4, giraffe: 2" after it.
+    number_first = bool(pairs) and pairs[0][2] is not None
+    for name, after, before in pairs:
+        pick = (before or after) if number_first else (after or before)
+        if name not in counts and pick is not None:
             counts[name] = pick[2]
     return {"counts": [counts.get(c) for c in classes], "multi_number": len(distinct) > 1}
 
