@@ -251,6 +251,18 @@ def test_full_image_text_checkpoints_load_their_vision_tower(full_class, config_
         assert max_diff(bb.forward_features(px), full.vision_model(**kwargs).last_hidden_state) <= TOL
 
 
+def test_a_vit_classification_checkpoint_loads_its_encoder(tmp_path):
+    """ViTForImageClassification (google/vit-base-patch16-224) saves no pooler; the backbone never uses ViTModel's
+    pooler, so the checkpoint loads, and reproduces the classifier's own encoder."""
+    torch.manual_seed(0)
+    classifier = _perturb(hf.ViTForImageClassification(hf.ViTConfig(**FIXED, num_labels=5)))
+    classifier.save_pretrained(tmp_path)
+    bb = load_backbone(tmp_path)
+    px = bb.preprocess(images())
+    with torch.no_grad():
+        assert max_diff(bb.forward_features(px), classifier.vit(pixel_values=px).last_hidden_state) <= TOL
+
+
 def test_hub_id_loads_from_the_local_cache_offline(tmp_path):
     """A hub id found in the Hugging Face cache loads with HF_HUB_OFFLINE=1, processor config included.
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from stitchkit.binding.config import BindingConfig, NoiseSettings
 from stitchkit.binding.data import ExampleStream, StreamSpec, as_sample, collate
 from stitchkit.binding.interventions import (
     LABELS,
@@ -23,7 +24,7 @@ from stitchkit.binding.interventions import (
 )
 from stitchkit.binding.knockouts import edges, run_knockouts
 from stitchkit.binding.model import BindingModel, ModelSettings, answer_loss, load_binding_model, save_binding_model
-from stitchkit.binding.probes import binding_signature, probe_layers
+from stitchkit.binding.probes import binding_signature, collect, probe_layers
 from stitchkit.binding.render import BACKGROUND, glyph_set, render_context
 from stitchkit.binding.subjects import TokenSubject, WordSubject, capture_residuals, forward_patched
 from stitchkit.binding.task import (
@@ -42,6 +43,7 @@ from stitchkit.binding.task import (
     with_noise,
 )
 from stitchkit.cli import main
+from stitchkit.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -269,7 +271,7 @@ def test_a_probe_finds_a_planted_feature_only_where_it_is():
     features = {
         "shape": shape,
         "query": torch.randn(examples, layers, dim),
-        "labels": {"bound": labels, "next": torch.tensor(rng.integers(0, 6, size=examples * n)), "index": torch.arange(examples * n) % n,
+        "labels": {"bound": labels, "previous": torch.tensor(rng.integers(0, 6, size=examples * n)), "index": torch.arange(examples * n) % n,
                    "query_shape": torch.tensor(rng.integers(0, 6, size=examples)), "query_index": torch.tensor(rng.integers(0, n, size=examples))},
         "owner": torch.arange(examples).repeat_interleave(n),
         "examples": examples,
@@ -279,6 +281,18 @@ def test_a_probe_finds_a_planted_feature_only_where_it_is():
     signature = binding_signature([0.1, 0.15, 0.9, 0.9], [0.1, 0.12, 0.15, 0.14])
     assert signature["present"] and signature["surge_layer"] == 2
     assert not binding_signature([0.1, 0.15, 0.9, 0.9], [0.1, 0.5, 0.9, 0.9])["present"]  # control rises too
+    gradual = binding_signature([0.0, 0.16, 0.32, 0.48, 0.64, 0.8, 0.8], [0.05] * 7)  # strong, but no surge
+    assert gradual["strength"] == pytest.approx(0.8) and not gradual["present"]
+    assert binding_signature([0.0, 0.1, 0.45, 0.6, 0.7], [0.05] * 5)["present"]  # one step of 0.35
+
+
+def test_the_probe_control_is_the_previous_pairs_colour():
+    """The control must be visible to a causal model at e_i: a_{i-1}, never a_{i+1}."""
+    subject = TokenSubject(tiny_model(seed=0), VOCAB)
+    features = collect(subject, 4, 3, seed=0)
+    exs = [sample_example(example_rng(0, "probe", 4, i), 4, VOCAB) for i in range(3)]
+    assert features["labels"]["previous"].tolist() == [c for ex in exs for c in (-1, *ex.colours[:-1])]
+    assert features["labels"]["bound"].tolist() == [c for ex in exs for c in ex.colours]
 
 
 def test_knocking_out_keys_everywhere_equals_masking_them():
@@ -408,6 +422,24 @@ def tiny_config(path: Path, encoder: Path) -> Path:
     }  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_one_noise_span_per_run_whatever_the_branch():
+    """SN (a text branch's, shared) and S3N (an image branch's) draw K ~ U{0..span - 2N} over the same span: the
+    encoders' token count, 196 without images, noise.span when set; encoders that disagree need noise.span."""
+    from types import SimpleNamespace
+
+    from stitchkit.binding.experiment import noise_span
+
+    def banks(tokens):
+        return SimpleNamespace(train=SimpleNamespace(tokens=tokens))
+
+    cfg = BindingConfig()
+    assert noise_span(cfg, {}) == 196
+    assert noise_span(cfg, {"a": banks(256), "b": banks(256)}) == 256
+    with pytest.raises(ConfigError, match="noise.span"):
+        noise_span(cfg, {"a": banks(256), "b": banks(196)})
+    assert noise_span(cfg.model_copy(update={"noise": NoiseSettings(span=100)}), {"a": banks(256), "b": banks(196)}) == 100
 
 
 def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):

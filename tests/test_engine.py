@@ -63,7 +63,8 @@ def hand_written_training(cfg: TrainConfig, data, lr_of: dict[str, float] | None
             groups.setdefault(((lr_of or {}).get(name, cfg.lr), p.ndim >= 2), []).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": ps, "base_lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
-         for (lr, decayed), ps in groups.items()]
+         for (lr, decayed), ps in groups.items()],
+        betas=cfg.betas,
     )
 
     def factor(step):  # linear warmup, then half a cosine down to 0
@@ -93,7 +94,7 @@ def hand_written_training(cfg: TrainConfig, data, lr_of: dict[str, float] | None
 def test_matches_a_hand_written_pytorch_loop():
     """The engine splits each batch into 2 micro-batches; the oracle does not."""
     cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, lr=3e-3, weight_decay=0.1, warmup_steps=2,
-                      max_grad_norm=0.5, log_every=1, seed=5, mixed_precision="no")
+                      max_grad_norm=0.5, log_every=1, seed=5, mixed_precision="no", betas=(0.8, 0.95))
     data = tiny.make_dataset()
     result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
     model, losses, lrs, grad_norms = hand_written_training(cfg, data)

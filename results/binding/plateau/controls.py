@@ -102,7 +102,7 @@ o = cfg.optim
 for kind_of, held_out_kind, phase_steps in phases:
     held_out = [sample("stop", i, held_out_kind) for i in range(500)]
     train_cfg = TrainConfig(
-        steps=phase_steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+        steps=phase_steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, warmup_steps=o.warmup_steps,
         schedule="constant", max_grad_norm=o.max_grad_norm, log_every=50, seed=seed,
     )  # fmt: skip
 

@@ -32,6 +32,8 @@ class Family:
     final_norms_tokens: bool = True
     # SigLIP2 NaFlex takes patchified pixels plus spatial_shapes and a padding mask.
     patchified: bool = False
+    # Weights of the vision class that the backbone never uses, so a checkpoint may lack them.
+    unused_weights: tuple[str, ...] = ()
 
 
 _IMAGENET = dict(mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
@@ -42,7 +44,9 @@ DINOV2_REG = Family(
     "dinov2_with_registers", "Dinov2WithRegistersModel", "BitImageProcessor", has_cls=True, **_IMAGENET
 )
 DINOV3 = Family("dinov3_vit", "DINOv3ViTModel", "DINOv3ViTImageProcessorFast", has_cls=True, **_IMAGENET)
-VIT = Family("vit", "ViTModel", "ViTImageProcessor", has_cls=True, **_HALF)
+# ViTModel builds a tanh pooler on CLS that the backbone does not use (its pool is the normed CLS); classification
+# checkpoints such as google/vit-base-patch16-224 (ViTForImageClassification) carry no pooler weights.
+VIT = Family("vit", "ViTModel", "ViTImageProcessor", has_cls=True, unused_weights=("pooler.",), **_HALF)
 CLIP = Family(
     "clip",
     "CLIPVisionModel",

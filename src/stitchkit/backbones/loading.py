@@ -160,8 +160,8 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     )
     # A full image-text checkpoint has text weights the vision class ignores, but a vision weight
     # missing from the checkpoint would be silently random: refuse it.
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(family.unused_weights))
+    if missing:
         raise ModelNotFoundError(
             f"{source}: the checkpoint lacks {len(missing)} weights of its {family.vision_class} "
             f"(e.g. {', '.join(missing[:3])})"

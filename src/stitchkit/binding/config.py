@@ -16,6 +16,7 @@ from stitchkit.binding.model import ModelSettings
 from stitchkit.binding.render import glyph_set
 from stitchkit.binding.task import Vocabulary
 from stitchkit.config import Config
+from stitchkit.engine.loop import AdamBetas
 
 
 class VocabSettings(Config):
@@ -52,6 +53,9 @@ class OptimSettings(Config):
     batch_size: int = pydantic.Field(256, ge=1)
     warmup_steps: int = pydantic.Field(1000, ge=0)
     weight_decay: float = pydantic.Field(0.01, ge=0)
+    betas: AdamBetas = pydantic.Field(
+        (0.9, 0.95), description="AdamW's (beta1, beta2), §4; the plateau studies of results/binding/ used torch's (0.9, 0.999)"
+    )
     max_grad_norm: Optional[float] = pydantic.Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     checkpoint_every: int = pydantic.Field(1000, ge=1)
@@ -91,13 +95,14 @@ def _default_branches() -> dict[str, list[str]]:
     return {
         "text-only": ["S1"],
         "noise-text": ["S1", "SN"],
+        "image": ["S1", "S2"],  # analysed right after the image stage (R after S2, §9)
         "image-text": ["S1", "S2", "S3"],
         "noise-image-text": ["S1", "SN", "S2", "S3N"],
     }
 
 
 class EvalSettings(Config):
-    max_objects: int = pydantic.Field(16, ge=1, description="evaluate N = 1..max_objects (OOD = above the trained range)")
+    max_objects: int = pydantic.Field(32, ge=1, description="evaluate N = 1..max_objects (OOD = above the trained range; §2: 1..32)")
     ood_headline: Optional[int] = pydantic.Field(
         None, ge=1, description="the OOD average covers N up to this (the paper's 9..16); larger N are averaged apart"
     )

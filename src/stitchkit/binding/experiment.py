@@ -33,6 +33,7 @@ from stitchkit.binding.render import glyph_set, render_context
 from stitchkit.binding.task import Vocabulary, example_rng, sample_example
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device, torch_threads
+from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.zoo import load_frozen_backbone
 
@@ -128,28 +129,35 @@ def branch_stages(cfg: BindingConfig, run: RunDir, seed: int, branch: str, encod
     return out
 
 
-def _noise_span(cfg: BindingConfig, banks: Banks | None) -> int:
+def noise_span(cfg: BindingConfig, banks: dict[str, Banks]) -> int:
+    """The noise's K ~ U{0..span - 2N} (§5) stands in for an image's tokens: span = the encoders' token count (196
+    at 224 px / 16, also when no branch uses images) unless noise.span sets it. One value per run, so the text
+    branch's SN (shared by every branch that runs it) and an image branch's S3N draw their noise alike."""
     if cfg.noise.span is not None:
         return cfg.noise.span
-    return banks.train.tokens if banks is not None else 196  # the image's token count (§5), 196 at 224 px / 16
+    tokens = sorted({bank.train.tokens for bank in banks.values()})
+    if len(tokens) > 1:
+        raise ConfigError(f"the encoders give {tokens} image tokens per context: set noise.span to choose one noise span")
+    return tokens[0] if tokens else 196
 
 
 def train_stage(
-    model: BindingModel, cfg: BindingConfig, seed: int, stage_run: StageRun, banks: Banks | None, previous: StageRun | None = None
+    model: BindingModel, cfg: BindingConfig, seed: int, stage_run: StageRun, banks: Banks | None, span: int,
+    previous: StageRun | None = None,
 ) -> dict[str, Any]:
     """Train one stage in place (or load it when finished), after stage `previous` of its branch; returns its step
     count and stop evaluations."""
     stage = cfg.stages[stage_run.stage]
     vocab = cfg.vocab.vocabulary
     spec = StreamSpec(
-        stage.image_fraction, stage.noise, _noise_span(cfg, banks), cfg.noise.between_pairs_only, stage.grounding, stage.hop_practice
+        stage.image_fraction, stage.noise, span, cfg.noise.between_pairs_only, stage.grounding, stage.hop_practice
     )
     dataset = ExampleStream(spec, stage.steps * cfg.optim.batch_size, seed, stage_run.relative, vocab, cfg.train_objects, banks.train if banks else None)
     if model.projector is not None:
         model.projector.requires_grad_(stage_run.images_seen)
     o = cfg.optim
     train_cfg = TrainConfig(
-        steps=stage.steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+        steps=stage.steps, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, warmup_steps=o.warmup_steps,
         schedule="constant", max_grad_norm=o.max_grad_norm, checkpoint_every=o.checkpoint_every, log_every=50,
         seed=seed, mixed_precision=o.mixed_precision,
     )  # fmt: skip
@@ -197,7 +205,9 @@ def analyze_model(model: BindingModel, cfg: BindingConfig, seed: int) -> dict[st
     }
 
 
-def run_branch(run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder: str | None, banks: Banks | None, device) -> dict[str, Any]:
+def run_branch(
+    run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder: str | None, banks: Banks | None, span: int, device
+) -> dict[str, Any]:
     seed_everything(seed)
     model = BindingModel(cfg.model, cfg.vocab.vocabulary, banks.train.features.shape[-1] if banks else None).to(device)
     if banks is not None:
@@ -206,7 +216,7 @@ def run_branch(run: RunDir, cfg: BindingConfig, seed: int, branch: str, encoder:
     for previous, stage_run in zip([None, *stage_runs], stage_runs):
         step = stage_run.relative
         if not run.done(step):
-            training = train_stage(model, cfg, seed, stage_run, banks, previous)
+            training = train_stage(model, cfg, seed, stage_run, banks, span, previous)
             evaluation = evaluate_stage(model, cfg, stage_run, banks, seed)
             save_binding_model(model, stage_run.folder / "model", {"stage": stage_run.stage, "seed": seed, "encoder": encoder})
             atomic_write_json(stage_run.folder / "eval.json", {**training, **evaluation})
@@ -261,11 +271,11 @@ def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None 
         banks = {}
         if any(cfg.uses_images(b) for b in cfg.branches):
             banks = {name: prepare_images(run, cfg, name, spec, device) for name, spec in cfg.encoder_specs.items()}
-        runs = []
+        span, runs = noise_span(cfg, banks), []
         for seed in cfg.seeds:
             for branch in cfg.branches:
                 for encoder in (list(banks) if cfg.uses_images(branch) else [None]):
-                    runs.append(run_branch(run, cfg, seed, branch, encoder, banks.get(encoder), device))
+                    runs.append(run_branch(run, cfg, seed, branch, encoder, banks.get(encoder), span, device))
     gates = {name: json.loads(run.path("images", name, "gate.json").read_text()) for name in banks}
     results = {
         "version": RESULTS_VERSION,

@@ -2,16 +2,18 @@
 
 At every context shape position e_i and every layer (resid_pre 0..L-1, resid_post L) we fit linear probes for
     bound    the colour a_i bound to that shape (explicit binding moves it onto the shape),
-    next     the next pair's colour a_{i+1} (control: what mere proximity would give),
+    previous the previous pair's colour a_{i-1} (control: what mere proximity would give),
     index    the ordinal index i (a positional code),
-and at the query position for the queried object's shape and its index q. Probes are closed-form ridge
+and at the query position for the queried object's shape and its index q. The reference's control is the *next*
+pair's colour a_{i+1}, but a causal model cannot see a_{i+1} at e_i, so that control stays at chance whatever the
+model does; a_{i-1}, three tokens back, is as near as a proximity effect could reach. Probes are closed-form ridge
 classifiers (stitchkit.zoo.probe, the same probe as the zoo's) fit on 80% of the examples and tested on the other
 20% (disjoint examples). The reference proposes L2 logistic regression; a ridge classifier answers the same
 "is it linearly decodable" question deterministically and without an optimiser.
 
 Binding signature: strength = max_l acc_bound(l) - acc_bound(0); the surge layer is the first l whose rise reaches
-half of that; the signature is present when strength >= 0.5, some two consecutive layers rise by >= 0.3, and the
-control stays low (its own rise is less than half the bound colour's).
+half of that; the signature is present when strength >= 0.5, the accuracy rises by >= 0.3 between two consecutive
+layers (a surge, not a gradual climb), and the control stays low (its own rise is less than half the bound colour's).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from stitchkit.binding.task import example_rng, sample_example
 from stitchkit.progress import track
 from stitchkit.zoo.probe import ridge_probe_accuracy
 
-TARGETS = ("bound", "next", "index", "query_shape", "query_index")
+TARGETS = ("bound", "previous", "index", "query_shape", "query_index")
 TRAIN_SHARE = 0.8
 
 
@@ -44,7 +46,7 @@ def collect(subject: Subject, n: int, examples: int, seed: int, batch_size: int 
             shape_feats.append(stacked[row, :, positions].transpose(0, 1))  # (N, L + 1, d)
             query_feats.append(stacked[row, :, -1])
             labels["bound"] += list(ex.colours)
-            labels["next"] += [*ex.colours[1:], -1]  # the last object has no next pair
+            labels["previous"] += [-1, *ex.colours[:-1]]  # the first object has no previous pair
             labels["index"] += list(range(ex.n))
             labels["query_shape"].append(ex.shapes[ex.query])
             labels["query_index"].append(ex.query)
@@ -82,12 +84,12 @@ def binding_signature(bound: list[float], control: list[float]) -> dict:
     rise = bound_arr - bound_arr[0]
     strength = float(rise.max())
     surge = int(np.argmax(rise >= strength / 2)) if strength > 0 else None
-    steepest = float(np.max(bound_arr[2:] - bound_arr[:-2])) if len(bound_arr) > 2 else float(rise.max())
+    steepest = float(np.max(np.diff(bound_arr))) if len(bound_arr) > 1 else 0.0
     control_rise = float(control_arr.max() - control_arr[0])
     present = strength >= 0.5 and steepest >= 0.3 and control_rise < strength / 2
-    return {"strength": strength, "surge_layer": surge, "steepest_two_layer_rise": steepest, "control_rise": control_rise, "present": bool(present)}
+    return {"strength": strength, "surge_layer": surge, "steepest_layer_rise": steepest, "control_rise": control_rise, "present": bool(present)}
 
 
 def run_probes(subject: Subject, n: int = 8, examples: int = 1000, seed: int = 0) -> dict:
     layers = probe_layers(collect(subject, n, examples, seed))
-    return {"n": n, "examples": examples, "accuracy": layers, "signature": binding_signature(layers["bound"], layers["next"])}
+    return {"n": n, "examples": examples, "accuracy": layers, "signature": binding_signature(layers["bound"], layers["previous"])}

@@ -172,7 +172,7 @@ def probe_figure(path: Path, results: dict[str, Any], n: str) -> Path:
         runs = [r for r in results["runs"] if r["branch"] == branch and r["analysis"]]
         if not runs:
             continue
-        for target, label in (("bound", "bound colour"), ("next", "next colour (control)")):
+        for target, label in (("bound", "bound colour"), ("previous", "previous colour (control)")):
             acc = _mean_over_runs(runs, lambda r: r["analysis"]["probes"][n]["accuracy"][target])
             series[f"{branch}: {label}"] = (range(len(acc)), 100 * acc)
     return line_plot(path, series, xlabel="layer (resid_pre; last = resid_post)", ylabel="probe accuracy %",

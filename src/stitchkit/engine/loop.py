@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
@@ -112,6 +112,10 @@ class EarlyStopping(Config):
         return len(history) - 1 - self.best(history) >= self.patience
 
 
+# AdamW's (beta1, beta2): moment decay rates in [0, 1).
+AdamBetas = tuple[Annotated[float, pydantic.Field(ge=0, lt=1)], Annotated[float, pydantic.Field(ge=0, lt=1)]]
+
+
 class TrainConfig(Config):
     """How `train` optimises: AdamW (decoupled weight decay) with linear warmup, then cosine decay to 0
     (`schedule: cosine`) or a constant learning rate (`schedule: constant`, for open-ended trainings that
@@ -126,6 +130,7 @@ class TrainConfig(Config):
     # learning rate; the longest matching prefix wins, other parameters use `lr`.
     lr_groups: dict[str, pydantic.PositiveFloat] = pydantic.Field(default_factory=dict)
     weight_decay: float = pydantic.Field(0.05, ge=0)
+    betas: AdamBetas = (0.9, 0.999)  # torch's default
     warmup_steps: int = pydantic.Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_accum: int = pydantic.Field(1, ge=1)
@@ -245,7 +250,7 @@ def train(
         log_with="tensorboard" if use_tensorboard else None,
         project_dir=out_dir,
     )
-    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     if optimizer_from is not None:
         carry_optimizer_state(Path(optimizer_from), model, optimizer)  # a resume's own checkpoint overrides it below
     if cfg.schedule == "cosine":
