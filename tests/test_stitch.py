@@ -227,6 +227,50 @@ def test_lora_between_widths_gets_a_projection_with_least_squares_init(models):
     assert stitched(stitched.source_hidden(src.preprocess(images()))).shape == (3, 48)
 
 
+def bf16_backbone(kind: str = "dinov2"):
+    """A tiny backbone in bf16, the way load_frozen_backbone loads every frozen model on a GPU."""
+    return load_backbone(tiny(kind).model, dtype=torch.bfloat16)
+
+
+def test_lora_factors_stay_fp32_on_a_bf16_block_and_take_small_steps():
+    """Spec §7: S in fp32 while the frozen blocks are bf16. bf16 factors would round a 1e-5 AdamW step away."""
+    bb = bf16_backbone()
+    stitch = build_stitch("lora", 32, 32, rank=4, source_block=bb.block(1), call_block=bb.call_block)
+    trainable = {n: p for n, p in stitch.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in stitch.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen copy
+    stitched = StitchedModel(bb, bb, 2, stitch)
+    hidden = stitched.source_hidden(bb.preprocess(images()).to(torch.bfloat16))
+    assert hidden.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert stitched(hidden).dtype == torch.bfloat16  # peft casts the adapter's sum back to the block's dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(stitched(hidden)).all()
+        for name, p in trainable.items():  # B = 0 at init gives A no gradient: start from a nonzero B
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    lora_a = {n: p.detach().clone() for n, p in trainable.items() if "lora_A" in n}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-5)
+    stitched(hidden).float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in trainable.values())
+    optimizer.step()
+    for name, before in lora_a.items():  # Adam's first step moves every entry by ~lr (1e-5), far below a bf16 ulp
+        assert (trainable[name] != before).all(), name
+
+
+@pytest.mark.parametrize("kind", ["identity", "linear", "mlp", "lora"])
+def test_every_stitch_kind_trains_in_fp32_between_bf16_models(kind):
+    bb = bf16_backbone("dinov2_registers")  # CLS + registers: learnable prefix slots on the dinov2 -> registers path
+    source = bf16_backbone("dinov2")
+    stitch = build_stitch(kind, 32, 32, source_block=source.block(1), call_block=source.call_block)
+    stitched = StitchedModel(source, bb, 2, stitch)
+    stitched.head = build_head("classification", bb, 3)
+    trainable = {n: p.dtype for n, p in stitched.named_parameters() if p.requires_grad}
+    assert any(n.startswith("prefix.") for n in trainable) and any(n.startswith("head.") for n in trainable)
+    assert kind == "identity" or any(n.startswith("stitch.") for n in trainable)
+    assert set(trainable.values()) == {torch.float32}, trainable
+
+
 def test_least_squares_recovers_a_linear_map():
     torch.manual_seed(0)
     x = torch.randn(500, 6)

@@ -19,8 +19,10 @@ from stitchkit.engine import EarlyStopping
 from stitchkit.errors import ConfigError
 from stitchkit.stitching import protocol
 from stitchkit.stitching.commands import app
-from stitchkit.stitching.config import OptimConfig, StitchRunConfig, TreeConfig
+from stitchkit.stitching.config import OptimConfig, StitchLayerConfig, StitchRunConfig, TreeConfig
 from stitchkit.stitching.experiment import run_sweep, run_tree
+from stitchkit.stitching.model import readout_token_weights
+from stitchkit.stitching.objectives import feature_distance
 from stitchkit.stitching.protocol import Sweep, train_config
 
 TINY = dict(num_hidden_layers=3, num_attention_heads=2, patch_size=8, image_size=32)
@@ -86,14 +88,20 @@ def test_sweep_writes_the_paper_table_and_resumes_without_recomputing(model_dirs
 def test_same_seed_gives_the_same_results_and_cached_training_matches_online(model_dirs, tmp_path):
     base = sweep_config(model_dirs, points=[2], objectives=["ffm_tlt"], self_stitch=False, probes=False, cache_dtype="float32")
     runs = {}
-    for name, cache in (("a", "memory"), ("b", "memory"), ("online", "none")):
-        cfg = validate_config(StitchRunConfig, {**base, "cache": cache})
-        runs[name] = Sweep(cfg, tmp_path / name).run_all()["cells"][0]
+    passes = {}
+    settings = (("a", "memory", True), ("b", "memory", True), ("online", "none", True), ("target_only", "memory", False))
+    for name, cache, cache_source in settings:
+        cfg = validate_config(StitchRunConfig, {**base, "cache": cache, "cache_source": cache_source})
+        sweep = Sweep(cfg, tmp_path / name)
+        runs[name] = sweep.run_all()["cells"][0]
+        passes[name] = sweep.store.computed_passes
+    assert passes["target_only"] == passes["a"] - 3  # the source's train / val / test passes are never stored
     strip = lambda cell: {k: v for k, v in cell.items() if k != "train_seconds"}  # noqa: E731
     assert strip(runs["a"]) == strip(runs["b"])
-    for stage in ("ffm", "tlt"):  # recomputing the frozen prefix every step trains the same S
-        assert runs["online"]["final_losses"][stage] == pytest.approx(runs["a"]["final_losses"][stage], rel=1e-4)
-    assert runs["online"]["score_test"] == runs["a"]["score_test"]
+    for other in ("online", "target_only"):  # recomputing the frozen prefix every step trains the same S
+        for stage in ("ffm", "tlt"):
+            assert runs[other]["final_losses"][stage] == pytest.approx(runs["a"]["final_losses"][stage], rel=1e-4)
+        assert runs[other]["score_test"] == runs["a"]["score_test"]
 
 
 def test_segmentation_lora_and_least_squares_cells(model_dirs, tmp_path):
@@ -113,6 +121,75 @@ def test_segmentation_lora_and_least_squares_cells(model_dirs, tmp_path):
     assert [c["stitch"] for c in results["cells"]] == ["linear+lstsq", "lora-r2"]
     assert all(0 <= c["score_test"] <= 100 for c in results["cells"])
     assert results["cells"][0]["prefix"] == "learnable, learnable, learnable"  # SigLIP has no CLS or registers
+
+
+def test_stitch_layers_differing_in_any_field_get_their_own_cells(model_dirs, tmp_path):
+    """A finished cell is found by its layer's name: two layers that differ only in `hidden` (or any field) must
+    train and report separately, and one layer listed twice is refused rather than reported twice."""
+    defaults = {"mlp": "mlp-relu", "lora": "lora-r16", "linear": "linear", "identity": "identity"}
+    for kind, name in defaults.items():  # earlier runs' folders keep their names
+        assert StitchLayerConfig(kind=kind).name == name
+    assert StitchLayerConfig(kind="linear", init="lstsq").name == "linear+lstsq"
+    non_default = {
+        "kind": "linear", "act": "gelu", "hidden": 256, "rank": 4, "alpha": 16.0, "init": "lstsq", "ridge": 0.01,
+    }
+    assert set(non_default) == set(StitchLayerConfig.model_fields)  # a new field needs a case here
+    for kind in defaults:
+        variants = [StitchLayerConfig(kind=kind)] + [
+            StitchLayerConfig(**{"kind": kind, field: value}) for field, value in non_default.items() if field != "kind"
+        ]
+        names = [layer.name for layer in variants]
+        assert len(set(names)) == len(names), names
+    assert StitchLayerConfig(kind="lora", alpha=16.0).name == "lora-r16-a16"
+    assert StitchLayerConfig(kind="mlp", hidden=256).name == "mlp-relu-h256"
+    assert StitchLayerConfig(kind="linear", init="lstsq", ridge=1e-5).name == "linear+lstsq-ridge1e-05"
+
+    twice = sweep_config(model_dirs, stitch_layers=[{"kind": "mlp"}, {"kind": "mlp", "act": "relu"}])
+    message = r"stitch_layers.*stitch_layers\[1\] is the same stitch layer as stitch_layers\[0\] \('mlp-relu'\)"
+    with pytest.raises(ConfigError, match=message):
+        validate_config(StitchRunConfig, twice)
+
+    layers = [{"kind": "mlp"}, {"kind": "mlp", "hidden": 8}]
+    cfg = sweep_config(
+        model_dirs, points=[2], objectives=["lfm"], self_stitch=False, probes=False, stitch_layers=layers
+    )
+    report = run_sweep(validate_config(StitchRunConfig, cfg), tmp_path / "run")
+    cells = json.loads((tmp_path / "run" / "results.json").read_text())["cells"]
+    # dino (32 wide) -> clip (48 wide): W1 (h x 32) + b1 + W2 (48 x h) + b2, for h = 48 (the target's width) and 8.
+    assert {c["stitch"]: c["trainable_params"] for c in cells} == {
+        "mlp-relu": 32 * 48 + 48 + 48 * 48 + 48,
+        "mlp-relu-h8": 32 * 8 + 8 + 8 * 48 + 48,
+    }
+    assert cells[0]["distance_stitch"] != cells[1]["distance_stitch"]
+    text = report.read_text()
+    assert "dino→clip, LFM + head, mlp-relu |" in text and "dino→clip, LFM + head, mlp-relu-h8 |" in text
+
+
+def test_reported_stitch_distance_is_the_lfm_loss_on_a_target_with_registers(model_dirs, tmp_path):
+    """Spec §2: D_n is the LFM objective. On a target with registers (here learnable ones: CLIP has a CLS only)
+    the reported D_n equals the loss LFM trains on, over the same images."""
+    cfg = sweep_config(
+        model_dirs, pairs=[["clip", "dino"]], points=[2], objectives=["lfm"], self_stitch=False, probes=False,
+        cache_dtype="float32",
+    )
+    sweep = Sweep(validate_config(StitchRunConfig, cfg), tmp_path / "run")
+    (cell,) = sweep.cells
+    model = sweep.build_model(cell)
+    assert model.prefix.describe() == "S(src[0]), learnable, learnable"
+    with torch.no_grad():
+        model.prefix.tokens.add_(1.0)  # registers far from the target's own, so leaving them out would show
+    _, distances = sweep._predict(model, "clip", "test", with_distances=True)
+    batch = {
+        "hidden": torch.from_numpy(sweep.features("clip", "test", "h2")),
+        "reference": torch.from_numpy(sweep.features("dino", "test", "h2")),
+    }
+    with torch.no_grad():
+        lfm = sweep.loss_function(model, "lfm")(model, batch).item()
+        patches_and_cls = feature_distance(
+            model(batch["hidden"], output="bridge"), batch["reference"], readout_token_weights(model.target)
+        ).item()
+    assert distances["distance_stitch"] == pytest.approx(lfm, rel=1e-5)
+    assert abs(patches_and_cls - lfm) > 0.05 * lfm  # the registers matter: the token set is what is tested
 
 
 def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):

@@ -27,8 +27,29 @@ class StitchLayerConfig(Config):
 
     @property
     def name(self) -> str:
+        """The layer's name in cell names, run folders and reports. A sweep reuses a finished cell by its name, so
+        every field that differs from its default is in it (mlp-relu-h256, lora-r16-a16, linear+lstsq-ridge0.01):
+        distinct layers, distinct names. Default settings add nothing, so the names of earlier runs stay valid."""
         base = {"mlp": f"mlp-{self.act}", "lora": f"lora-r{self.rank}"}.get(self.kind, self.kind)
-        return base + ("+lstsq" if self.init == "lstsq" else "")
+        shown = {"kind", "init", *{"mlp": ["act"], "lora": ["rank"]}.get(self.kind, [])}
+        name = base + ("+lstsq" if self.init == "lstsq" else "")
+        for field, info in type(self).model_fields.items():
+            value = getattr(self, field)
+            if field not in shown and value != info.default:
+                name += f"-{_NAME_LABELS.get(field, field)}{_name_value(value)}"
+        return name
+
+
+# How StitchLayerConfig.name labels a non-default field (a field not listed here is labelled by its own name).
+_NAME_LABELS = {"act": "", "hidden": "h", "rank": "r", "alpha": "a"}
+
+
+def _name_value(value) -> str:
+    """A field value in a layer name: whole floats without '.0' (alpha 16.0 -> 16), others as repr (exact, so two
+    values never share a name)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 class OptimConfig(Config):
@@ -144,6 +165,10 @@ class StitchRunConfig(Config):
     probe: OptimConfig = OptimConfig(epochs=10, lr=1e-3)
     init_images: int = pydantic.Field(256, ge=1, description="train images for least squares and prefix-token init")
     cache: Literal["memory", "disk", "none"] = "memory"
+    cache_source: bool = pydantic.Field(
+        True, description="false: cache only the target's features and run the source's blocks 1..n online every "
+        "step (the spec's default, §1.2): far less memory or disk, one source forward per step more",
+    )
     cache_dtype: Literal["float16", "float32"] = "float16"
     eval_batch_size: int = pydantic.Field(64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -155,6 +180,19 @@ class StitchRunConfig(Config):
     @classmethod
     def _match_block(cls, match_layer: str | int) -> str | int:
         return match_layer if isinstance(match_layer, str) else _check_block_index("match_layer", match_layer)
+
+    @pydantic.field_validator("stitch_layers")
+    @classmethod
+    def _distinct_layers(cls, layers: list[StitchLayerConfig]) -> list[StitchLayerConfig]:
+        # A cell is found by its layer's name, so a repeated layer would only be reported twice from one training.
+        names = [layer.name for layer in layers]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(
+                    f"stitch_layers[{i}] is the same stitch layer as stitch_layers[{names.index(name)}] ({name!r}); "
+                    "list each layer once"
+                )
+        return layers
 
     @pydantic.model_validator(mode="after")
     def _names_exist(self):

@@ -24,6 +24,7 @@ from stitchkit.errors import IncompatibleError
 
 StitchKind = Literal["identity", "linear", "mlp", "lora"]
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+LORA_ADAPTER = "default"  # the name of the stitch's only peft adapter
 
 
 class IdentityStitch(nn.Module):
@@ -92,6 +93,7 @@ class LoRAStitch(nn.Module):
     def __init__(self, block: nn.Module, call_block, source_dim: int, target_dim: int, rank: int = 16, alpha: float = 32.0):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         block = copy.deepcopy(block)
         for p in block.parameters():
@@ -99,7 +101,13 @@ class LoRAStitch(nn.Module):
         names = [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
         if not names:
             raise IncompatibleError(f"stitch kind 'lora': source block {type(block).__name__} has no nn.Linear layers")
-        self.block = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names), block)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names)
+        self.block = inject_adapter_in_model(config, block, adapter_name=LORA_ADAPTER)
+        # peft creates the factors in the base layer's dtype, bf16 for a frozen model on a GPU, and only PeftModel
+        # casts them back. AdamW would then update A and B in bf16 with no fp32 master copy, and round most small
+        # steps away (spec §7: S in fp32). peft's own helper upcasts just the adapter and leaves the block in bf16;
+        # in the forward, peft casts the input to A's dtype and the sum back to the block's.
+        cast_adapter_dtype(self.block, LORA_ADAPTER)
         self.call_block = call_block
         # Widths differ: a Linear carries the adapted block's output into the target's space.
         self.proj = nn.Linear(source_dim, target_dim) if source_dim != target_dim else None

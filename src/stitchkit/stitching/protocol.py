@@ -212,7 +212,7 @@ class Sweep:
                     self.store.plan(name, split, ["readout"])
         for cell in self.cells:
             source_layer = stitch_input_layer(cell.stitch.kind, cell.point)
-            for split in ("train", "val", "test"):
+            for split in ("train", "val", "test") if self.cfg.cache_source else ():
                 self.store.plan(cell.source, split, [layer_key(source_layer)])
             m = self.target_point(cell)
             self.store.plan(cell.target, "init", [layer_key(m)])
@@ -354,12 +354,20 @@ class Sweep:
 
         return compute_features(self.models[model], self.init_images, [key], self.cfg.task, self.cfg.eval_batch_size, self.device)[key]
 
+    @property
+    def source_cached(self) -> bool:
+        return self.cfg.cache != "none" and self.cfg.cache_source
+
     def stage_dataset(self, cell: Cell, model: StitchedModel, stage: str) -> ArrayDataset:
-        """Training rows for one stage: cached source activations plus the stage's target (or the images)."""
+        """Training rows for one stage: the source activations (or the images, when the source runs online) plus
+        the stage's cached target, or the labels. What a row lacks, the loss computes online."""
         split = self.data.splits["train"]
         if self.cfg.cache == "none":
             return ArrayDataset(images=split.images, label=split.labels)
-        arrays = {"hidden": self.features(cell.source, "train", layer_key(model.source_layer))}
+        if self.source_cached:
+            arrays = {"hidden": self.features(cell.source, "train", layer_key(model.source_layer))}
+        else:
+            arrays = {"images": split.images}
         if stage == "lfm":
             arrays["reference"] = self.features(cell.target, "train", layer_key(model.target_point))
         elif stage == "ffm":
@@ -368,17 +376,16 @@ class Sweep:
             arrays["label"] = split.labels
         return ArrayDataset(**arrays)
 
-    def _online_inputs(self, model: StitchedModel, stage: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Without a cache: the source prefix (and the stage's target) recomputed from the images every step."""
-        pixels = images.cpu().numpy()
-        device = images.device
-        hidden = model.source_hidden(model.source.preprocess(pixels).to(device))
-        reference = None
-        if stage in ("lfm", "ffm"):
-            key = layer_key(model.target_point) if stage == "lfm" else match_key(model.match_end, model.match_normed)
-            px = model.target.preprocess(pixels).to(device)
-            reference = batch_features(model.target, px, [key], self.cfg.task)[key]
-        return hidden, reference
+    @staticmethod
+    def _online_hidden(model: StitchedModel, images: torch.Tensor) -> torch.Tensor:
+        """The source prefix recomputed from a batch's images (no source cache)."""
+        return model.source_hidden(model.source.preprocess(images.cpu().numpy()).to(images.device))
+
+    def _online_reference(self, model: StitchedModel, stage: str, images: torch.Tensor) -> torch.Tensor:
+        """The stage's target recomputed from a batch's images (no cache)."""
+        key = layer_key(model.target_point) if stage == "lfm" else match_key(model.match_end, model.match_normed)
+        px = model.target.preprocess(images.cpu().numpy()).to(images.device)
+        return batch_features(model.target, px, [key], self.cfg.task)[key]
 
     def loss_function(self, model: StitchedModel, stage: str):
         """The stage's loss on a batch; every term goes through model.forward (DDP-safe)."""
@@ -391,11 +398,11 @@ class Sweep:
                 if "forward" not in compiled:
                     compiled["forward"] = torch.compile(wrapped)
                 wrapped = compiled["forward"]
-            if self.cfg.cache == "none":
-                hidden, reference = self._online_inputs(model, stage, batch["images"])
-            else:
-                hidden, reference = batch["hidden"].float(), batch.get("reference")
-                reference = reference.float() if reference is not None else None
+            hidden = batch["hidden"].float() if "hidden" in batch else self._online_hidden(model, batch["images"])
+            reference = None
+            if stage in ("lfm", "ffm"):
+                cached = batch.get("reference")
+                reference = cached.float() if cached is not None else self._online_reference(model, stage, batch["images"])
             if stage == "lfm":
                 return layer_feature_matching_loss(wrapped(hidden, output="bridge"), reference)
             if stage == "ffm":
@@ -472,7 +479,7 @@ class Sweep:
         """Source activations at the stitch point for a split, batch by batch, on the model's device."""
         size = self.cfg.eval_batch_size
         device = next(model.parameters()).device  # where training left it (also while it trains: early stopping)
-        if self.cfg.cache != "none":
+        if self.source_cached:
             cached = self.features(source, split, layer_key(model.source_layer))
             for start in range(0, len(cached), size):
                 yield float_tensor(cached[start : start + size], device)
@@ -510,14 +517,16 @@ class Sweep:
     def _predict(self, model: StitchedModel, source: str, split: str, with_distances: bool) -> tuple[np.ndarray, dict]:
         """Predictions on a split and, if asked, distances to the target's own features on the same images.
 
-        D_k compares the stitched and the target's hidden states after every target block m..N (D_m is D_n of the
-        paper, the LFM objective); D_fin compares them at the match layer (the FFM objective). Tokens: patches
-        and CLS, the ones the target reads out.
+        Each distance covers the tokens of the objective it reports (spec §2): D_n (the LFM objective) every token
+        target block m+1 receives, registers included, as LFM trains; D_fin (the FFM objective) the patches and
+        CLS at the match layer, FFM's token weights. The profile D_k after every target block m..N also covers the
+        patches and CLS, the tokens the target reads out (FFM leaves registers free, so they would swamp it); its
+        first entry is D_n only for targets without registers.
         """
         target = model.target
         keep = readout_token_weights(target).bool()
         images = self.data.splits[split].images
-        predictions, profile, final, start = [], None, DistanceMeter(), 0
+        predictions, profile, stitch, final, start = [], None, DistanceMeter(), DistanceMeter(), 0
         for hidden in self._hidden_batches(model, source, split):
             predictions.append(model(hidden).argmax(1).cpu().numpy())
             if not with_distances:
@@ -525,6 +534,7 @@ class Sweep:
             reference = target.hidden_states(target.preprocess(images[start : start + len(hidden)]).to(self.device))
             start += len(hidden)
             stitched = model.target_profile(model.bridge(hidden))  # states after blocks m, m+1, ..., N
+            stitch.update(stitched[0], reference[model.target_point])
             profile = profile or [DistanceMeter() for _ in stitched]
             for meter, state, k in zip(profile, stitched, range(model.target_point, target.num_blocks + 1)):
                 meter.update(state[:, keep], reference[k][:, keep])
@@ -535,8 +545,8 @@ class Sweep:
         if with_distances:
             layers = [meter.result() for meter in profile]
             distances = {
-                "distance_stitch": layers[0]["distance"],
-                "distance_stitch_rel": layers[0]["relative"],
+                "distance_stitch": stitch.result()["distance"],
+                "distance_stitch_rel": stitch.result()["relative"],
                 "distance_final": final.result()["distance"],
                 "distance_final_rel": final.result()["relative"],
                 "profile_rel": [r["relative"] for r in layers],
