@@ -38,7 +38,7 @@ class ModelSettings(Config):
     heads: int = pydantic.Field(4, ge=1)
     ffn: int = pydantic.Field(512, ge=1)
     rope_theta: float = pydantic.Field(10000.0, gt=0)
-    max_positions: int = pydantic.Field(512, ge=16, description="RoPE table length; noise gaps need room")
+    max_positions: int = pydantic.Field(512, ge=16, description="the config's max_position_embeddings (HF computes RoPE on the fly; positions may exceed it)")
     projector_hidden: int = pydantic.Field(512, ge=1, description="MLP d_enc -> hidden -> d (GELU)")
 
     @pydantic.model_validator(mode="after")
