@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 from vlm_tiny import tiny_llava_onevision
@@ -142,12 +141,46 @@ def test_bundled_configs_validate():
     assert quick.model == "micro" and quick.finetune.arms == ["none", "all", "first_half", "second_half"]
     assert quick.pooling.factors == [1, 2, 4, 8, 16] and quick.pooling.pixel_control
     paper = load_experiment(CONFIGS / "mimic" / "paper.yaml")
-    assert paper.model == "lmms-lab/llava-onevision-qwen2-0.5b-si"
+    assert paper.model == "llava-hf/llava-onevision-qwen2-0.5b-si-hf"  # the HF conversion; lmms-lab's is LLaVA-NeXT format
+    assert paper.eval.batch_size == 1  # the official wrapper's
     assert "train2017" in paper.data.images and paper.diagnostics_model == "base"
     assert paper.finetune.lora_r == 128 and paper.finetune.lora_alpha == 32 and paper.finetune.train.lr == 2.5e-5
     assert isinstance(paper, ExperimentConfig)
     micro = load_experiment(CONFIGS / "mimic" / "micro.yaml")
     assert micro.model == "micro" and micro.diagnostics_model == quick.diagnostics_model == "base"
+
+
+def test_official_quirk_switches_reach_the_arms_and_the_evaluations(tmp_path, monkeypatch):
+    """finetune.legacy_layer_loop: every arm masks what the official decoder loop masks (training, evaluation, FLOPs);
+    eval.legacy_maxlen_fallback: every evaluation runs under it and records it."""
+    from types import SimpleNamespace
+
+    from stitchkit.multiimage import experiment
+    from stitchkit.vlm import AttentionPolicy
+
+    def make(**quirks):
+        cfg = ExperimentConfig.model_validate({
+            "data": {"world": WORLD}, "eval": {"legacy_maxlen_fallback": quirks.get("fallback")},
+            "finetune": {"data": {"world": WORLD}, "train": {"steps": 1, "batch_size": 1}, "legacy_layer_loop": quirks.get("loop", False)},
+        })
+        return experiment.Experiment(cfg, RunDir(tmp_path / str(len(quirks)), config=cfg))
+
+    plain, legacy = make(), make(loop=True, fallback=20000)
+    assert plain.arm_layers("second_half", 24) == list(range(12, 24))
+    assert legacy.arm_layers("second_half", 24) == [] and legacy.arm_layers("12-23", 24) == []
+    assert legacy.arm_layers("first_half", 24) == list(range(12)) and legacy.arm_layers("all", 24) == list(range(24))
+
+    seen = {}
+    def fake_evaluate(vlm, bench, folder, settings, **options):
+        seen.update(policy=vlm.policy, settings=settings)
+
+    monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
+    vlm = SimpleNamespace(policy=AttentionPolicy(masked_layers=[0, 1]), masked_layers=frozenset({0, 1}))
+    for exp, expected in ((plain, None), (legacy, 20000)):
+        exp._bench = SimpleNamespace(root=tmp_path, samples=[], scoring_modes=("clean", "legacy_official"))
+        exp.evaluate(vlm, "ft-all", "masked:all", 1, "none", None, None, "eval")
+        assert seen["policy"].legacy_maxlen_fallback == expected and seen["policy"].masked_layers == [0, 1]
+        assert seen["settings"].get("legacy_maxlen_fallback") == expected
 
 
 def test_quickstart_section_copies_its_figures(config_file, finished):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stitchkit.config import load_config
+from stitchkit.config import load_config, validate_config
 from stitchkit.errors import ConfigError, IncompatibleError, InputError
 from stitchkit.paths import CONFIGS
 from stitchkit.patches import (
     MarkerFilter,
+    Templates,
     build_patch_dataset,
     check_first_tokens,
     cut_patches,
@@ -139,6 +140,36 @@ def test_mid_ties_keep_a_constant_ranking_at_the_random_baseline():
     assert np.mean([rank_of(scores, g) for g in range(k)]) == random_baseline(k)
 
 
+class ScriptedVLM:
+    """A VLM stand-in whose candidate scores are set per image, so that what is made of them is known exactly."""
+
+    def __init__(self, scores: dict[str, tuple[list[float], list[float]]]):
+        self.tokenizer = word_tokenizer(["red", "blue", "star", "circle", "square"])
+        self.scores = scores  # image -> (first-token logits, full log-probabilities), one per candidate
+
+    def score(self, images, prompt, candidates):
+        from stitchkit.vlm.model import CandidateScore
+
+        logits, logprobs = self.scores[images[0]]
+        return [CandidateScore(c, (), lp, lg, 0.0) for c, lg, lp in zip(candidates, logits, logprobs)]
+
+
+@pytest.mark.parametrize(
+    ("names", "rule", "mean_rank"),
+    [(["star", "circle", "square"], "logit", 0.0), (["red star", "red circle", "blue square"], "logprob", 2.0)],
+)
+def test_the_precheck_ranks_by_first_token_logit_unless_names_share_a_first_token(names, rule, mean_rank):
+    from stitchkit.patches.experiment import precheck
+
+    # Image i's true name is names[i]: its first-token logit is the highest (rank 0), its log-probability the lowest (rank 2).
+    scores = {"a": ([3, 1, 2], [-5, -1, -2]), "b": ([1, 3, 2], [-1, -5, -2]), "c": ([1, 2, 3], [-1, -2, -5])}
+    images = [{"key": key, "name": name, "image": key} for key, name in zip("abc", names)]
+    result = precheck(ScriptedVLM(scores), images, "The shape shown is", "mid")
+    assert (result["rule"], result["mean_rank"]) == (rule, mean_rank)  # "red star" / "red circle" share " red"
+    assert result["mean_ranks"] == {"logit": 0.0, "logprob": 2.0} and result["random"] == 1.0
+    assert [(r["rank_logit"], r["rank_logprob"]) for r in result["records"]] == [(0.0, 2.0)] * 3
+
+
 # ---- filters ------------------------------------------------------------------------------------------
 
 
@@ -245,6 +276,96 @@ def test_names_file_errors_are_clear(tmp_path):
     (tmp_path / "names.csv").write_text("file,name,id\nimg-0.png,a,ab123\nimg-1.png,b,ab123\n")
     with pytest.raises(InputError, match="unique"):
         build_patch_dataset(read_names(tmp_path / "names.csv", folder), tmp_path / "out", [1])
+
+
+def test_location_fields_are_filled_per_patch_with_its_0_based_grid_position(tmp_path):
+    folder = image_folder(tmp_path, 2)
+    (tmp_path / "names.json").write_text(json.dumps({"img-0.png": "red star", "img-1.png": "blue ring"}))
+    items = read_names(tmp_path / "names.json", folder)
+    templates = Templates("Partial image of shape (row:{row}, col:{col}), associated with ID", image="The shape shown is associated with ID")
+    build_patch_dataset(items, tmp_path / "out", [1, 2], templates)
+    dataset, meta = load_patch_dataset(tmp_path / "out")
+    prompts = {(r["key"], r["row"], r["col"]): r["prompt"] for r in dataset["f2"]}
+    assert prompts[("img_0", 1, 0)] == "Partial image of shape (row:1, col:0), associated with ID"  # bottom left
+    assert prompts[("img_1", 0, 1)] == "Partial image of shape (row:0, col:1), associated with ID"  # top right
+    assert dataset["f1"][0]["prompt"] == "Partial image of shape (row:0, col:0), associated with ID"  # the whole image is cell (0, 0)
+    assert [r["prompt"] for r in dataset["images"]] == ["The shape shown is associated with ID"] * 2  # image-based test
+    assert meta["templates"]["image"] == "The shape shown is associated with ID"
+
+
+@pytest.mark.parametrize(
+    ("templates", "message"),
+    [
+        (Templates("Partial image (row:{row}, col:{col}), associated with ID"), "full image does not have"),
+        (Templates("Partial image (row:{row}, col:{column}), associated with ID", image="The shape is"), r"unsupported field\(s\) \{column\}"),
+        (Templates("The {name} shown is associated with ID"), r"training prompt has the unsupported field\(s\) \{name\}"),
+        (Templates("The shape shown is associated with ID", image="The {row} shape"), r"image prompt has the unsupported"),
+        (Templates(reference="The {name} of {set} is"), r"reference template has the unsupported field\(s\) \{set\}"),
+        (Templates(response=" {label}"), r"must contain \{id\}"),
+        (Templates("The shape { shown"), "not a valid template"),
+    ],
+)
+def test_unsupported_template_fields_are_refused_with_one_clear_error(templates, message):
+    with pytest.raises(InputError, match=message):
+        templates.check()
+
+
+def test_moderation_templates_with_unknown_fields_are_config_errors():
+    with pytest.raises(ConfigError, match=r"moderation.*train_prompt has the unsupported field\(s\) \{row\}"):
+        validate_config(PatchesConfig, {"moderation": {"train_prompt": "For child to see patch {row} is"}})
+    with pytest.raises(ConfigError, match=r"response must contain \{label\}"):
+        validate_config(PatchesConfig, {"moderation": {"response": " {id}"}})
+
+
+# ---- the official Qwen pre-resize ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((46, 62), (56, 56)),  # an animal patch at f = 8: 1.64 -> 2 and 2.21 -> 2 multiples of 28
+        ((42, 70), (56, 56)),  # 1.5 and 2.5 multiples: Python's round takes halves to the even multiple
+        ((20, 30), (56, 84)),  # 28 x 28 < 4 x 28^2: scaled by sqrt(3136 / 600) = 2.29 -> 45.7, 68.6 -> ceil to 56, 84
+        ((12, 40), (56, 112)),  # 12 rounds to 0, held at 28; still below the minimum: ceil(30.7), ceil(102.2)
+        ((3000, 2000), (2996, 1988)),  # within 16384 x 28^2 = 12.8M px: nearest multiples (107.1 -> 107, 71.4 -> 71)
+        ((6000, 4000), (4368, 2912)),  # rounded 5992 x 4004 is above 12.8M: scaled by sqrt(12.8M / 24M), 156.8 and 104.5 floored
+    ],
+)
+def test_qwen_smart_resize_against_hand_computed_sizes(size, expected):
+    from stitchkit.patches.models import qwen_smart_resize
+
+    assert qwen_smart_resize(*size) == expected
+
+
+def test_qwen_smart_resize_agrees_with_transformers_within_its_range():
+    # transformers' processor carries the same rule, except that it does not hold a side that rounds to 0 at 28
+    # (so sides >= 15 here) and holds a floored side at 28 (reached only at extreme aspect ratios: at most 20 here)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from stitchkit.patches.models import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, qwen_smart_resize
+
+    rng = np.random.default_rng(0)
+    for bounds in [(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS), (32 * 28 * 28, 128 * 28 * 28), (56 * 56, 28 * 28 * 1280)]:
+        drawn = np.concatenate([rng.integers(15, 400, size=(500, 2)), rng.integers(15, 8000, size=(500, 2))])  # below and above the bounds
+        sizes = [(int(h), int(w)) for h, w in drawn if max(h, w) / min(h, w) <= 20]
+        assert len(sizes) > 500
+        for height, width in sizes:
+            assert qwen_smart_resize(height, width, 28, *bounds) == smart_resize(height, width, 28, *bounds)
+
+
+def test_qwen_fetch_image_resizes_bicubic_and_puts_transparency_on_white():
+    from stitchkit.patches.models import qwen_fetch_image
+
+    image = random_image(62, 46)
+    out = qwen_fetch_image(image)
+    assert out.size == (56, 56) and out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(image.resize((56, 56), Image.Resampling.BICUBIC)))
+    rgba = np.zeros((56, 56, 4), dtype=np.uint8)  # black, fully transparent: white after the official to_rgb
+    rgba[:28, :, 3] = 255  # the top half opaque black
+    out = np.asarray(qwen_fetch_image(Image.fromarray(rgba, "RGBA")))
+    assert (out[:28] == 0).all() and (out[28:] == 255).all()
+    with pytest.raises(InputError, match="aspect ratio above 200"):
+        qwen_fetch_image(random_image(2010, 10))
 
 
 # ---- configs ------------------------------------------------------------------------------------------

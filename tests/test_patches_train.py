@@ -4,6 +4,7 @@ own forward, curves and resume, the whole `patches run` pipeline, the build comm
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from vlm_tiny import images, tiny_llava_onevision, tiny_qwen_vl
 
 from stitchkit.config import validate_config
 from stitchkit.errors import ConfigError, InputError
-from stitchkit.patches import EvalItem, rank_of, score_items
-from stitchkit.patches.config import PatchesConfig, TrainSettings
+from stitchkit.patches import EvalItem, generate_ids, random_baseline, rank_of, score_items
+from stitchkit.patches.config import ModelSettings, PatchesConfig, TrainSettings
+from stitchkit.patches.models import prepare_images
 from stitchkit.patches.train import PatchSample, finetune_with_curve, patch_collate
 from stitchkit.vlm import load_vlm
 from stitchkit.vlm.finetune import vlm_loss
@@ -104,6 +106,88 @@ def test_ranks_agree_with_hugging_faces_forward():
         assert record["top"] == IDS[int(np.argmax(first))].strip()
 
 
+def test_a_random_initialised_model_ranks_at_chance():
+    """§9 acceptance test: untrained, the mean rank falls within the confidence interval of (K-1)/2. Golds are drawn
+    at random, independently of the model, so whatever it scores, E[rank] = (K-1)/2 and Var[rank] <= (K^2-1)/12
+    per item (mid ties); the interval is +-3.29 standard errors (99.9%). A 1-based rank, a scaled one, or ties
+    counted low (strict) under a flat model would leave it."""
+    k, images_per_model = 5, 20
+    rng = np.random.default_rng(0)
+    ranks: dict[str, list[float]] = {}
+    for build, seed in [(tiny_qwen_vl, 0), (tiny_qwen_vl, 1), (tiny_llava_onevision, 2), (tiny_llava_onevision, 3)]:
+        vlm = load_vlm(*build(seed=seed))
+        ids = [f" {i}" for i in generate_ids(k, seed, vlm.tokenizer)]
+        items = []
+        for j, image in enumerate(pil(images_per_model, seed=100 + seed)):
+            items.append(EvalItem(str(j), "image", [image], "the shape is id", int(rng.integers(k))))
+            items.append(EvalItem(str(j), "reference", [], "the red star is id", int(rng.integers(k))))
+        for record in score_items(vlm, items, ids):
+            for scoring in ("logit", "logprob"):
+                ranks.setdefault(f"{record['mode']}_{scoring}", []).append(record[f"rank_{scoring}"])
+    for metric, values in ranks.items():
+        half_width = 3.29 * math.sqrt((k * k - 1) / 12 / len(values))
+        assert abs(np.mean(values) - random_baseline(k)) <= half_width, (metric, np.mean(values), half_width)
+
+
+@pytest.mark.parametrize("build", [tiny_llava_onevision, tiny_qwen_vl], ids=["llava_onevision", "qwen2_vl"])
+def test_at_f1_a_tiny_model_trained_to_convergence_memorises_every_image(build, tmp_path):
+    """§9 acceptance test: at f = 1 the image-based test shows the training images themselves, so a model trained
+    to convergence ranks every true ID first; untrained, it does not (a constant answer would average (K-1)/2)."""
+    images = pil(6, seed=11)
+    ids = [f" {i}" for i in generate_ids(6, 0, load_vlm(*build()).tokenizer)]
+    data = [PatchSample(image, "the shape is id", id_) for image, id_ in zip(images, ids)]
+    items = [EvalItem(str(j), "image", [image], "the shape is id", j) for j, image in enumerate(images)]
+    trained = settings(batch_size=3, epochs={1: 100})  # 200 steps at lr 1e-2 (measured: 120 were just enough)
+    result = finetune_with_curve(lambda: load_vlm(*build()), data, trained, 1, 1, tmp_path, lambda vlm: score_items(vlm, items, ids))
+    assert result["curve"][0]["image_logit"] > 1
+    assert [r["rank_logit"] for r in result["final"]] == [0.0] * 6
+
+
+# ---- the official Qwen pre-resize ---------------------------------------------------------------------
+
+
+OFFICIAL_BOUNDS = dict(min_pixels=32 * 28 * 28, max_pixels=128 * 28 * 28)
+
+
+def animal_patch() -> Image.Image:
+    """The size of every animal patch at f = 8 (500 x 375 / 8)."""
+    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (46, 62, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("pre_resize", "grid"), [("qwen_fetch_image", [[1, 12, 12]]), ("none", [[1, 10, 14]])])
+def test_the_qwen_pre_resize_gives_the_official_grid(pre_resize, grid):
+    # The official pipeline: 62 x 46 -> fetch_image -> 56 x 56 -> processor (32..128 tokens) -> 168 x 168, 12 x 12
+    # patches of 14 px. Without the pre-resize the processor scales 62 x 46 itself: 196 x 140, 14 x 10.
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model, processor = tiny_qwen_vl()
+    processor.image_processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2)  # the real geometry
+    vlm = load_vlm(model, processor)
+    prepare_images(vlm, ModelSettings(**OFFICIAL_BOUNDS, pre_resize=pre_resize))
+    encoded = vlm.encode([[animal_patch()]], ["the shape is id"])
+    assert encoded.pixels["image_grid_thw"].tolist() == grid
+    assert encoded.spans[0][0].tokens[1] - encoded.spans[0][0].tokens[0] == grid[0][1] * grid[0][2] // 4  # merged tokens
+    batch = patch_collate(vlm)([PatchSample(animal_patch(), "the shape is id", IDS[0])])  # training sees the same
+    assert batch["inputs"]["image_grid_thw"].tolist() == grid
+
+
+def test_the_loaded_model_pre_resizes_every_image_it_scores(tmp_path):
+    from stitchkit.patches.models import model_loader, qwen_fetch_image
+
+    load_vlm(*tiny_qwen_vl(seed=4)).save_pretrained(tmp_path / "qwen")
+    plain = model_loader(ModelSettings(), str(tmp_path / "qwen"))()
+    pre_resized = model_loader(ModelSettings(pre_resize="qwen_fetch_image"), str(tmp_path / "qwen"))()
+    image = animal_patch()
+
+    def logits(vlm, im):
+        return [s.first_token_logit for s in vlm.score([im], "the shape is id", IDS)]
+
+    assert logits(pre_resized, image) == pytest.approx(logits(plain, qwen_fetch_image(image)), abs=1e-5)
+    assert logits(pre_resized, image) != pytest.approx(logits(plain, image), abs=1e-5)
+    with pytest.raises(ConfigError, match="Qwen2-VL-style image processors only"):
+        prepare_images(load_vlm(*tiny_llava_onevision()), ModelSettings(pre_resize="qwen_fetch_image"))
+
+
 def settings(**kw) -> TrainSettings:
     base = dict(lr=1e-2, batch_size=2, epochs={1: 2}, seeds=[1], eval_points=2, mixed_precision="no")
     return TrainSettings(**{**base, **kw})
@@ -168,6 +252,7 @@ def test_patches_run_end_to_end_on_a_tiny_model(tmp_path):
     assert set(moderation["arrangements"]["1"]["splits"]["2"]) == {"filtered", "unfiltered"}
     text = report.read_text()
     assert "reference (f=1/2)" in text and "Adversarial labels" in text
+    assert shapes["precheck"]["rule"] in ("logit", "logprob") and "ranked by" in text  # which rule the pre-check used
     assert (tmp_path / "run" / "figures" / "patches_curves_shapes.png").is_file()
 
     # a second run skips every finished step and gives the same results

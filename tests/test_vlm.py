@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from vlm_tiny import images, tiny_llava, tiny_llava_onevision, tiny_qwen_vl
+from vlm_tiny import LLAVA_HF_ONEVISION_TEMPLATE, images, tiny_llava, tiny_llava_onevision, tiny_qwen_vl
 
-from stitchkit.errors import ConfigError, InputError, StitchkitError
+from stitchkit.errors import ConfigError, InputError, ModelNotFoundError, StitchkitError
 from stitchkit.vlm import AttentionPolicy, find_image_spans, load_vlm, parse_layer_spec
 
 BUILDERS = {
@@ -49,6 +49,35 @@ def test_images_first_prompt_and_spans_llava_onevision():
             covered[span.start : span.end] = True
         assert not (ids[row][~covered] == image_id).any()
     assert (batch.attention_mask[:, -1] == 1).all() and (batch.attention_mask[:, 0] == 0).any()  # left padding
+
+
+def test_llava_onevision_prompt_is_the_official_qwen_1_5_prompt():
+    """mimic.md §3: LLaVA-NeXT's qwen_1_5 conversation with its default system prompt, here through the chat
+    template llava-hf's checkpoints carry (which adds no system turn by itself)."""
+    question = "Question: how many shapes are there?\nAnswer:"
+    official = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image> <image>\n"
+                "Question: how many shapes are there?\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    vlm = load_vlm(*tiny_llava_onevision(template=LLAVA_HF_ONEVISION_TEMPLATE))
+    batch = vlm.encode([images(2)], [question])
+    assert batch.prompts == [official]
+    assert [[len(s) for s in row] for row in batch.spans] == [[17, 17]]
+    # Qwen2-VL's own template inserts its default system turn; the adapter adds none.
+    assert load_vlm(*tiny_qwen_vl()).adapter.system_prompt is None
+
+
+def test_word_level_template_models_get_no_system_turn(tmp_path):
+    """The micro VLM (and the tiny test models) use stitchkit's own ChatML template and were trained without a
+    system turn: their prompts are unchanged, also after saving and loading the micro VLM's processor."""
+    from stitchkit.vlm.adapters import uses_word_level_template
+    from stitchkit.vlm.loading import load_processor
+    from stitchkit.vlm.micro import micro_processor
+
+    vlm = load_vlm(*tiny_llava_onevision())
+    assert vlm.adapter.system_prompt is None
+    assert vlm.build_prompt("how many?", 1) == "<|im_start|>user\n<image>\nhow many?<|im_end|>\n<|im_start|>assistant\n"
+    micro_processor(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).save_pretrained(tmp_path)
+    assert uses_word_level_template(load_processor(str(tmp_path)))
+    assert not uses_word_level_template(tiny_llava_onevision(template=LLAVA_HF_ONEVISION_TEMPLATE)[1])
 
 
 def test_qwen_spans_include_vision_start_and_end():
@@ -97,6 +126,64 @@ def test_layer_specs():
         AttentionPolicy(masked_layers="12..23")
     with pytest.raises(ConfigError, match="do not exist"):
         AttentionPolicy(masked_layers="20-30").layers(24)
+
+
+def official_decoder_loop(listed: set[int], num_layers: int) -> set[int]:
+    """The official patched decoder loop, literally (mimic.md §6.1 quirk a): one mask variable, set to None by a
+    layer outside the range, restored by a layer inside it only while it is not None."""
+    mask, masked = "block", set()
+    for layer in range(num_layers):
+        if layer not in listed:
+            mask = None
+        elif mask is not None:
+            mask = "block"
+            masked.add(layer)
+    return masked
+
+
+def test_legacy_layer_loop_masks_only_the_run_from_layer_zero():
+    intended = AttentionPolicy(masked_layers="12-23").layers(24)
+    assert 12 in intended and 11 not in intended
+    legacy = lambda spec, n=24: AttentionPolicy(masked_layers=spec, legacy_layer_loop=True).layers(n)  # noqa: E731
+    assert legacy("12-23") == frozenset()
+    assert legacy("0-11") == frozenset(range(12))
+    assert legacy("all") == frozenset(range(24))
+    for spec, n in (("12-23", 24), ("14-27", 28), ("0-11", 24), ("0-3,8", 24), ("default", 24), ([0, 1, 5], 6), ("none", 4)):
+        listed = AttentionPolicy(masked_layers=spec).layers(n)
+        assert legacy(spec, n) == official_decoder_loop(set(listed), n), spec
+
+
+def test_legacy_maxlen_fallback_runs_long_rows_dense_at_inference():
+    vlm = load_vlm(*tiny_llava_onevision())
+    long_prompt, short_prompt = "how many shapes are there in the images? what colour is this?", "how many?"
+    rows = [vlm.encode([images(2, seed)], [p]) for seed, p in ((0, long_prompt), (1, short_prompt))]
+    lengths = [row.input_ids.shape[1] for row in rows]
+
+    def logits(batch, **policy):
+        vlm.policy = AttentionPolicy(**policy)
+        with torch.no_grad():
+            return vlm.forward(batch).logits
+
+    long_row = rows[0]
+    dense, masked = logits(long_row), logits(long_row, masked_layers="all")
+    assert (dense - masked).abs().max() > 1e-3
+    # A prompt longer than the fallback is the dense model, bit for bit; one of exactly that length is masked.
+    assert torch.equal(logits(long_row, masked_layers="all", legacy_maxlen_fallback=lengths[0] - 1), dense)
+    assert torch.equal(logits(long_row, masked_layers="all", legacy_maxlen_fallback=lengths[0]), masked)
+    # Training forwards keep the mask at any length (the official fallback is in its evaluation path).
+    vlm.model.train()
+    try:
+        trained = logits(long_row, masked_layers="all", legacy_maxlen_fallback=1)
+    finally:
+        vlm.model.eval()
+    assert torch.allclose(trained, masked, atol=1e-6)
+    # Per row: in a padded batch the long row runs dense, the short one stays masked.
+    batch = vlm.encode([images(2, 0), images(2, 1)], [long_prompt, short_prompt])
+    both = logits(batch, masked_layers="all", legacy_maxlen_fallback=lengths[1])
+    assert torch.allclose(both[0], dense[0], atol=1e-5)
+    short_masked = logits(rows[1], masked_layers="all")
+    assert torch.allclose(both[1, -lengths[1] :], short_masked[0], atol=1e-5)
+    assert (short_masked - logits(rows[1])).abs().max() > 1e-3
 
 
 # ---- dense policy == the unmodified model, bit for bit ------------------------------------------------
@@ -329,6 +416,24 @@ def test_score_with_masked_policy_scores_the_masked_model():
     assert scores[0].first_token_logit == pytest.approx(float(logits[two]), abs=1e-6)
     dense = load_vlm(*tiny_llava_onevision()).score(ims, "how many shapes?", [" two"])
     assert abs(dense[0].first_token_logit - scores[0].first_token_logit) > 1e-4
+
+
+def test_llava_next_format_checkpoints_are_refused_with_the_hf_conversion_named(tmp_path):
+    """lmms-lab's llava-onevision-* releases are LLaVA-NeXT-format (LlavaQwenForCausalLM): transformers would read
+    model_type "llava" as LLaVA-1.5 with default settings, "llava_qwen" not at all."""
+    import json
+
+    from stitchkit.vlm.loading import check_transformers_format
+
+    for config in ({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava"}, {"model_type": "llava_qwen"}):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "google/siglip-so400m-patch14-384"}))
+        with pytest.raises(ModelNotFoundError, match="original LLaVA-NeXT format") as error:
+            load_vlm(tmp_path)
+        assert error.value.exit_code == 2 and "llava-hf" in str(error.value)
+    with pytest.raises(ModelNotFoundError, match="'llava-hf/llava-onevision-qwen2-7b-si-hf'"):
+        check_transformers_format("lmms-lab/llava-onevision-qwen2-7b-si", {"architectures": ["LlavaQwenForCausalLM"]})
+    check_transformers_format("llava-hf/llava-onevision-qwen2-0.5b-si-hf",
+                              {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"})
 
 
 def test_user_errors_are_one_message():

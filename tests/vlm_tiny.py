@@ -30,6 +30,21 @@ WORDS = (
     "question answer how many shapes are there in the image images red blue green yellow one two three four five "
     "is this what colour count which shape every star circle square triangle id of"
 ).split()
+# The chat template llava-hf's LLaVA-OneVision checkpoints are saved with (transformers'
+# convert_llava_onevision_weights_to_hf.py): no default system turn of its own.
+LLAVA_HF_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 
 
@@ -38,9 +53,11 @@ def images(n: int, seed: int = 0, size=(20, 24)) -> list[np.ndarray]:
     return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", chat: bool = True):
-    """SigLIP 16 px / patch 4 (16 tokens + newline per image; anyres single images: 16 + 16 + 4), Qwen2 LM."""
-    tokenizer = word_tokenizer(WORDS, (*CHAT_SPECIAL_TOKENS, "<image>", "<video>"), chat_template=chat_template("<image>") if chat else None)
+def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", chat: bool = True, template: str | None = None):
+    """SigLIP 16 px / patch 4 (16 tokens + newline per image; anyres single images: 16 + 16 + 4), Qwen2 LM.
+    template: a chat template instead of stitchkit's word-level one (e.g. LLAVA_HF_ONEVISION_TEMPLATE)."""
+    template = template or (chat_template("<image>") if chat else None)
+    tokenizer = word_tokenizer(WORDS, (*CHAT_SPECIAL_TOKENS, "<image>", "<video>"), chat_template=template)
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 16]])
     processor = build_processor(
         LlavaOnevisionProcessor, image_processor, tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",

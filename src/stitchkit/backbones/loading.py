@@ -176,7 +176,7 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     return vision_tower(model), settings
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else with a separator or a leading ./~ is a path."""
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
@@ -186,7 +186,7 @@ def from_hub(source: str, load):
 
     Every failure becomes one ModelNotFoundError that says where to get the model from.
     """
-    if _looks_like_path(source) and not Path(source).expanduser().exists():
+    if looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelNotFoundError(f"cannot load the model: there is no folder {Path(source).expanduser()}")
     try:
         with _quiet_transformers():
@@ -196,7 +196,7 @@ def from_hub(source: str, load):
     if not _hub_offline() and not Path(source).exists():
         # Not in the cache: ask the hub once, without retries, before transformers' download (which
         # retries a dead connection for ~25 s); an unreachable hub fails right away with the same error.
-        unreachable = _hub_connection_error(source, "config.json")
+        unreachable = hub_connection_error(source, "config.json")
         if unreachable is not None:
             reason = unreachable
         else:
@@ -223,7 +223,7 @@ def _optional_file(source: str, filename: str) -> str | None:
     from transformers.utils import cached_file
 
     for local_only in (True, False) if not _hub_offline() else (True,):
-        if not local_only and _hub_connection_error(source, filename) is not None:
+        if not local_only and hub_connection_error(source, filename) is not None:
             return None
         try:
             found = cached_file(
@@ -240,7 +240,7 @@ def _optional_file(source: str, filename: str) -> str | None:
     return None
 
 
-def _hub_connection_error(source: str, filename: str) -> ConnectionError | None:
+def hub_connection_error(source: str, filename: str) -> ConnectionError | None:
     """One HEAD request for a file of a hub repo, without retries: a ConnectionError when the hub cannot
     be reached (no network, DNS, proxy, timeout after HF_HUB_ETAG_TIMEOUT seconds), else None, including
     when the hub answers with an error (missing repo or file, gated repo) that the real load reports itself."""

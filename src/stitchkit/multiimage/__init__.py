@@ -6,6 +6,7 @@ annotation file, its scorers and its exports.
     templates.py   the question bank (several templates per task)
     generator.py   the four task samplers, answer recomputation, build_benchmark (`stitchkit mimic build`)
     benchmark.py   the Sample record and the benchmark folder (samples.jsonl + benchmark.json)
+    official.py    the released data (anurag4446/mimic) as a benchmark folder (`stitchkit mimic import-official`)
     protocol.py    prompts, the legacy_official and clean parsers, metrics (stdlib only; copied into exports)
     scoring.py     predictions -> results.json, report.md, breakdowns, figures (`stitchkit mimic score`)
     exports.py     HF datasets / parquet, lmms-eval task folder, VLMEvalKit TSVs (`stitchkit mimic export`)

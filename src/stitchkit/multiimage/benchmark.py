@@ -7,7 +7,9 @@
     DIR/manifest.json, DIR/config.yaml   how it was made (runs.RunDir)
 
 A record carries everything a VLM evaluation needs -- the image files in order, the question, the answer --
-and every control variable, so scores can be broken down without the annotations.
+and every control variable, so scores can be broken down without the annotations. A benchmark imported from the
+released data (official.py) does not know the controls: those fields are None there, and benchmark.json says which
+scoring modes its records support.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stitchkit.errors import InputError
-from stitchkit.multiimage.protocol import TASKS, Vocabulary, prompt_text
+from stitchkit.multiimage.protocol import MODES, TASKS, Vocabulary, prompt_text
 
 SAMPLES_FILE = "samples.jsonl"
 META_FILE = "benchmark.json"
@@ -30,27 +32,27 @@ CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "category", 
 
 @dataclass
 class Sample:
-    id: str  # "<task>-NNNNNN"
+    id: str  # "<task>-NNNNNN" ("<task>-<official idx/id>" for the released data)
     task: str  # counting | listing | common | oddone
     cell: str  # the grid cell it was drawn for, e.g. "balanced_k1_s2_d8_C4" (the official `task` sub-key)
     question: str  # raw question; the prompt is protocol.prompt_text(task, question)
-    template_id: int
+    template_id: Optional[int]  # None for the released data, as every field it does not carry
     gt: str  # "4" | "zebra: 4, giraffe: 2" | "bear, cat, dog" | "dog"
     images: list[str]  # file names relative to images_root, in the order shown to the model
     image_ids: list[int]
     n_images: int  # N
-    spread: int  # s: images holding target instances (counting / listing), the odd images (odd-one), N (common)
-    n_distractors: int  # N - s
-    k: int  # concepts: queried classes (counting), classes in the answer (listing), 1 otherwise
-    classes: list[str]  # counting: queried; listing: answer; common: [c]; odd-one: [odd, majority]
-    counts_per_image: list[list[int]]  # [image][class]: non-crowd instances of classes[j] in image i
-    target_positions: list[int]  # positions (0-based, in `images`) of the images holding target instances
+    spread: Optional[int]  # s: images holding target instances (counting / listing), the odd images (odd-one), N (common)
+    n_distractors: Optional[int]  # N - s
+    k: Optional[int]  # concepts: queried classes (counting), classes in the answer (listing), 1 otherwise
+    classes: Optional[list[str]]  # counting: queried; listing: answer; common: [c]; odd-one: [odd, majority] (released: [odd])
+    counts_per_image: Optional[list[list[int]]]  # [image][class]: non-crowd instances of classes[j] in image i
+    target_positions: list[int]  # positions (0-based, in `images`) of the images holding target instances (known ones)
     balanced: Optional[bool]  # counting only
     total_count: Optional[int]  # counting balanced: C, the per-class total
     category: Optional[str]  # listing: the supercategory
     odd_images: Optional[int]  # odd-one: images holding the odd class
-    filter_mode: str
-    seed: int
+    filter_mode: Optional[str]
+    seed: Optional[int]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,12 +69,24 @@ class Benchmark:
 
     @property
     def images_root(self) -> Path:
-        return Path(self.meta["images_root"])
+        # a relative images_root lies inside the folder (an imported benchmark carries its images and can move)
+        return self.root / self.meta["images_root"]
 
     def image_paths(self, sample: Sample) -> list[Path]:
         return [self.images_root / name for name in sample.images]
 
+    @property
+    def scoring_modes(self) -> tuple[str, ...]:
+        """The scoring modes its records support, the default first: both for a built benchmark, legacy_official
+        alone for the released data, which lacks what clean scoring needs (official.py)."""
+        return tuple(self.meta.get("scoring_modes", MODES))
+
+    def check_scoring_mode(self, mode: str) -> None:
+        if mode not in self.scoring_modes:
+            raise InputError(f"{self.root} cannot be scored in {mode} mode: {self.meta.get('scoring_note', '')}")
+
     def vocabulary(self) -> Vocabulary:
+        self.check_scoring_mode("clean")  # clean scoring is the vocabulary's only user
         return Vocabulary(self.meta["class_names"])
 
     def by_id(self) -> dict[str, Sample]:

@@ -1,5 +1,5 @@
-"""`stitchkit mimic ...` verbs: build a benchmark, export it, score predictions on it, evaluate a VLM on it, run
-the paper's experiments from a config."""
+"""`stitchkit mimic ...` verbs: build a benchmark (or import the released one), export it, score predictions on it,
+evaluate a VLM on it, run the paper's experiments from a config."""
 
 from __future__ import annotations
 
@@ -34,6 +34,27 @@ def build(
     typer.echo(f"wrote {root / 'samples.jsonl'} (summary: {root / 'summary.md'})")
 
 
+@app.command(name="import-official")
+def import_official(
+    source: Optional[str] = typer.Option(
+        None, "--source",
+        help="Hub id of the released data (default anurag4446/mimic), or a local copy: a snapshot of the hub repo "
+             "(hf download ... --repo-type dataset) or a folder of save_to_disk folders, one per config.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Benchmark folder (samples.jsonl, benchmark.json, images/)."),
+    tasks: list[str] = typer.Option(
+        [], "--tasks", help="counting | listing | common | oddone (repeatable or comma-separated; default all)."
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N rows of each task."),
+) -> None:
+    """Import the released MIMIC data (the paper's benchmark) as a benchmark folder; scored with legacy_official."""
+    from stitchkit.multiimage.official import import_official as run_import
+
+    names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
+    root = run_import(source, out, names or None, limit, command=command_line())
+    typer.echo(f"wrote {root / 'samples.jsonl'} (summary: {root / 'summary.md'})")
+
+
 @app.command()
 def export(
     data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build`."),
@@ -54,11 +75,13 @@ def export(
 
 @app.command()
 def score(
-    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build`."),
+    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build` or `import-official`."),
     predictions: Path = typer.Option(..., "--predictions", help='JSONL lines {"id": ..., "prediction": ...}.'),
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md, figures/."),
-    legacy_official: bool = typer.Option(
-        False, "--legacy-official", help="Score exactly as the released MIMIC scorer (quirks included)."
+    legacy_official: Optional[bool] = typer.Option(
+        None, "--legacy-official/--clean",
+        help="Score exactly as the released MIMIC scorer (quirks included), or with the clean one; default: the "
+             "benchmark's own mode (clean; legacy_official for the released data).",
     ),
 ) -> None:
     """Score model answers: task metrics, breakdowns by every control variable, figures."""
@@ -71,7 +94,7 @@ def score(
 @app.command(name="eval")
 def eval_(
     model: str = typer.Option(..., "--model", help="Hub id, local folder, or `micro` (the micro VLM; micro:RECIPE)."),
-    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build`."),
+    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build` or `import-official`."),
     out: Path = typer.Option(..., "--out", help="Folder for predictions.jsonl, results.json, report.md, figures/."),
     policy: str = typer.Option(
         "dense", "--policy",
@@ -86,17 +109,22 @@ def eval_(
         None, "--max-images-per-batch", min=1, help="Cap on the images of one batch (long prompts get smaller batches)."
     ),
     max_per_task: Optional[int] = typer.Option(None, "--max-per-task", min=1, help="Only the first N samples of each task."),
-    legacy_official: bool = typer.Option(
-        False, "--legacy-official", help="Headline scores from the released MIMIC scorer (both modes are stored)."
+    legacy_official: Optional[bool] = typer.Option(
+        None, "--legacy-official/--clean",
+        help="Headline scores from the released MIMIC scorer or the clean one (both are stored where the data "
+             "allows); default: the benchmark's own mode (clean; legacy_official for the released data).",
     ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the micro VLM on CPU)."),
 ) -> None:
     """Evaluate a VLM on a MIMIC benchmark: batched greedy generation (resumable), scores, report, figures."""
+    from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.multiimage.evaluate import eval_command
+    from stitchkit.multiimage.scoring import scoring_mode
 
-    root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy_official, device, dtype,
+    legacy = scoring_mode(load_benchmark(data), legacy_official) == "legacy_official"  # before the model loads
+    root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy, device, dtype,
                         threads, max_images_per_batch, command=command_line())
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
 

@@ -38,17 +38,17 @@ ImageTransform = Callable[[list, Sample], list]
 # ---- models and policies ----------------------------------------------------------------------------------
 
 
-def masked_layer_list(name: str, num_layers: int) -> list[int]:
+def masked_layer_list(name: str, num_layers: int, legacy_layer_loop: bool = False) -> list[int]:
     """The decoder layers a named layer set masks: none, all, first_half (0 .. L/2-1), second_half
-    (floor(L/2) .. L-1, MIMIC's best setting), or a range string such as "12-23" or "0-3,8"."""
+    (floor(L/2) .. L-1, MIMIC's best setting), or a range string such as "12-23" or "0-3,8". legacy_layer_loop:
+    the layers the official decoder loop actually masks (AttentionPolicy.legacy_layer_loop)."""
     from stitchkit.vlm import AttentionPolicy
 
     half = num_layers // 2
     named = {"none": [], "all": list(range(num_layers)), "first_half": list(range(half)),
              "second_half": list(range(half, num_layers)), "default": list(range(half, num_layers))}
-    if name in named:
-        return named[name]
-    return sorted(AttentionPolicy(masked_layers=name).layers(num_layers))
+    listed = named[name] if name in named else name
+    return sorted(AttentionPolicy(masked_layers=listed, legacy_layer_loop=legacy_layer_loop).layers(num_layers))
 
 
 def check_policy_spec(spec: str) -> str:

@@ -95,8 +95,12 @@ class DataSource(Config):
 class EvalOptions(Config):
     batch_size: int = Field(8, ge=1)
     max_images_per_batch: Optional[int] = Field(None, ge=1)  # long prompts (many images) get smaller batches
-    legacy_official: bool = False  # headline scores from the released scorer (both modes are stored)
+    # headline scores from the released scorer (both modes are stored); None: the benchmark's own mode (clean, and
+    # legacy_official for the released data, which supports no other)
+    legacy_official: Optional[bool] = None
     max_per_task: Optional[int] = Field(None, ge=1)  # evaluate only the first N samples of each task
+    # the official code's quirk (mimic.md 6.1 b): prompts longer than N tokens are evaluated without the mask
+    legacy_maxlen_fallback: Optional[int] = Field(None, ge=1)
 
 
 class PoolingStudy(Config):
@@ -140,6 +144,9 @@ class FinetuneStudy(Config):
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     train: TrainConfig
+    # the official code's quirk (mimic.md 6.1 a): each arm masks only its run of layers from layer 0 (12-23 none),
+    # in training and evaluation
+    legacy_layer_loop: bool = False
 
     @field_validator("arms")
     @classmethod
@@ -249,6 +256,13 @@ class Experiment:
             self._bench = load_benchmark(self.run.manifest["steps"]["data"]["benchmark"])
         return self._bench
 
+    @property
+    def legacy_official(self) -> bool:
+        """Whether the headline scores are the official scorer's (eval.legacy_official, else the benchmark's mode)."""
+        from stitchkit.multiimage.scoring import scoring_mode
+
+        return scoring_mode(self.bench, self.cfg.eval.legacy_official) == "legacy_official"
+
     def fresh_model(self):
         vlm, self.identity = load_model(self.cfg.model, self.cfg.device, self.cfg.dtype)
         return vlm
@@ -267,9 +281,14 @@ class Experiment:
         from stitchkit.multiimage.studies import finetune_arm
 
         vlm = self.fresh_model()
-        finetune_arm(vlm, self.train_samples(), masked_layer_list(arm, vlm.num_layers), self.finetune_settings(),
+        finetune_arm(vlm, self.train_samples(), self.arm_layers(arm, vlm.num_layers), self.finetune_settings(),
                      self.run.path("finetune", arm, "train"))
         return vlm
+
+    def arm_layers(self, arm: str, num_layers: int) -> list[int]:
+        """The layers a fine-tuning arm masks (in training and evaluation); finetune.legacy_layer_loop applies."""
+        legacy = bool(self.cfg.finetune and self.cfg.finetune.legacy_layer_loop)
+        return masked_layer_list(arm, num_layers, legacy_layer_loop=legacy)
 
     def diagnostics_model(self) -> tuple[object, str, str]:
         """(model, tag, policy) the pooling and stitching studies run on."""
@@ -295,11 +314,14 @@ class Experiment:
         settings = {"model": self.identity, "model_tag": tag, "benchmark": str(self.bench.root), "policy": policy,
                     "masked_layers": sorted(vlm.masked_layers), "pool_factor": pool, "transform": transform,
                     "max_per_task": per_task}
-        samples = first_per_task(self.bench.samples, per_task)
         options = self.cfg.eval
+        if options.legacy_maxlen_fallback is not None:  # only when set: evaluations made before it stay resumable
+            vlm.policy = vlm.policy.model_copy(update={"legacy_maxlen_fallback": options.legacy_maxlen_fallback})
+            settings["legacy_maxlen_fallback"] = options.legacy_maxlen_fallback
+        samples = first_per_task(self.bench.samples, per_task)
         return evaluate(vlm, self.bench, folder, settings=settings, samples=samples, batch_size=options.batch_size,
                         max_images_per_batch=options.max_images_per_batch, transform=transform_fn,
-                        legacy_official=options.legacy_official, description=description)
+                        legacy_official=self.legacy_official, description=description)
 
     def step(self, name: str, fn: Callable[[], dict | None]) -> None:
         """Run a step unless finished; record its seconds (and what fn returns) in the manifest."""
@@ -333,7 +355,7 @@ class Experiment:
         from stitchkit.multiimage.studies import finetune_arm
 
         vlm = self.fresh_model()
-        layers = masked_layer_list(arm, vlm.num_layers)
+        layers = self.arm_layers(arm, vlm.num_layers)
         trained = finetune_arm(vlm, self.train_samples(), layers, self.finetune_settings(), self.run.path("finetune", arm, "train"))
         results = self.evaluate(vlm, f"ft-{arm}", arm_policy(arm), 1, "none", None, self.cfg.eval.max_per_task, f"eval {arm}")
         atomic_write_json(self.run.path("finetune", arm, "arm.json"), {"arm": arm, **trained, **summary(results)})
@@ -343,7 +365,7 @@ class Experiment:
 
         vlm = self.base_model()
         arms = self.cfg.finetune.arms if self.cfg.finetune else ["second_half"]
-        layer_sets = {arm: masked_layer_list(arm, vlm.num_layers) for arm in arms if arm != "none"}
+        layer_sets = {arm: self.arm_layers(arm, vlm.num_layers) for arm in arms if arm != "none"}
         study = self.cfg.flops
         result = flops_study(vlm, self.bench, layer_sets, study.samples, study.n_images, study.seed)
         atomic_write_json(self.run.path("flops", "flops.json"), result)
@@ -398,6 +420,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, command: str |
     threads = cfg.threads if cfg.threads is not None else default_threads(cfg.model, cfg.device)
     with torch_threads(threads):
         exp.step("data", exp.data_step)
+        exp.legacy_official  # a scoring mode the benchmark cannot support is refused before any model runs
         exp.step("baseline", exp.baseline_step)
         for arm in cfg.finetune.arms if cfg.finetune else []:
             exp.step(f"finetune/{arm}", lambda arm=arm: exp.finetune_step(arm))

@@ -3,7 +3,8 @@
 Predictions are a JSONL file of {"id": sample id, "prediction": generated text}, so any model -- ours, an
 lmms-eval run, a hand-written baseline -- can be scored. A sample without a prediction is scored as an empty
 answer (wrong) and counted in `missing`. Values are stored in [0, 1] and shown x100 in report.md; every header
-names the scoring mode, and only `legacy_official` is comparable with the paper's numbers.
+names the scoring mode, and only `legacy_official` on the released data (official.py) is comparable with the
+paper's numbers.
 """
 
 from __future__ import annotations
@@ -47,12 +48,29 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     return predictions
 
 
+def scoring_mode(bench: Benchmark, legacy_official: bool | None = None) -> str:
+    """The mode to score `bench` in: as asked, else the benchmark's default (clean; legacy_official for the
+    released data). A mode its records cannot support is one clear error, before any model runs."""
+    if legacy_official is None:
+        return bench.scoring_modes[0]
+    mode = "legacy_official" if legacy_official else "clean"
+    bench.check_scoring_mode(mode)
+    return mode
+
+
 def score_predictions(bench: Benchmark, predictions: dict[str, str], mode: str = "clean") -> tuple[list[dict], dict]:
-    """(per-sample rows, results) for every sample of `bench`."""
+    """(per-sample rows, results) for every sample of `bench`. In a mode the benchmark's records cannot support
+    (clean on the released data) no rows and no task scores, with the reason under `unsupported`: evaluations
+    store both modes, and a score that cannot be computed is left empty, never guessed."""
     known = bench.by_id()
     unknown = [i for i in predictions if i not in known]
     if unknown:
         raise InputError(f"{len(unknown)} prediction id(s) are not in the benchmark, e.g. {', '.join(unknown[:3])}")
+    released = bool(bench.meta.get("released_data"))
+    if mode not in bench.scoring_modes:
+        return [], {"mode": mode, "benchmark": str(bench.root), "released_data": released,
+                    "n_samples": len(bench.samples), "missing": sum(s.id not in predictions for s in bench.samples),
+                    "unsupported": bench.meta.get("scoring_note"), "tasks": {}, "mimic_avg": None, "breakdowns": {}}
     vocab = bench.vocabulary() if mode == "clean" else None
     rows = []
     for sample in bench.samples:
@@ -68,6 +86,7 @@ def score_predictions(bench: Benchmark, predictions: dict[str, str], mode: str =
     results = {
         "mode": mode,
         "benchmark": str(bench.root),
+        "released_data": released,
         "n_samples": len(rows),
         "missing": sum(r["prediction"] is None for r in rows),
         "tasks": tasks,
@@ -119,9 +138,7 @@ def write_score_report(out: str | os.PathLike, rows: list[dict], results: dict) 
                   "legacy_substring", "unparsed_rate", "multi_number_rate")
     lines = [f"# MIMIC scores ({results['mode']})\n",
              f"Benchmark `{results['benchmark']}`, {results['n_samples']} samples, scoring mode "
-             f"**{results['mode']}** (scores x100; listing: micro F1). "
-             + ("Comparable with the paper's numbers.\n" if results["mode"] == "legacy_official"
-                else "Not the paper's scorer: use --legacy-official to compare with published numbers.\n")]
+             f"**{results['mode']}** (scores x100; listing: micro F1). {comparability(results)}\n"]
     if results["missing"]:
         lines.append(f"**{results['missing']} samples had no prediction and were scored as wrong.**\n")
     headline = [{"task": t, **m} for t, m in results["tasks"].items()]
@@ -143,13 +160,24 @@ def write_score_report(out: str | os.PathLike, rows: list[dict], results: dict) 
     return out
 
 
+def comparability(results: dict) -> str:
+    """Whether the paper's numbers compare: that needs its scorer and its data (the released benchmark)."""
+    if results["mode"] != "legacy_official":
+        return "Not the paper's scorer: use --legacy-official to compare with published numbers."
+    if results.get("released_data"):
+        return "The paper's scorer on the released data: comparable with the paper's numbers."
+    return ("The paper's scorer on a benchmark built here: comparable with the paper's numbers in scorer, not in "
+            "data (`stitchkit mimic import-official` brings the released data).")
+
+
 def score_benchmark_dir(data: str | os.PathLike, predictions: str | os.PathLike, out: str | os.PathLike,
-                        legacy_official: bool = False, command: str | None = None) -> Path:
-    """`stitchkit mimic score`: read DIR and the predictions, write the report folder."""
+                        legacy_official: bool | None = None, command: str | None = None) -> Path:
+    """`stitchkit mimic score`: read DIR and the predictions, write the report folder. legacy_official None: the
+    benchmark's own default mode."""
     from stitchkit.runs import RunDir
 
     bench = load_benchmark(data)
-    mode = "legacy_official" if legacy_official else "clean"
+    mode = scoring_mode(bench, legacy_official)
     preds = read_predictions(predictions)
     rows, results = score_predictions(bench, preds, mode)
     run = RunDir(out, config={"data": str(Path(data).resolve()), "predictions": str(Path(predictions).resolve()),

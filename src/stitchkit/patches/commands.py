@@ -31,7 +31,8 @@ def build(
     model: Optional[str] = typer.Option(None, "--model", help="Check first-token distinctness of the IDs under this model's tokenizer (hub id, folder, zoo:micro_vlm)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the generated IDs."),
     fmt: str = typer.Option("png", "--format", help="png, or jpeg (quality 75, as the official patches)."),
-    train_prompt: str = typer.Option("The shape shown is associated with ID", "--train-prompt", help="Prompt of every patch."),
+    train_prompt: str = typer.Option("The shape shown is associated with ID", "--train-prompt", help="Prompt of every patch; may hold {row} and {col} (0-based)."),
+    image_prompt: Optional[str] = typer.Option(None, "--image-prompt", help="Prompt of a full image in the image-based test (default: the training prompt)."),
     reference_prompt: str = typer.Option("The {name} is associated with ID", "--reference-prompt", help="Text-only prompt, with {name}."),
     response: str = typer.Option(" {id}", "--response", help="Target continuation, with {id}."),
 ) -> None:
@@ -45,7 +46,7 @@ def build(
         raise InputError(f"--format must be png or jpeg, got {fmt!r}")
     items = read_names(names, images)
     tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
-    meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response),
+    meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response, image_prompt),
                                id_seed=seed, tokenizer=tokenizer, fmt=fmt)  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in meta["counts"].items())
     typer.echo(f"wrote {out / 'hf'} ({counts}); IDs in {out / 'dataset.json'}")

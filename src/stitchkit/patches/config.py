@@ -4,6 +4,8 @@ Defaults follow the official code where the paper and the code disagree (visual_
 template wording, first-token ranking (reported next to the full log-probability), lr 1e-5, batch 8, 15 epochs
 at f = 1 and 5 otherwise, 3 seeds, evaluation at step 0 plus 10 points. The model defaults to the micro VLM with
 its chat template; configs/patches/paper.yaml sets the official bare image prefix without a chat template.
+Exceptions: the vision tower is frozen unless `train_vision_tower: true` (the official runs train everything, §3;
+paper.yaml sets it), and steps are ceil(epochs x n / batch) with full batches across epochs (docs/patches.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Annotated, Literal, Optional, Union
 import pydantic
 
 from stitchkit.config import Config
-from stitchkit.patches.dataset import DEFAULT_SPLITS, Templates
+from stitchkit.patches.dataset import DEFAULT_SPLITS, Templates, template_problem
 from stitchkit.patches.evaluate import TieRule
 from stitchkit.patches.shapes import ModerationSet, ShapesSet
 
@@ -29,6 +31,10 @@ class ModelSettings(Config):
     )
     min_pixels: Optional[int] = pydantic.Field(None, ge=1, description="Qwen2-VL image processor (official: 32*28*28)")
     max_pixels: Optional[int] = pydantic.Field(None, ge=1, description="Qwen2-VL image processor (official: 128*28*28)")
+    pre_resize: Literal["none", "qwen_fetch_image"] = pydantic.Field(
+        "none", description="qwen_fetch_image: every image first goes through the official Qwen pipeline's "
+        "qwen_vl_utils.fetch_image (sides rounded to multiples of 28, bicubic), then the processor (Qwen2-VL only)"
+    )
     cpu_threads: Optional[int] = pydantic.Field(
         None, ge=1, description="torch threads on CPU (tiny models run fastest on 1 when the machine is busy)"
     )
@@ -78,7 +84,12 @@ class ImageSet(Config):
     shapes: Optional[ShapesSet] = None
     images: Optional[Path] = None
     names: Optional[Path] = None
-    train_prompt: str = "The shape shown is associated with ID"
+    train_prompt: str = pydantic.Field(
+        "The shape shown is associated with ID", description="may hold {row} and {col}: the patch's 0-based grid position"
+    )
+    image_prompt: Optional[str] = pydantic.Field(
+        None, description="the full image's prompt in the image-based test; default: train_prompt (required if that has {row}/{col})"
+    )
     reference_prompt: str = "The {name} is associated with ID"
     response: str = " {id}"
     recognition_prompt: Optional[str] = pydantic.Field(
@@ -94,7 +105,7 @@ class ImageSet(Config):
 
     @property
     def templates(self) -> Templates:
-        return Templates(self.train_prompt, self.reference_prompt, self.response)
+        return Templates(self.train_prompt, self.reference_prompt, self.response, self.image_prompt)
 
 
 class EvalSettings(Config):
@@ -148,6 +159,18 @@ class ModerationStudy(Config):
     def _splits_fit(self) -> "ModerationStudy":
         # The images are rendered in the run (after the model is loaded): refuse a factor they cannot take now.
         _check_split_fit(self.splits, self.images.size, "splits", "the moderation set")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _templates(self) -> "ModerationStudy":
+        # Every patch and full image gets the training prompt as written; the others are filled per item.
+        problem = (
+            template_problem(self.train_prompt, "train_prompt", allowed=())
+            or template_problem(self.reference_prompt, "reference_prompt", allowed=("name",), required=("name",))
+            or template_problem(self.response, "response", allowed=("label",), required=("label",))
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
 

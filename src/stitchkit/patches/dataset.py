@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,23 +42,64 @@ KEY_PATTERN = re.compile(r"[^A-Za-z0-9_]+")
 DEFAULT_SPLITS = (1, 2, 4, 8)
 
 
+LOCATION_FIELDS = ("row", "col")
+
+
 @dataclass(frozen=True)
 class Templates:
-    """Prompt texts (visual_stitching.md §2). train: the prompt of a patch (and of a full image in the
-    image-based test); reference: the text-only prompt of the reference-based test, with {name};
-    response: the target continuation, with {id}, its leading space included."""
+    """Prompt texts (visual_stitching.md §2). train: the prompt of a patch; it may hold {row} and {col}, filled
+    per patch with its 0-based grid position, the numbering of the patch file names (the paper's location
+    template "(row:{row}, col:{col})", Fig. 10, §5; the paper does not say its base and released no code for it).
+    image: the prompt of a full image in the image-based test, by default the training prompt, which then must
+    not hold {row} or {col} (a full image has no grid position). reference: the text-only prompt of the
+    reference-based test, with {name}. response: the target continuation, with {id}, its leading space included."""
 
     train: str = "The shape shown is associated with ID"
     reference: str = "The {name} is associated with ID"
     response: str = " {id}"
+    image: str | None = None
 
     def check(self) -> None:
-        if "{id}" not in self.response:
-            raise InputError(f"the response template must contain {{id}}: {self.response!r}")
-        if "{name}" not in self.reference:
-            raise InputError(f"the reference template must contain {{name}}: {self.reference!r}")
-        if "{name}" in self.train or "{id}" in self.train:
-            raise InputError(f"the training prompt must name neither the image nor its ID: {self.train!r}")
+        problem = (
+            template_problem(self.response, "the response template", allowed=("id",), required=("id",))
+            or template_problem(self.reference, "the reference template", allowed=("name",), required=("name",))
+            or template_problem(self.train, "the training prompt", allowed=LOCATION_FIELDS)
+        )
+        if self.image is not None:
+            problem = problem or template_problem(self.image, "the image prompt", allowed=())
+        elif not problem and template_fields(self.train):
+            problem = (f"the training prompt has {{row}}/{{col}}, which a full image does not have: give the prompt of "
+                       f"the image-based test (image_prompt in a config, --image-prompt to `patches build`): {self.train!r}")  # fmt: skip
+        if problem:
+            raise InputError(problem)
+
+    def patch_prompt(self, row: int, col: int) -> str:
+        return self.train.format(row=row, col=col)
+
+    @property
+    def image_prompt(self) -> str:
+        return (self.train if self.image is None else self.image).format()
+
+
+def template_fields(text: str) -> set[str]:
+    """The {fields} of a str.format template ({{ and }} are literal braces); ValueError if malformed."""
+    return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+
+
+def template_problem(text: str, what: str, allowed: Sequence[str], required: Sequence[str] = ()) -> str | None:
+    """Why `text` is not a template with only the `allowed` fields and all the `required` ones; None if it is."""
+    try:
+        fields = template_fields(text)
+    except ValueError as err:
+        return f"{what} is not a valid template ({err}; write a literal brace as {{{{ or }}}}): {text!r}"
+    missing = [f"{{{f}}}" for f in required if f not in fields]
+    if missing:
+        return f"{what} must contain {', '.join(missing)}: {text!r}"
+    unknown = sorted(fields - set(allowed))
+    if unknown:
+        may = ", ".join(f"{{{f}}}" for f in allowed) or "none"
+        return f"{what} has the unsupported field(s) {', '.join(f'{{{f}}}' for f in unknown)} (allowed: {may}): {text!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -223,7 +265,9 @@ def build_patch_dataset(
     meta = {
         "images": [{"key": it.key, "file": str(it.file), "name": it.name, "id": i} for it, i in zip(items, ids)],
         "splits": splits,
-        "templates": {"train": templates.train, "reference": templates.reference, "response": templates.response},
+        # "image" only when given, so that folders built before it existed still match
+        "templates": {"train": templates.train, "reference": templates.reference, "response": templates.response,
+                      **({"image": templates.image} if templates.image is not None else {})},
         "id_seed": id_seed,
         "format": fmt,
         "first_tokens_checked_with": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
@@ -248,7 +292,7 @@ def build_patch_dataset(
         response = templates.response.format(id=id_)
         full_rows.append({
             "image": {"bytes": source_bytes, "path": item.file.name}, "id": id_, "name": item.name, "key": item.key,
-            "file": item.file.name, "width": image.width, "height": image.height, "prompt": templates.train,
+            "file": item.file.name, "width": image.width, "height": image.height, "prompt": templates.image_prompt,
             "reference_prompt": templates.reference.format(name=item.name), "response": response,
         })  # fmt: skip
         for f in splits:
@@ -263,7 +307,7 @@ def build_patch_dataset(
                 rows[f"f{f}"].append({
                     "image": {"bytes": data, "path": Path(rel).name}, "id": id_, "name": item.name, "key": item.key,
                     "file": item.file.name, "split_factor": f, "row": patch.row, "col": patch.col,
-                    "box": list(patch.box), "prompt": templates.train, "response": response,
+                    "box": list(patch.box), "prompt": templates.patch_prompt(patch.row, patch.col), "response": response,
                 })  # fmt: skip
     atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
     datasets = {name: Dataset.from_list(r, features=patch_features) for name, r in rows.items()}

@@ -58,26 +58,25 @@ class EvalItem:
     gold: int  # index into the candidates
 
 
-def score_items(vlm, items: Sequence[EvalItem], candidates: Sequence[str], ties: TieRule = "mid", first_token: bool = True) -> list[dict[str, Any]]:
+def score_items(
+    vlm, items: Sequence[EvalItem], candidates: Sequence[str], ties: TieRule = "mid", require_distinct_first_tokens: bool = True
+) -> list[dict[str, Any]]:
     """One record per item: ranks by first-token logit and by full log-probability, the gold's probability,
-    and the candidate the first-token logit puts on top. first_token=False skips the first-token check and
-    ranking (for candidates such as names that may share a first word)."""
-    if first_token:
+    and the candidate the first-token logit puts on top. By default candidates whose first tokens clash are
+    refused, as the official evaluator does; require_distinct_first_tokens=False scores them anyway (names
+    such as "red star" and "red circle"), and then only the full log-probability tells those apart."""
+    if require_distinct_first_tokens:
         check_first_tokens(vlm.tokenizer, candidates)
     records = []
     for item in items:
         scores = vlm.score(item.images, item.prompt, candidates)
         logits = [s.first_token_logit for s in scores]
         logprobs = [s.logprob for s in scores]
-        record = {"key": item.key, "mode": item.mode, "gold": candidates[item.gold].strip()}
-        if first_token:
-            record.update(
-                rank_logit=rank_of(logits, item.gold, ties),
-                prob=gold_probability(logits, item.gold),
-                top=candidates[int(np.argmax(logits))].strip(),
-            )
-        record["rank_logprob"] = rank_of(logprobs, item.gold, ties)
-        records.append(record)
+        records.append({
+            "key": item.key, "mode": item.mode, "gold": candidates[item.gold].strip(),
+            "rank_logit": rank_of(logits, item.gold, ties), "rank_logprob": rank_of(logprobs, item.gold, ties),
+            "prob": gold_probability(logits, item.gold), "top": candidates[int(np.argmax(logits))].strip(),
+        })  # fmt: skip
     return records
 
 

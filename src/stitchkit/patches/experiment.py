@@ -22,7 +22,8 @@ from stitchkit.data import load_image
 from stitchkit.errors import InputError
 from stitchkit.patches.config import ImageSet, PatchesConfig
 from stitchkit.patches.dataset import assign_ids, build_patch_dataset, load_patch_dataset, read_names, too_fine
-from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
+from stitchkit.patches.evaluate import SCORINGS, EvalItem, random_baseline, score_items, summarize
+from stitchkit.patches.ids import first_token_clashes
 from stitchkit.engine.devices import torch_threads
 from stitchkit.patches.models import model_loader
 from stitchkit.vlm.loading import load_tokenizer
@@ -47,7 +48,10 @@ def check_sources(cfg: PatchesConfig) -> None:
     well-formed, or at most 26 to generate) and every split factor against every image's size. Shapes-world sets
     are rendered in the run; the config checks their split factors against their size."""
     for set_name, image_set in cfg.image_sets.items():
-        image_set.templates.check()
+        try:
+            image_set.templates.check()
+        except InputError as err:
+            raise InputError(f"image set {set_name!r}: {err}") from None
         if image_set.shapes is not None:
             continue
         items = read_names(image_set.names, image_set.images)
@@ -77,12 +81,17 @@ def training_samples(rows) -> list[PatchSample]:
 
 
 def precheck(vlm, images, prompt: str, ties: str) -> dict[str, Any]:
-    """§1.5: before fine-tuning, the rank of the image's true name among all names, given the full image
-    (full log-probability: names may share a first word, e.g. "red star" and "red circle")."""
+    """§1.5: before fine-tuning, the rank of the image's true name among all names, given the full image.
+
+    Ranked as the official evaluator ranks (the first-token logit) when the names' first tokens are distinct
+    under the tokenizer; otherwise by full log-probability, since names such as "red star" and "red circle"
+    share their first token and the logit could not tell them apart. `rule` says which; both are recorded."""
     names = [f" {row['name']}" for row in images]
+    rule = "logprob" if first_token_clashes(vlm.tokenizer, names) else "logit"
     items = [EvalItem(row["key"], "recognition", [row["image"]], prompt, i) for i, row in enumerate(images)]
-    records = score_items(vlm, items, names, ties, first_token=False)
-    return {"mean_rank": float(np.mean([r["rank_logprob"] for r in records])), "random": random_baseline(len(names)), "records": records}
+    records = score_items(vlm, items, names, ties, require_distinct_first_tokens=False)
+    means = {scoring: float(np.mean([r[f"rank_{scoring}"] for r in records])) for scoring in SCORINGS}
+    return {"mean_rank": means[rule], "rule": rule, "mean_ranks": means, "random": random_baseline(len(names)), "records": records}
 
 
 def run_patches(cfg: PatchesConfig, out: str | os.PathLike, command: str | None = None) -> Path:
@@ -130,7 +139,8 @@ def run_image_set(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: Ima
             atomic_write_json(path, precheck(load(), images, image_set.recognition_prompt, cfg.eval.ties))
             run.finish(f"precheck/{set_name}")
         check = json.loads(path.read_text())
-        result["precheck"] = {"mean_rank": check["mean_rank"], "random": check["random"]}
+        # a pre-check written before `rule` existed was ranked by full log-probability
+        result["precheck"] = {"mean_rank": check["mean_rank"], "rule": check.get("rule", "logprob"), "random": check["random"]}
 
     for f in cfg.splits:
         samples = training_samples(dataset[f"f{f}"])

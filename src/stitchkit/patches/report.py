@@ -18,6 +18,8 @@ METRICS = {
     "reference_logprob": "reference-based, full log-prob",
 }
 
+PRECHECK_RULES = {"logit": "first-token logit", "logprob": "full log-prob"}
+
 
 def _cell(split: dict[str, Any], metric: str) -> str:
     mean, std = split["final_mean"].get(metric), split["final_std"].get(metric)
@@ -126,10 +128,12 @@ def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, lin
     parts.append("Last evaluation point, mean ± std over seeds; lower is better; random = (K-1)/2.\n")
     parts.append(markdown_table(paper_rows(results)))
     parts.append("\n" + markdown_table(detailed_rows(results)))
-    prechecks = [{"set": n, "recognition mean rank": s["precheck"]["mean_rank"], "random": s["precheck"]["random"]}
+    prechecks = [{"set": n, "recognition mean rank": s["precheck"]["mean_rank"], "random": s["precheck"]["random"],
+                  "ranked by": PRECHECK_RULES[s["precheck"].get("rule", "logprob")]}
                  for n, s in results["sets"].items() if s.get("precheck")]  # fmt: skip
     if prechecks:
-        parts.append("\nRecognition before fine-tuning (rank of the true name given the full image, full log-prob):\n\n")
+        parts.append("\nRecognition before fine-tuning (rank of the true name given the full image; first-token logit as "
+                     "the official code, or full log-prob where names share a first token):\n\n")
         parts.append(markdown_table(prechecks, digits=2))
         weak = [row["set"] for row in prechecks if row["recognition mean rank"] > 1]
         if weak:  # §9: a model that cannot name the images has no link for reference-based stitching to use

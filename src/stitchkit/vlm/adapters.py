@@ -1,6 +1,7 @@
 """What differs between VLM families, and nothing else: each adapter is a few small methods.
 
     image_placeholder   the text that stands for one image in a prompt
+    system_prompt       the default system turn of the family's official prompt, if its chat template lacks it
     tokens_per_image    how many placeholder tokens each image of a processed batch expands to
     open_ids/close_ids  separator tokens that belong to an image's span
     image_features      the post-projector tokens of every image (for pooling)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from stitchkit.errors import IncompatibleError
+from stitchkit.vlm.tokenizer import CHAT_TEMPLATE
 
 
 class Adapter:
@@ -26,11 +28,16 @@ class Adapter:
     close_ids: frozenset[int] = frozenset()
     trailing_separators = 0  # feature tokens at the end of each image that pooling leaves alone
     mrope = False
+    system_prompt: str | None = None  # prepended as a system turn when set
 
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
         self.image_token_id = self._image_token_id()
+        if uses_word_level_template(processor):
+            # stitchkit's own ChatML template (the micro VLM, the tests' tiny models) has no system turn: those
+            # models are trained and evaluated without one, so their prompts stay as they were built.
+            self.system_prompt = None
 
     def _image_token_id(self) -> int:
         for owner, name in ((self.model.config, "image_token_id"), (self.model.config, "image_token_index"), (self.processor, "image_token_id")):
@@ -81,6 +88,9 @@ class LlavaOnevisionAdapter(Adapter):
 
     family = "llava_onevision"
     trailing_separators = 1
+    # The official protocol wraps the turn in LLaVA-NeXT's qwen_1_5 conversation, which opens with this system
+    # turn (mimic.md §3); llava-hf's chat template adds none by itself. (Qwen2-VL's template inserts its own.)
+    system_prompt = "You are a helpful assistant."
 
     def tokens_per_image(self, processed, image_sizes) -> list[int] | None:
         # The processor's own rule (single-image rows are anyres, multi-image rows are not) for how many tokens an image expands to.
@@ -155,3 +165,11 @@ ADAPTERS: dict[str, type[Adapter]] = {
 
 def adapter_for(model, processor) -> Adapter:
     return ADAPTERS.get(model.config.model_type, Adapter)(model, processor)
+
+
+def uses_word_level_template(processor) -> bool:
+    """Whether the prompt's chat template (the processor's, else its tokenizer's) is stitchkit's own ChatML template
+    (vlm.tokenizer.chat_template, for any image placeholder)."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    head, tail = CHAT_TEMPLATE.split("IMAGE_PLACEHOLDER")
+    return isinstance(template, str) and template.startswith(head) and template.endswith(tail)

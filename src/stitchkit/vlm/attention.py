@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import re
 import sys
@@ -72,10 +73,20 @@ class AttentionPolicy(Config):
 
     masked_layers: "none" (the dense model), "default" (floor(L/2) .. L-1, MIMIC's best setting), "all",
     a range string like "12-23" or "0-3,8", or a list of 0-based layer indices.
+
+    Two quirks of the official MIMIC code (mimic.md §6.1 "Official quirks"), off by default, for reproducing what
+    the released code computes rather than what the paper describes:
+    legacy_layer_loop: the official decoder loop keeps one mask variable; a layer outside the range sets it to None
+        and a layer inside it restores the block mask only while it is not None, so only the run of listed layers
+        that starts at layer 0 is masked ("0-11" masks 0..11, "12-23" masks nothing, "all" masks all).
+    legacy_maxlen_fallback: N: at inference (the model not training), a row longer than N tokens runs dense; the
+        official evaluation drops the mask silently above 20,000 tokens.
     """
 
     masked_layers: Literal["none", "default", "all"] | str | list[int] = "none"
     kernel: Literal["fast", "dense_mask"] = "fast"
+    legacy_layer_loop: bool = False
+    legacy_maxlen_fallback: int | None = pydantic.Field(None, ge=1)
 
     @pydantic.field_validator("masked_layers")
     @classmethod
@@ -86,6 +97,17 @@ class AttentionPolicy(Config):
 
     def layers(self, num_layers: int) -> frozenset[int]:
         """The 0-based masked layers of a model with `num_layers` decoder layers."""
+        layers = self._listed_layers(num_layers)
+        if self.legacy_layer_loop:  # the official loop loses the mask at the first unlisted layer, for good
+            return frozenset(itertools.takewhile(layers.__contains__, range(num_layers)))
+        return layers
+
+    def runs_dense(self, length: int, training: bool) -> bool:
+        """Whether a row of `length` real tokens drops the mask: legacy_maxlen_fallback, at inference only (the
+        official fallback sits in its evaluation path; training forwards keep the mask at any length)."""
+        return self.legacy_maxlen_fallback is not None and not training and length > self.legacy_maxlen_fallback
+
+    def _listed_layers(self, num_layers: int) -> frozenset[int]:
         spec = self.masked_layers
         if spec == "none":
             return frozenset()

@@ -12,11 +12,12 @@ import functools
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from stitchkit.backbones.loading import first_line, from_hub
 from stitchkit.errors import ModelNotFoundError
@@ -28,6 +29,7 @@ MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+LLAVA_NEXT_ARCHITECTURE = "LlavaQwenForCausalLM"  # the original LLaVA-NeXT training code's LLaVA-OneVision class
 
 
 def load_vlm(
@@ -59,10 +61,26 @@ def load_vlm(
 
 
 def _load_model(source: str, dtype, attn_implementation: str):
+    check_transformers_format(source, from_hub(source, lambda **kw: PretrainedConfig.get_config_dict(source, **kw)[0]))
     config = from_hub(source, lambda **kw: AutoConfig.from_pretrained(source, **kw))
     name = MODEL_CLASSES.get(config.model_type)
     model_class = getattr(transformers, name) if name else AutoModelForImageTextToText
     return from_hub(source, lambda **kw: model_class.from_pretrained(source, dtype=dtype or "auto", attn_implementation=attn_implementation, **kw))
+
+
+def check_transformers_format(source: str, config: dict) -> None:
+    """Refuse a checkpoint in the original LLaVA-NeXT format (lmms-lab's llava-onevision-* releases, architecture
+    LlavaQwenForCausalLM): transformers has no class for it, and its model_type "llava" would silently build
+    LLaVA-1.5 with default settings. Their Hugging Face conversions are llava-hf's "-hf" checkpoints."""
+    if LLAVA_NEXT_ARCHITECTURE not in (config.get("architectures") or []) and config.get("model_type") != "llava_qwen":
+        return
+    match = re.fullmatch(r"lmms-lab/(llava-onevision-[\w.-]+)", source)
+    hint = (f"use its Hugging Face conversion 'llava-hf/{match[1]}-hf'" if match else
+            "use its Hugging Face-format conversion (llava-hf's '-hf' checkpoints, e.g. "
+            "llava-hf/llava-onevision-qwen2-0.5b-si-hf) or convert it with transformers' "
+            "convert_llava_onevision_weights_to_hf.py")
+    raise ModelNotFoundError(f"{source!r} is a checkpoint in the original LLaVA-NeXT format ({LLAVA_NEXT_ARCHITECTURE}), "
+                             f"which transformers cannot load as LLaVA-OneVision: {hint}")
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """One interface over Hugging Face VLMs: interleaved multi-image prompts, generate, score, policies, pooling.
 
-    vlm = load_vlm("lmms-lab/llava-onevision-qwen2-0.5b-si")      # or Qwen2-VL, or a local folder
+    vlm = load_vlm("llava-hf/llava-onevision-qwen2-0.5b-si-hf")   # or Qwen2-VL, or a local folder
     vlm.generate([img1, img2, img3], "How many dogs are there?")   # images first, greedy
     vlm.score([img1], "The ID of this image is", [" ar413", " fl346"])
     vlm.policy = AttentionPolicy(masked_layers="default")          # MIMIC's block-diagonal mask
@@ -8,13 +8,14 @@
 
 A prompt's images go first (joined by spaces, then a newline, then the text: MIMIC's layout) or, with
 image_layout="markers", where the text has the marker "<image>". The user turn is wrapped in the model's
-chat template when it has one. Batches are left-padded.
+chat template when it has one, after the family's default system turn (the adapter's system_prompt). Batches are
+left-padded.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,6 +98,7 @@ class VLM:
         pool_pad: PoolPad = "exclude",
         image_layout: ImageLayout = "first",
         chat_template: bool = True,
+        image_transform: Callable[[Image.Image], Image.Image] | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -109,6 +111,8 @@ class VLM:
         self.pool_pad = pool_pad
         self.image_layout = image_layout
         self.chat_template = chat_template
+        # applied to every image before the processor (e.g. the official Qwen pipeline's fetch_image resize)
+        self.image_transform = image_transform
 
     # ---- settings ----
     @property
@@ -154,11 +158,14 @@ class VLM:
             user = text.replace(IMAGE_MARKER, placeholder) if placeholder != IMAGE_MARKER else text
         if not self.chat_template:
             return user
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "text", "text": user}]}]
+        system = self.adapter.system_prompt
+        turns = [("user", user)] if system is None else [("system", system), ("user", user)]
+        if getattr(self.processor, "chat_template", None):  # processor templates read a list of content items
+            messages = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in turns]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+            messages = [{"role": role, "content": text} for role, text in turns]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return user
 
     # ---- encoding ----
@@ -180,6 +187,8 @@ class VLM:
             response_ids = [self.tokenizer(r + eos, add_special_tokens=False)["input_ids"] for r in responses]
             texts = [t + r + eos for t, r in zip(texts, responses)]
         pil = [[as_pil(im) for im in row] for row in images]
+        if self.image_transform is not None:
+            pil = [[self.image_transform(im) for im in row] for row in pil]
         kwargs = {"images": pil} if any(n_images) else {}
         processed = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         processed = {k: v for k, v in processed.items()}
@@ -227,9 +236,13 @@ class VLM:
 
     # ---- forward ----
     def layout(self, batch: VLMBatch, probe: Probe | None = None) -> VisionLayout:
-        return VisionLayout.build(
-            batch.spans, batch.input_ids.shape[1], self.masked_layers, self.policy.kernel, probe, batch.attention_mask
-        )
+        """What every forward's attention layers read: the policy applied to this batch. A row that the policy
+        runs dense (legacy_maxlen_fallback) is given no image spans, so no layer masks it."""
+        spans = batch.spans
+        if self.policy.legacy_maxlen_fallback is not None:  # only then read the lengths (a device sync)
+            lengths = batch.attention_mask.sum(-1).tolist()
+            spans = [[] if self.policy.runs_dense(n, self.model.training) else row for row, n in zip(spans, lengths)]
+        return VisionLayout.build(spans, batch.input_ids.shape[1], self.masked_layers, self.policy.kernel, probe, batch.attention_mask)
 
     def model_kwargs(self, batch: VLMBatch, probe: Probe | None = None) -> dict[str, Any]:
         """The keyword arguments of one Hugging Face forward over `batch` (what training calls the model with)."""
