@@ -254,6 +254,9 @@ def test_patches_run_end_to_end_on_a_tiny_model(tmp_path):
     assert "reference (f=1/2)" in text and "Adversarial labels" in text
     assert shapes["precheck"]["rule"] in ("logit", "logprob") and "ranked by" in text  # which rule the pre-check used
     assert (tmp_path / "run" / "figures" / "patches_curves_shapes.png").is_file()
+    # the §5 analyses are off by default: no steps, no keys, no report sections (tests/test_patches_analyses.py)
+    assert "localization" not in shapes and "threshold_x" not in shapes and "Threshold-x" not in text
+    assert not (tmp_path / "run" / "localization").exists() and not (tmp_path / "run" / "threshold").exists()
 
     # a second run skips every finished step and gives the same results
     run_patches(cfg, tmp_path / "run")

@@ -385,3 +385,201 @@ def test_image_folder_and_coco_data(tmp_path):
     assert labels.shape == (12, 32, 32) and 0 < (labels > 0).mean() < 1 and labels.max() <= len(categories)
     cls = load_task_data("classification", DataConfig(source="coco", path=str(annotations), image_size=32))
     assert cls.class_names == categories
+
+
+# ---- FFM on its own images (ffm_data; spec §7 "FFM data", §1.5) ---------------------------------------------
+
+FFM_SHAPES = {"source": "shapes", "image_size": 24, "images": 20, "seed": 5}  # unlike the task: 32 px, 32 train images
+
+
+def ffm_shapes_images() -> np.ndarray:
+    """The oracle: the shapes-world draw docs/stitching.md promises for FFM_SHAPES (scenes, seed * 1000 + 3)."""
+    from stitchkit.world.sets import segmentation_set
+
+    return segmentation_set(20, 24, 5 * 1000 + 3).images
+
+
+@torch.no_grad()
+def hidden_states_of(backbone, images: np.ndarray) -> list[np.ndarray]:
+    return [state.numpy() for state in backbone.hidden_states(backbone.preprocess(images))]
+
+
+def recording_trainings(monkeypatch, root: Path) -> dict[str, object]:
+    """Every training's dataset, by its folder relative to `root` (protocol.train also trains the tree)."""
+    datasets = {}
+    real_train = protocol.train
+
+    def recording_train(model, loss_fn, dataset, cfg, out_dir, **kwargs):
+        datasets[out_dir.relative_to(root).as_posix()] = dataset
+        return real_train(model, loss_fn, dataset, cfg, out_dir, **kwargs)
+
+    monkeypatch.setattr(protocol, "train", recording_train)
+    return datasets
+
+
+def test_ffm_data_trains_the_ffm_stage_alone_through_the_cache_or_online(model_dirs, tmp_path, monkeypatch):
+    """With ffm_data, ffm_tlt's FFM stage trains on its images (their number and size) and TLT on the task's train
+    split. Each model runs once over the split 'ffm'; cached, target-only and online training give the same S;
+    results.json and the report say which images FFM used."""
+    from stitchkit.stitching.report import write_sweep_outputs
+
+    datasets = recording_trainings(monkeypatch, tmp_path)
+    expected = ffm_shapes_images()
+    base = sweep_config(model_dirs, points=[2], objectives=["ffm_tlt"], self_stitch=False, probes=False, cache_dtype="float32")
+    settings = {"cached": ("memory", True), "target_only": ("memory", False), "online": ("none", True), "plain": ("memory", True)}
+    sweeps, results = {}, {}
+    for name, (cache, cache_source) in settings.items():
+        ffm_data = {} if name == "plain" else {"ffm_data": FFM_SHAPES}
+        cfg = validate_config(StitchRunConfig, {**base, **ffm_data, "cache": cache, "cache_source": cache_source})
+        sweeps[name] = Sweep(cfg, tmp_path / name)
+        results[name] = sweeps[name].run_all()
+    dino, clip = sweeps["cached"].models["dino"], sweeps["cached"].models["clip"]
+    train_images = sweeps["cached"].data.splits["train"].images
+    stage = "cells/dino--clip/n2/mlp-relu/ffm_tlt/seed0"
+
+    # What each FFM training read: the ffm_data images, as images (online) or as features of them (cached).
+    assert expected.shape == (20, 24, 24, 3)
+    online = datasets[f"online/{stage}/ffm"].arrays
+    assert set(online) == {"images"} and np.array_equal(online["images"], expected)  # no labels: there are none
+    target_only = datasets[f"target_only/{stage}/ffm"].arrays
+    assert set(target_only) == {"images", "reference"} and np.array_equal(target_only["images"], expected)
+    clip_states = hidden_states_of(clip, expected)
+    normed = clip.final_norm(torch.from_numpy(clip_states[-1])).detach().numpy()
+    np.testing.assert_allclose(target_only["reference"], normed, atol=1e-5)
+    cached = datasets[f"cached/{stage}/ffm"].arrays
+    assert set(cached) == {"hidden", "reference"} and len(cached["hidden"]) == 20
+    np.testing.assert_allclose(cached["hidden"], hidden_states_of(dino, expected)[2], atol=1e-5)
+    np.testing.assert_allclose(cached["reference"], normed, atol=1e-5)
+    # TLT is unchanged: the task's train split with its labels.
+    for name in ("cached", "target_only", "online"):
+        tlt = datasets[f"{name}/{stage}/tlt"]
+        assert len(tlt) == 32 and np.array_equal(tlt.arrays["label"], sweeps[name].data.splits["train"].labels)
+    assert np.array_equal(datasets[f"online/{stage}/tlt"].arrays["images"], train_images)
+    assert len(datasets[f"plain/{stage}/ffm"]) == 32  # without ffm_data, FFM reads the train split as before
+
+    # One pass per (model, split): the source over train / val / test and the FFM images, the target over the FFM
+    # images only (without ffm_data it is the target's train split instead).
+    computed = lambda sweep: {(model, split) for model, split, _ in sweep.store._memory}
+    assert computed(sweeps["cached"]) == {("dino", s) for s in ("train", "val", "test", "ffm")} | {("clip", "ffm")}
+    assert sweeps["cached"].store.computed_passes == 5
+    assert computed(sweeps["target_only"]) == {("clip", "ffm")} and sweeps["target_only"].store.computed_passes == 1
+    assert computed(sweeps["plain"]) == {("dino", s) for s in ("train", "val", "test")} | {("clip", "train")}
+
+    # Recomputing what the cache holds trains the same S (as without ffm_data).
+    cell = results["cached"]["cells"][0]
+    for name in ("target_only", "online"):
+        other = results[name]["cells"][0]
+        for stage_name in ("ffm", "tlt"):
+            assert other["final_losses"][stage_name] == pytest.approx(cell["final_losses"][stage_name], rel=1e-4)
+        assert other["score_test"] == cell["score_test"]
+    assert cell["final_losses"]["ffm"] != results["plain"]["cells"][0]["final_losses"]["ffm"]
+
+    description = "shapes world scenes (1-4 objects, seed 5), 24 px"
+    assert results["cached"]["ffm_data"] == {"split": "ffm", "images": 20, "description": description}
+    assert results["plain"]["ffm_data"] == {"split": "train", "images": 32, "description": "the task's train split"}
+    report = write_sweep_outputs(tmp_path / "cached", sweeps["cached"].cfg, sweeps["cached"].data.description, results["cached"])
+    assert json.loads((tmp_path / "cached" / "results.json").read_text())["ffm_data"]["description"] == description
+    assert f"FFM trained S label-free on 20 images of {description}." in report.read_text()
+    manifest = json.loads((tmp_path / "cached" / "manifest.json").read_text())
+    assert manifest["config"]["ffm_data"] == {**FFM_SHAPES, "path": None, "image_root": None}
+
+
+def test_tree_branches_train_on_ffm_data(model_dirs, tmp_path, monkeypatch):
+    """The tree's branches train by FFM on ffm_data's images (trunk activations and branch targets of those
+    images); its probes keep the task's train split."""
+    from stitchkit.stitching.tree_run import TreeExperiment, write_tree_outputs
+
+    datasets = recording_trainings(monkeypatch, tmp_path / "tree")
+    cfg = validate_config(TreeConfig, {
+        "data": {"image_size": 32, "train": 32, "val": 16, "test": 16},
+        "ffm_data": FFM_SHAPES,
+        "models": {"dino": model_dirs["dino"], "clip": model_dirs["clip"]},
+        "trunk": "dino",
+        "branches": ["clip"],
+        "points": [1],
+        "ffm": FAST, "probe": FAST,
+        "timing_batches": 1,
+        "eval_batch_size": 16,
+        "cache_dtype": "float32",
+        "device": "cpu",
+    })  # fmt: skip
+    experiment = TreeExperiment(cfg, tmp_path / "tree")
+    results = experiment.run_all()
+    expected = ffm_shapes_images()
+    branch = datasets["branches/n1/clip/seed0"].arrays
+    np.testing.assert_allclose(branch["hidden"], hidden_states_of(experiment.models["dino"], expected)[1], atol=1e-5)
+    layer = experiment.layers["clip"]
+    np.testing.assert_allclose(branch["reference"], hidden_states_of(experiment.models["clip"], expected)[layer], atol=1e-5)
+    assert len(datasets["trees/n1/seed0/probe"]) == len(datasets["baselines/seed0/single"]) == 32
+    assert results["ffm_data"] == {"split": "ffm", "images": 20, "description": "shapes world scenes (1-4 objects, seed 5), 24 px"}
+    report = write_tree_outputs(tmp_path / "tree", cfg, experiment.data.description, results)
+    assert "FFM trained each branch's S_i label-free on 20 images of shapes world scenes" in report.read_text()
+
+
+def test_ffm_data_reads_images_without_labels(tmp_path):
+    """A folder gives every image under it, at any depth (no class folders needed, hidden files skipped), a COCO
+    file every image it lists, annotated or not; `images` caps them by a seeded choice."""
+    from PIL import Image
+
+    from stitchkit.stitching.data import DataConfig, ImageSetConfig, load_image_set, load_task_data
+    from stitchkit.world.coco import render_coco
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "generic"
+    saved = {}
+    for name in ("a.png", "sub/b.jpg", "sub/deeper/c.png", ".hidden/d.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        saved[name] = np.asarray(Image.open(root / name).convert("RGB"))  # as stored (the jpg is lossy)
+    (root / "._a.png").write_bytes(b"not an image")  # macOS metadata next to a copied file
+    (root / "notes.txt").write_text("not an image")
+    rows = lambda images: sorted(image.tobytes() for image in images)
+
+    images, description = load_image_set(ImageSetConfig(source="folder", path=str(root), image_size=16, images=10))
+    assert rows(images) == rows(saved[n] for n in ("a.png", "sub/b.jpg", "sub/deeper/c.png"))
+    assert description == f"image folder {root} (drawn from its 3 images with seed 0), 16 px"
+    capped = [load_image_set(ImageSetConfig(source="folder", path=str(root), image_size=16, images=2, seed=s))[0] for s in (0, 0, 1, 2)]
+    assert all(len(c) == 2 and set(rows(c)) <= set(rows(images)) for c in capped)
+    assert rows(capped[0]) == rows(capped[1]) and len({tuple(rows(c)) for c in capped}) > 1  # seeded, and the seed matters
+
+    annotations = render_coco(tmp_path / "coco", n_images=6, size=16, seed=0)
+    data = json.loads(annotations.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in (0, 1)]  # two images unlabelled
+    annotations.write_text(json.dumps(data))
+    images, _ = load_image_set(ImageSetConfig(source="coco", path=str(annotations), image_size=16, images=100))
+    files = sorted((tmp_path / "coco" / "images").glob("*.png"))
+    assert len(files) == 6 and rows(images) == rows(np.asarray(Image.open(f).convert("RGB")) for f in files)
+
+    # Without a size of its own, ffm_data takes the task's; the task's splits stay as they were.
+    task = DataConfig(image_size=20, train=4, val=2, test=2)
+    data = load_task_data("classification", task, ImageSetConfig(source="folder", path=str(root)))
+    assert data.splits["ffm"].images.shape == (3, 20, 20, 3) and data.splits["ffm"].labels is None
+    alone = load_task_data("classification", task)
+    assert all(np.array_equal(data.splits[s].images, alone.splits[s].images) for s in ("train", "val", "test"))
+
+
+def test_bad_ffm_data_is_one_clear_error(model_dirs, tmp_path):
+    from stitchkit.errors import InputError
+
+    missing, empty = tmp_path / "no_such_folder", tmp_path / "empty"
+    empty.mkdir()
+    bad = {
+        "missing": ({"source": "folder", "path": str(missing)}, InputError, f"ffm_data: image folder not found: {missing}"),
+        "empty": ({"source": "folder", "path": str(empty)}, InputError, f"ffm_data: {empty} holds no image files"),
+        "coco": ({"source": "coco", "path": str(missing / "a.json")}, InputError, "ffm_data: annotation file not found"),
+        "no_path": ({"source": "folder"}, ConfigError, "ffm_data: Value error, path is required for source 'folder'"),
+    }
+    runner = CliRunner()
+    for name, (ffm_data, error, message) in bad.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(sweep_config(model_dirs, ffm_data=ffm_data)))
+        result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / name)])
+        assert isinstance(result.exception, error) and message in str(result.exception), (name, result.exception)
+        assert result.exception.exit_code == 2
+    with pytest.raises(ConfigError, match="ffm_data: no objective trains by FFM"):
+        validate_config(StitchRunConfig, sweep_config(model_dirs, objectives=["tlt", "lfm"], ffm_data=FFM_SHAPES))
+    tree = {"models": model_dirs, "trunk": "dino", "branches": ["clip"], "points": [1], "device": "cpu",
+            "ffm_data": {"source": "folder", "path": str(missing)}}  # fmt: skip
+    with pytest.raises(InputError, match="ffm_data: image folder not found"):
+        run_tree(validate_config(TreeConfig, tree), tmp_path / "tree")

@@ -3,9 +3,10 @@
     ids.py         IDs (two letters + three digits) with distinct first tokens under the model's tokenizer
     dataset.py     cut images into f x f patches (floor division, as the official code); HF dataset builder
     shapes.py      source sets from the shapes world: one large object per image; the moderation set with markers
-    filters.py     moderation filters: the built-in marker filter, any HF image classifier
+    filters.py     moderation filters: the built-in marker filter, any HF image classifier, plug-ins (module:callable)
     evaluate.py    mean rank by first-token logit and by full log-probability; random baseline (K-1)/2
     train.py       fine-tuning on (patch, ID) with loss on the ID tokens only, evaluation curves, resume
+    analyses.py    §5: patch localization (rank of the true name given one patch) and Threshold-x
     moderation.py  pass rates and the adversarial-label experiment
     experiment.py  `stitchkit patches run`: everything above into one run folder
     report.py      the paper-style table, curves, moderation tables and figures

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
 
@@ -112,6 +112,43 @@ class EvalSettings(Config):
     ties: TieRule = pydantic.Field("mid", description="mid: ties count half (random = (K-1)/2); strict: the official argsort")
 
 
+class AnalysesSettings(Config):
+    """The auxiliary analyses of §5 (analyses.py), off by default; both rank the true name with the set's
+    recognition_prompt, so every image set needs one."""
+
+    patch_localization: bool = pydantic.Field(
+        False, description="before fine-tuning, the rank of the true name given a single patch, per split factor (Fig. 4)"
+    )
+    threshold_x: list[pydantic.NonNegativeInt] = pydantic.Field(
+        default_factory=list, description="Threshold-x (Fig. 5): per x, train on the patches whose true name ranks >= x "
+        "given the patch alone (x = 0 keeps all); one value or a list, e.g. [0, 1, 2, 3]"
+    )
+    threshold_splits: Optional[list[int]] = pydantic.Field(
+        None, description="the split factors Threshold-x trains at (the paper: [4, 8]); default: every one of `splits`"
+    )
+
+    @pydantic.field_validator("threshold_x", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @pydantic.field_validator("threshold_x")
+    @classmethod
+    def _distinct(cls, xs: list[int]) -> list[int]:
+        if len(set(xs)) != len(xs):
+            raise ValueError(f"threshold values repeat: {xs}")
+        return xs
+
+    def localization_splits(self, splits: list[int]) -> list[int]:
+        """Where patch ranks are needed: every split for the localization table, else where Threshold-x trains."""
+        return list(splits) if self.patch_localization else self.threshold_at(splits)
+
+    def threshold_at(self, splits: list[int]) -> list[int]:
+        if not self.threshold_x:
+            return []
+        return list(splits) if self.threshold_splits is None else list(self.threshold_splits)
+
+
 class MarkerFilterSettings(Config):
     kind: Literal["markers"] = "markers"
     min_markers: int = pydantic.Field(3, ge=1)
@@ -126,6 +163,24 @@ class HFFilterSettings(Config):
     threshold: float = pydantic.Field(0.5, ge=0, le=1)
 
 
+class PythonFilterSettings(Config):
+    """A filter of your own, as a plug-in (§9): `target` names a callable that returns a ModerationFilter
+    (filters.py) when called with `options` as keyword arguments; a filter class itself works. Imported when
+    the run starts, with the current directory on the import path (./my_filters.py is `my_filters:...`)."""
+
+    kind: Literal["python"] = "python"
+    target: str = pydantic.Field(description='"module:callable", e.g. "my_filters:ShieldGemmaFilter"')
+    options: dict[str, Any] = pydantic.Field(default_factory=dict, description="keyword arguments of the call")
+
+    @pydantic.field_validator("target")
+    @classmethod
+    def _module_and_name(cls, target: str) -> str:
+        module, colon, name = target.partition(":")
+        if not colon or not module.strip() or not name.strip():
+            raise ValueError(f"target must be 'module:callable' (e.g. 'my_filters:make_filter'), got {target!r}")
+        return target
+
+
 def _check_split_fit(splits: list[int], size: int, field: str, what: str) -> None:
     """Split factors of square `size`-px images: each at least 1 and at most `size` (f x f patches of >= 1 px)."""
     bad = [f for f in splits if not 1 <= f <= size]
@@ -133,7 +188,7 @@ def _check_split_fit(splits: list[int], size: int, field: str, what: str) -> Non
         raise ValueError(f"{field}: {what} has {size}x{size} px images, so split factors must be 1..{size}; got {bad}")
 
 
-FilterSettings = Annotated[Union[MarkerFilterSettings, HFFilterSettings], pydantic.Field(discriminator="kind")]
+FilterSettings = Annotated[Union[MarkerFilterSettings, HFFilterSettings, PythonFilterSettings], pydantic.Field(discriminator="kind")]
 
 
 def _moderation_training() -> TrainSettings:
@@ -184,6 +239,7 @@ class PatchesConfig(Config):
     image_sets: dict[str, ImageSet] = pydantic.Field(default_factory=lambda: {"shapes": ImageSet(shapes=ShapesSet())}, min_length=1)
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    analyses: AnalysesSettings = AnalysesSettings()
     moderation: Optional[ModerationStudy] = None
 
     @pydantic.field_validator("splits")
@@ -207,4 +263,19 @@ class PatchesConfig(Config):
         for name, image_set in self.image_sets.items():
             if image_set.shapes is not None:
                 _check_split_fit(self.splits, image_set.shapes.size, "splits", f"image set {name!r}")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _analyses(self) -> "PatchesConfig":
+        analyses = self.analyses
+        if analyses.threshold_splits is not None:
+            outside = [f for f in analyses.threshold_splits if f not in self.splits]
+            if outside or len(set(analyses.threshold_splits)) != len(analyses.threshold_splits):
+                raise ValueError(f"analyses.threshold_splits must be distinct split factors of `splits` {self.splits}, "
+                                 f"got {analyses.threshold_splits}")  # fmt: skip
+        if analyses.localization_splits(self.splits):
+            silent = [name for name, image_set in self.image_sets.items() if not image_set.recognition_prompt]
+            if silent:
+                raise ValueError(f"analyses rank the true name given a patch with the recognition prompt, which image "
+                                 f"set(s) {silent} do not have: give them a recognition_prompt")  # fmt: skip
         return self

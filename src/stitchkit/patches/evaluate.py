@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stitchkit.patches.ids import check_first_tokens
+from stitchkit.patches.ids import check_first_tokens, first_token_clashes
 
 TieRule = Literal["mid", "strict"]
 MODES = ("image", "reference")
@@ -78,6 +78,20 @@ def score_items(
             "prob": gold_probability(logits, item.gold), "top": candidates[int(np.argmax(logits))].strip(),
         })  # fmt: skip
     return records
+
+
+def rank_true_names(vlm, items: Sequence[EvalItem], names: Sequence[str], ties: TieRule = "mid") -> dict[str, Any]:
+    """The rank of each item's true name among all `names` (leading space included), as the recognition
+    pre-check (§1.5, given the full image) and patch localization (§5, given one patch) need it.
+
+    Ranked as the official evaluator ranks (the first-token logit) when the names' first tokens are distinct
+    under the tokenizer; otherwise by full log-probability, since names such as "red star" and "red circle"
+    share their first token and the logit could not tell them apart. `rule` says which `mean_rank` uses;
+    both mean ranks and every item's record are kept."""
+    rule = "logprob" if first_token_clashes(vlm.tokenizer, names) else "logit"
+    records = score_items(vlm, items, names, ties, require_distinct_first_tokens=False)
+    means = {scoring: float(np.mean([r[f"rank_{scoring}"] for r in records])) for scoring in SCORINGS}
+    return {"mean_rank": means[rule], "rule": rule, "mean_ranks": means, "random": random_baseline(len(names)), "records": records}
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -4,13 +4,17 @@ Steps of the run folder (each skipped once finished; an interrupted training res
 
     data/<set>/                     the patch dataset of every image set (dataset.py), IDs checked for the model
     precheck/<set>.json             recognition before fine-tuning (§1.5): rank of the true name given the image
+    localization/<set>/f<f>.json    patch localization before fine-tuning (§5), when `analyses` asks (analyses.py)
     train/<set>/f<f>/seed<s>/       one fine-tuning: engine folder, eval/step_*.json, result.json
+    threshold/<set>/x<x>/f<f>/seed<s>/   one Threshold-x fine-tuning (§5), laid out as train/...
     moderation/...                  the moderation study (moderation.py), when configured
     results.json, report.md, figures/*.png
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 from pathlib import Path
@@ -20,10 +24,17 @@ import numpy as np
 
 from stitchkit.data import load_image
 from stitchkit.errors import InputError
+from stitchkit.patches.analyses import (
+    localization_summary,
+    patch_localization,
+    patch_name,
+    patch_ranks,
+    reference_names,
+    threshold_keeps,
+)
 from stitchkit.patches.config import ImageSet, PatchesConfig
 from stitchkit.patches.dataset import assign_ids, build_patch_dataset, load_patch_dataset, read_names, too_fine
-from stitchkit.patches.evaluate import SCORINGS, EvalItem, random_baseline, score_items, summarize
-from stitchkit.patches.ids import first_token_clashes
+from stitchkit.patches.evaluate import EvalItem, random_baseline, rank_true_names, score_items, summarize
 from stitchkit.engine.devices import torch_threads
 from stitchkit.patches.models import model_loader
 from stitchkit.vlm.loading import load_tokenizer
@@ -81,27 +92,22 @@ def training_samples(rows) -> list[PatchSample]:
 
 
 def precheck(vlm, images, prompt: str, ties: str) -> dict[str, Any]:
-    """§1.5: before fine-tuning, the rank of the image's true name among all names, given the full image.
-
-    Ranked as the official evaluator ranks (the first-token logit) when the names' first tokens are distinct
-    under the tokenizer; otherwise by full log-probability, since names such as "red star" and "red circle"
-    share their first token and the logit could not tell them apart. `rule` says which; both are recorded."""
-    names = [f" {row['name']}" for row in images]
-    rule = "logprob" if first_token_clashes(vlm.tokenizer, names) else "logit"
+    """§1.5: before fine-tuning, the rank of the image's true name among all names, given the full image
+    (first-token logit unless the names share first tokens: `rank_true_names`)."""
     items = [EvalItem(row["key"], "recognition", [row["image"]], prompt, i) for i, row in enumerate(images)]
-    records = score_items(vlm, items, names, ties, require_distinct_first_tokens=False)
-    means = {scoring: float(np.mean([r[f"rank_{scoring}"] for r in records])) for scoring in SCORINGS}
-    return {"mean_rank": means[rule], "rule": rule, "mean_ranks": means, "random": random_baseline(len(names)), "records": records}
+    return rank_true_names(vlm, items, reference_names(images), ties)
 
 
 def run_patches(cfg: PatchesConfig, out: str | os.PathLike, command: str | None = None) -> Path:
     """Run the whole experiment into `out`; returns the report path."""
-    from stitchkit.patches.moderation import run_moderation
+    from stitchkit.patches.moderation import check_filter, run_moderation
     from stitchkit.patches.report import write_report
 
     from stitchkit.vlm.micro import check_vlm_spec, resolve_vlm
 
     check_sources(cfg)
+    if cfg.moderation is not None:
+        check_filter(cfg.moderation.filter)  # a plug-in that cannot be imported, before the run folder exists
     check_vlm_spec(cfg.model.source)  # a missing model or unknown recipe, before the run folder and any build
     run = RunDir(out, config=cfg, seeds={"ids": cfg.id_seed, **{f"train_{s}": s for s in cfg.train.seeds}}, command=command)
     with torch_threads(cfg.model.cpu_threads):
@@ -133,22 +139,71 @@ def run_image_set(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: Ima
 
     result: dict[str, Any] = {"k": len(candidates), "random_baseline": random_baseline(len(candidates)),
                               "ids": {e["key"]: e["id"] for e in meta["images"]}, "precheck": None, "splits": {}}  # fmt: skip
+    check, localization = before_finetuning(run, cfg, set_name, image_set, dataset, images, load)
+    if check is not None:
+        # a pre-check written before `rule` existed was ranked by full log-probability
+        result["precheck"] = {"mean_rank": check["mean_rank"], "rule": check.get("rule", "logprob"), "random": check["random"]}
+    if localization:  # keys only when asked for, so that runs without the analyses keep their results.json
+        result["localization"] = {f: localization_summary(loc) for f, loc in localization.items()}
+
+    for f in cfg.splits:
+        result["splits"][f] = train_seeds(run, cfg, f"train/{set_name}/f{f}", training_samples(dataset[f"f{f}"]), f, load, evaluate)
+    if cfg.analyses.threshold_x:
+        result["threshold_x"] = threshold_x_trainings(run, cfg, set_name, dataset, localization, load, evaluate)
+    return result
+
+
+def before_finetuning(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: ImageSet, dataset, images, load):
+    """The steps on the model as loaded: the recognition pre-check (§1.5) and patch localization (§5, at the
+    splits `analyses` needs). They share one load of the model, made only if a step is not finished yet and
+    released before any fine-tuning. Returns (pre-check or None, {f: localization with every patch's record})."""
+    model = functools.cache(load)
+    check = None
     if image_set.recognition_prompt:
         path = run.path("precheck", f"{set_name}.json")
         if not run.done(f"precheck/{set_name}"):
-            atomic_write_json(path, precheck(load(), images, image_set.recognition_prompt, cfg.eval.ties))
+            atomic_write_json(path, precheck(model(), images, image_set.recognition_prompt, cfg.eval.ties))
             run.finish(f"precheck/{set_name}")
         check = json.loads(path.read_text())
-        # a pre-check written before `rule` existed was ranked by full log-probability
-        result["precheck"] = {"mean_rank": check["mean_rank"], "rule": check.get("rule", "logprob"), "random": check["random"]}
+    localization = {}
+    for f in cfg.analyses.localization_splits(cfg.splits):
+        path, step = run.path("localization", set_name, f"f{f}.json"), f"localization/{set_name}/f{f}"
+        if not run.done(step):
+            found = patch_localization(model(), images, dataset[f"f{f}"], image_set.recognition_prompt, cfg.eval.ties)
+            atomic_write_json(path, {"f": f, **found})
+            run.finish(step)
+        localization[f] = json.loads(path.read_text())
+    del model
+    gc.collect()
+    return check, localization
 
-    for f in cfg.splits:
-        samples = training_samples(dataset[f"f{f}"])
-        per_seed = {}
-        for seed in cfg.train.seeds:
-            per_seed[seed] = finetune_step(run, f"train/{set_name}/f{f}/seed{seed}", load, samples, cfg.train, f, seed, evaluate)
-        result["splits"][f] = aggregate_seeds(per_seed)
-    return result
+
+def threshold_x_trainings(run: RunDir, cfg: PatchesConfig, set_name: str, dataset, localization, load, evaluate) -> dict[int, Any]:
+    """§5 Threshold-x: per x and split, train on the patches whose true name ranks >= x given the patch alone
+    (`analyses.threshold_keeps`), every seed, evaluated as the main trainings. A threshold that drops nothing is
+    the main training itself (`trained_in` names the steps); one that drops everything trains nothing."""
+    results: dict[int, Any] = {}
+    for x in cfg.analyses.threshold_x:
+        results[x] = {}
+        for f in cfg.analyses.threshold_at(cfg.splits):
+            rows = dataset[f"f{f}"]
+            ranks = patch_ranks(localization[f])
+            keeps = threshold_keeps([ranks[patch_name(row)] for row in rows.select_columns(["key", "row", "col"])], x)
+            kept = [i for i, keep in enumerate(keeps) if keep]
+            counts = {"patches_kept": len(kept), "patches_total": len(rows)}
+            if not kept:
+                results[x][f] = {**counts, "trained_in": None, "note": f"every patch ranks below x = {x}: nothing to train"}
+                continue
+            prefix = f"train/{set_name}/f{f}" if len(kept) == len(rows) else f"threshold/{set_name}/x{x}/f{f}"
+            trained = train_seeds(run, cfg, prefix, training_samples(rows.select(kept)), f, load, evaluate)
+            results[x][f] = {**counts, "trained_in": prefix, **trained}
+    return results
+
+
+def train_seeds(run: RunDir, cfg: PatchesConfig, prefix: str, samples: list[PatchSample], f: int, load, evaluate) -> dict[str, Any]:
+    """Fine-tune on `samples` once per seed, each as the run-folder step `<prefix>/seed<s>`; aggregated over seeds."""
+    per_seed = {seed: finetune_step(run, f"{prefix}/seed{seed}", load, samples, cfg.train, f, seed, evaluate) for seed in cfg.train.seeds}
+    return aggregate_seeds(per_seed)
 
 
 def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:

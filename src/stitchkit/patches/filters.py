@@ -6,15 +6,21 @@
                           labels you name as forbidden reaches a threshold (softmax, or sigmoid for
                           multi-label models, as transformers' image-classification pipeline computes them)
 
-Both are plain callables, so a user's own filter (an API client, ShieldGemma) plugs in the same way.
+Both are plain callables, so a user's own filter (an API client, ShieldGemma) plugs in the same way: from Python,
+or from a config as `filter: {kind: python, target: "module:callable", options: {...}}` (`plugin_filter`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import os
+import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,10 +35,62 @@ class Verdict:
     score: float  # the evidence: complete markers seen, or the probability of the forbidden labels
 
 
+@runtime_checkable  # so that a plug-in's object can be checked (attributes only: `name` and a __call__)
 class ModerationFilter(Protocol):
     name: str
 
     def __call__(self, images: Sequence[Image.Image]) -> list[Verdict]: ...
+
+
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """The current directory on the import path for a moment, as `python -m` has it (the `stitchkit` script
+    does not), so that a filter in ./my_filters.py imports as `my_filters`."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def plugin_factory(target: str) -> Callable[..., Any]:
+    """The callable that `target` ("package.module:name", the name may be dotted) names; a ConfigError that says
+    what is missing if the module cannot be imported, lacks the name, or the name is not callable."""
+    module_name, _, attribute = target.partition(":")
+    where = f"moderation.filter.target {target!r}"
+    with _current_directory_importable():
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"{where}: cannot import module {module_name!r} ({err})") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: {attribute!r} is a {type(obj).__name__}, not a callable that returns a filter")
+    return obj
+
+
+def plugin_filter(target: str, options: dict[str, Any] | None = None) -> ModerationFilter:
+    """A user's filter: `target`'s callable called with `options` as keyword arguments, checked to be a
+    ModerationFilter (an object with a `name` and __call__(images) -> [Verdict])."""
+    factory, options = plugin_factory(target), options or {}
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as err:
+        raise ConfigError(f"moderation.filter.options do not fit {target!r}: {err}") from None
+    except ValueError:  # no signature to check (some builtins): the call itself will tell
+        pass
+    made = factory(**options)
+    if not isinstance(made, ModerationFilter):
+        raise ConfigError(f"moderation.filter.target {target!r} returned a {type(made).__name__}, not a moderation "
+                          "filter: an object with a `name` and a __call__(images) -> [Verdict] (stitchkit.patches.filters)")  # fmt: skip
+    return made
 
 
 def complete_components(mask: np.ndarray, min_area: int) -> int:

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stitchkit.patches.config import HFFilterSettings, ModerationStudy, PatchesConfig
+from stitchkit.errors import ConfigError
+from stitchkit.patches.config import HFFilterSettings, ModerationStudy, PatchesConfig, PythonFilterSettings
 from stitchkit.patches.dataset import Patch, cut_patches, encode_image, read_names
 from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
-from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter
+from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter, plugin_factory, plugin_filter
 from stitchkit.patches.ids import check_first_tokens
 from stitchkit.patches.shapes import render_moderation_set
 from stitchkit.patches.train import PatchSample, finetune_step
@@ -41,9 +42,18 @@ def arrangement_labels(arrangement: int, safe: str, unsafe: str) -> dict[str, st
 
 
 def make_filter(settings) -> ModerationFilter:
+    if isinstance(settings, PythonFilterSettings):
+        return plugin_filter(settings.target, settings.options)
     if isinstance(settings, HFFilterSettings):
         return HFClassifierFilter(settings.model, settings.flagged_labels, settings.threshold)
     return MarkerFilter(settings.min_markers, settings.min_area, settings.tolerance)
+
+
+def check_filter(settings) -> None:
+    """Import a plug-in filter's callable now, so that a missing module fails before the run starts; the filter
+    itself (which may load a model) is only made when the study runs."""
+    if isinstance(settings, PythonFilterSettings):
+        plugin_factory(settings.target)
 
 
 def _roundtrip(image: Image.Image, fmt: str) -> Image.Image:
@@ -66,8 +76,10 @@ def filter_patches(filt: ModerationFilter, patches: dict[int, dict[str, list]]) 
     for f, per_image in patches.items():
         verdicts[f] = {}
         for key, cells in per_image.items():
-            results = filt([p.image for p in cells])
-            verdicts[f][key] = [{"row": p.row, "col": p.col, "flagged": v.flagged, "score": v.score} for p, v in zip(cells, results)]
+            results = list(filt([p.image for p in cells]))
+            if len(results) != len(cells):  # a plug-in's bug would otherwise drop patches silently (zip)
+                raise ConfigError(f"filter {getattr(filt, 'name', filt)!r} gave {len(results)} verdicts for {len(cells)} images")
+            verdicts[f][key] = [{"row": p.row, "col": p.col, "flagged": bool(v.flagged), "score": float(v.score)} for p, v in zip(cells, results)]
     return verdicts
 
 

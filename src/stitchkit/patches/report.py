@@ -1,4 +1,5 @@
-"""Tables and figures of a patches run: the paper-style table, curves over training, the moderation study."""
+"""Tables and figures of a patches run: the paper-style table, curves over training, the §5 analyses (patch
+localization, Threshold-x) when the run has them, the moderation study."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stitchkit.report import image_grid, markdown_table
+from stitchkit.report import image_grid, line_plot, markdown_table
 from stitchkit.runs import RunDir, atomic_write_text, save_figure
 
 METRICS = {
@@ -52,22 +53,94 @@ def paper_rows(results: dict[str, Any], scoring: str = "logit") -> list[dict[str
     return rows
 
 
-def curves_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path:
-    """Mean rank (seed mean) over training epochs, one line per split factor; image and reference panels."""
+def mode_panels(path: Path, set_name: str, lines: dict[str, tuple[list[float], dict[str, list[float]]]], xlabel: str,
+                random: float) -> Path:  # fmt: skip
+    """Image-based and reference-based panels side by side, one line per label {label: (xs, {mode: mean ranks})}."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, mode in zip(axes, ("image", "reference")):
-        for f, split in s["splits"].items():
-            curve = split["mean_curve"]
-            ax.plot([p["epoch"] for p in curve], [p[f"{mode}_logit"] for p in curve], marker="o", markersize=3, label=f"f={f}")
-        ax.axhline(s["random_baseline"], color="grey", linestyle="--", linewidth=1, label="random (K-1)/2")
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys[mode], marker="o", markersize=3, label=label)
+        ax.axhline(random, color="grey", linestyle="--", linewidth=1, label="random (K-1)/2")
         ax.set_title(f"{set_name}: {mode}-based")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean rank of the true ID (first-token logit)")
     axes[1].legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def curves_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path:
+    """Mean rank (seed mean) over training epochs, one line per split factor; image and reference panels."""
+    lines = {f"f={f}": ([p["epoch"] for p in split["mean_curve"]], {mode: [p[f"{mode}_logit"] for p in split["mean_curve"]] for mode in ("image", "reference")})
+             for f, split in s["splits"].items()}  # fmt: skip
+    return mode_panels(path, set_name, lines, "epoch", s["random_baseline"])
+
+
+def localization_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """§5 patch localization: per set and split factor, the mean rank of the true name given one patch."""
+    return [{"set": set_name, "f": f, "patches": loc["patches"], "mean rank given one patch": loc["mean_rank"],
+             "random": loc["random"], "ranked by": PRECHECK_RULES[loc["rule"]]}
+            for set_name, s in results["sets"].items() for f, loc in s.get("localization", {}).items()]  # fmt: skip
+
+
+def localization_figure(path: Path, set_name: str, localization: dict[str, Any]) -> Path:
+    """The paper's Fig. 4 before fine-tuning: mean rank of the true name given one patch vs the split factor."""
+    fs = list(localization)
+    series = {set_name: ([int(f) for f in fs], [localization[f]["mean_rank"] for f in fs])}
+    return line_plot(path, series, xlabel="split factor f (f x f patches)", ylabel="mean rank of the true name",
+                     title=f"{set_name}: patch localization", baseline=localization[fs[0]]["random"],
+                     baseline_label="random (K-1)/2")  # fmt: skip
+
+
+def threshold_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """§5 Threshold-x: per set, x and split factor, the patches kept and the final mean ranks."""
+    rows = []
+    for set_name, s in results["sets"].items():
+        for x, per_split in s.get("threshold_x", {}).items():
+            for f, t in per_split.items():
+                row = {"set": set_name, "x": x, "f": f, "patches kept": f"{t['patches_kept']}/{t['patches_total']}"}
+                if "final_mean" in t:
+                    row.update({"reference rank": _cell(t, "reference_logit"), "image rank": _cell(t, "image_logit"),
+                                "trained in": f"`{t['trained_in']}`"})  # fmt: skip
+                else:
+                    row["reference rank"] = t["note"]
+                rows.append(row)
+    return rows
+
+
+def threshold_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path:
+    """The paper's Fig. 5: final mean rank (seed mean) vs x, one line per split factor; image and reference panels."""
+    lines = {}
+    for f in dict.fromkeys(f for per_split in s["threshold_x"].values() for f in per_split):
+        trained = [(int(x), per_split[f]["final_mean"]) for x, per_split in s["threshold_x"].items() if "final_mean" in per_split.get(f, {})]
+        lines[f"f={f}"] = ([x for x, _ in trained], {mode: [m[f"{mode}_logit"] for _, m in trained] for mode in ("image", "reference")})
+    return mode_panels(path, set_name, lines, "threshold x (patches whose name ranks < x dropped)", s["random_baseline"])
+
+
+def analyses_sections(results: dict[str, Any], figures: Path, link_base: Path) -> str:
+    """The §5 analyses the run has (none: an empty string)."""
+    text = ""
+    rows = localization_rows(results)
+    if rows:
+        text += ("\n### Patch localization before fine-tuning (§5, Fig. 4)\n\nMean rank of the true name among all names "
+                 "given a single patch with the recognition prompt, over all patches of each split factor (ranked as "
+                 "the recognition pre-check ranks).\n\n" + markdown_table(rows, digits=2))  # fmt: skip
+        for set_name, s in results["sets"].items():
+            if s.get("localization"):
+                figure = localization_figure(figures / f"patches_localization_{set_name}.png", set_name, s["localization"])
+                text += f"\n![{set_name} patch localization]({figure.relative_to(link_base)})\n"
+    rows = threshold_rows(results)
+    if rows:
+        text += ("\n### Threshold-x (§5, Fig. 5)\n\nTrained only on the patches whose true name ranks >= x given the patch "
+                 "alone (the localization ranks); last evaluation point, mean ± std over seeds, first-token logit. "
+                 "A threshold that drops no patch is the main training (`trained in`).\n\n" + markdown_table(rows))  # fmt: skip
+        for set_name, s in results["sets"].items():
+            if s.get("threshold_x"):
+                figure = threshold_figure(figures / f"patches_threshold_{set_name}.png", set_name, s)
+                text += f"\n![{set_name} Threshold-x]({figure.relative_to(link_base)})\n"
+    return text
 
 
 def stitched_with_holes(image: Image.Image, f: int, cells: list[dict[str, Any]]) -> np.ndarray:
@@ -142,6 +215,7 @@ def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, lin
     for set_name, s in results["sets"].items():
         figure = curves_figure(figures / f"patches_curves_{set_name}.png", set_name, s)
         parts.append(f"\n![{set_name} curves]({figure.relative_to(link_base)})\n")
+    parts.append(analyses_sections(results, figures, link_base))
     if results.get("moderation"):
         parts.append("\n" + moderation_sections(run_root, results["moderation"], figures, link_base))
     return "".join(parts)

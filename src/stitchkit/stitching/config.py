@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 import pydantic
 
 from stitchkit.config import Config
-from stitchkit.stitching.data import DataConfig
-from stitchkit.stitching.objectives import LABEL_FREE, Objective
+from stitchkit.stitching.data import DataConfig, ImageSetConfig
+from stitchkit.stitching.objectives import LABEL_FREE, Objective, stages
 
 
 class StitchLayerConfig(Config):
@@ -142,9 +142,20 @@ def _check_block_index(name: str, value: int) -> int:
     return value
 
 
+# The images FFM trains on, in a sweep and a tree (spec §7 "FFM data", §1.5).
+FFMData = Annotated[
+    ImageSetConfig | None,
+    pydantic.Field(
+        description="images FFM trains S on instead of the task's train split (generic images, e.g. an ImageNet "
+        "or LLaVA-1.5 image folder; no labels needed); None = the task's train split"
+    ),
+]
+
+
 class StitchRunConfig(Config):
     task: Literal["classification", "segmentation"] = "classification"
     data: DataConfig = DataConfig()
+    ffm_data: FFMData = None
     models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
     image_size: dict[str, pydantic.PositiveInt] = pydantic.Field(default_factory=dict, description="per-model resolution override")
     pairs: list[tuple[str, str]] | Literal["all"] = pydantic.Field(
@@ -205,6 +216,11 @@ class StitchRunConfig(Config):
         unknown = set(self.image_size) - names
         if unknown:
             raise ValueError(f"image_size: {', '.join(sorted(unknown))} not in models")
+        if self.ffm_data is not None and not any("ffm" in stages(objective) for objective in self.objectives):
+            raise ValueError(
+                f"ffm_data: no objective trains by FFM (objectives: {', '.join(self.objectives)}); add ffm or "
+                "ffm_tlt, or remove ffm_data"
+            )
         _check_stage_options(self)
         return self
 
@@ -225,6 +241,7 @@ class StitchRunConfig(Config):
 class TreeConfig(Config):
     task: Literal["classification"] = "classification"
     data: DataConfig = DataConfig()
+    ffm_data: FFMData = None  # the branches' FFM and their learnable prefix tokens' init
     models: dict[str, str] = pydantic.Field(description="name -> hub id, local folder or zoo:NAME")
     image_size: dict[str, pydantic.PositiveInt] = pydantic.Field(default_factory=dict)
     trunk: str = pydantic.Field(description="the model whose blocks 1..n are shared")

@@ -8,6 +8,9 @@ Three sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) 
              RLE; classification: the category of each image's largest annotation)
 Folder and COCO images are resized (squashed, no crop) to `image_size`, so every model sees the same field of
 view; each backbone then resizes to its own resolution. Splits of folder / COCO data are a seeded shuffle.
+
+FFM can train on other images than the task's (`ffm_data`, spec §7 "FFM data", §1.5): the same three sources
+read without labels and taken whole as one more split, 'ffm' (`ImageSetConfig`, `load_image_set`).
 """
 
 from __future__ import annotations
@@ -26,33 +29,61 @@ from stitchkit.errors import InputError
 
 Task = Literal["classification", "segmentation"]
 SPLITS = ("train", "val", "test")
+FFM_SPLIT = "ffm"  # the split of ffm_data's images (TaskData.ffm_split)
 
 
-class DataConfig(Config):
+class ImageSourceConfig(Config):
+    """Where images come from: what `data` (the task) and `ffm_data` (FFM's own images) share."""
+
     source: Literal["shapes", "folder", "coco"] = "shapes"
     path: str | None = pydantic.Field(None, description="image folder root, or COCO annotation JSON (images beside it)")
     image_root: str | None = pydantic.Field(None, description="COCO image folder; default: the JSON's folder")
     image_size: int = pydantic.Field(64, ge=8, description="every image is resized to this square size first")
+    seed: int = 0
+
+    @pydantic.model_validator(mode="after")
+    def _needs_path(self):
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"path is required for source {self.source!r}")
+        return self
+
+    @property
+    def coco_image_root(self) -> Path:
+        """Where a COCO file's image file names point: image_root, or the annotation file's folder."""
+        return Path(self.image_root) if self.image_root else Path(self.path).parent
+
+
+class DataConfig(ImageSourceConfig):
+    """The task's labelled images, in train / val / test splits."""
+
     train: int = pydantic.Field(1024, ge=1, description="shapes: images per split; folder/coco: cap (0 = all)")
     val: int = pydantic.Field(256, ge=1)
     test: int = pydantic.Field(512, ge=1)
-    seed: int = 0
     target: Literal["category", "colour", "both"] = "category"  # shapes classification label
     max_objects: int = pydantic.Field(3, ge=1)  # shapes segmentation
     val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco splits
     test_fraction: float = pydantic.Field(0.2, gt=0, lt=1)
 
-    @pydantic.model_validator(mode="after")
-    def _needs_path(self):
-        if self.source != "shapes" and not self.path:
-            raise ValueError(f"data.path is required for source {self.source!r}")
-        return self
+
+class ImageSetConfig(ImageSourceConfig):
+    """Images without labels, taken whole as one set: FFM's generic images (`ffm_data`).
+
+    shapes   `images` scenes of 1-4 objects, a draw no task split (of any seed) shares
+    folder   every image file anywhere under `path` (an ImageNet class tree, LLaVA-1.5's image folders, a flat
+             folder): sub-folders are not read as classes
+    coco     every image the annotation file lists, annotated or not
+    """
+
+    images: int = pydantic.Field(
+        1024, ge=1, description="shapes: how many to draw; folder / coco: at most this many (a seeded random choice)"
+    )
+    image_size: int | None = pydantic.Field(None, ge=8, description="resize to this square size; default: data's")
 
 
 @dataclass
 class Split:
     images: np.ndarray  # (N, S, S, 3) uint8
-    labels: np.ndarray  # (N,) int64 class index, or (N, S, S) int64 semantic map
+    labels: np.ndarray | None  # (N,) int64 class index, or (N, S, S) int64 semantic map; None: FFM's own images
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,15 +93,39 @@ class Split:
 class TaskData:
     task: Task
     class_names: list[str]
-    splits: dict[str, Split]
+    splits: dict[str, Split]  # train / val / test, and 'ffm' when ffm_data gives FFM its own images
     description: str
+    ffm_description: str = "the task's train split"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def ffm_split(self) -> str:
+        """The split FFM trains S on: ffm_data's images if given, else the task's train split (labels unused)."""
+        return FFM_SPLIT if FFM_SPLIT in self.splits else "train"
 
-def load_task_data(task: Task, cfg: DataConfig) -> TaskData:
+    def ffm_record(self) -> dict:
+        """Which images FFM trained on, for results.json."""
+        return {"split": self.ffm_split, "images": len(self.splits[self.ffm_split]), "description": self.ffm_description}
+
+
+def load_task_data(task: Task, cfg: DataConfig, ffm_data: ImageSetConfig | None = None) -> TaskData:
+    """The task's train / val / test splits; with `ffm_data`, also its images as the unlabelled split 'ffm'."""
+    data = _labelled_splits(task, cfg)
+    if ffm_data is not None:
+        if ffm_data.image_size is None:  # the task's size, so a forgotten size never shrinks the images silently
+            ffm_data = ffm_data.model_copy(update={"image_size": cfg.image_size})
+        try:
+            images, data.ffm_description = load_image_set(ffm_data)
+        except InputError as err:  # the config has two image sources: say which one is wrong
+            raise InputError(f"ffm_data: {err}") from None
+        data.splits[FFM_SPLIT] = Split(images, None)
+    return data
+
+
+def _labelled_splits(task: Task, cfg: DataConfig) -> TaskData:
     if cfg.source == "shapes":
         return _shapes(task, cfg)
     if cfg.source == "folder":
@@ -128,7 +183,7 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
     from stitchkit.data import load_coco, load_image
 
     index = load_coco(cfg.path)
-    image_root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+    image_root = cfg.coco_image_root
     category_ids = sorted(index.categories)
     image_ids = sorted(i for i in index.images if index.by_image.get(i))
     if not image_ids:
@@ -159,6 +214,52 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
                 labels.append(_resized(Image.fromarray(semantic), cfg.image_size, Image.Resampling.NEAREST))
         splits[split] = Split(np.stack(images), np.stack(labels).astype(np.int64) if task != "classification" else np.array(labels, dtype=np.int64))
     return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {cfg.image_size} px")
+
+
+def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:
+    """The images of an image set, (N, S, S, 3) uint8, and a description naming them (source, images to draw
+    from, seed, size) that the run records."""
+    from stitchkit.data import load_image
+
+    if cfg.source == "shapes":
+        from stitchkit.world.sets import segmentation_set
+
+        # Seed offset len(SPLITS): task splits draw at offsets 0..2 of seed * 1000, so no task split repeats this draw.
+        images = segmentation_set(cfg.images, cfg.image_size, cfg.seed * 1000 + len(SPLITS)).images
+        return images, f"shapes world scenes (1-4 objects, seed {cfg.seed}), {cfg.image_size} px"
+    files = _folder_images(Path(cfg.path)) if cfg.source == "folder" else _coco_images(cfg)
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(files))[: cfg.images])
+    images = np.stack([_resized(load_image(files[i]), cfg.image_size) for i in chosen])
+    what = "image folder" if cfg.source == "folder" else "COCO file"
+    return images, f"{what} {cfg.path} (drawn from its {len(files)} images with seed {cfg.seed}), {cfg.image_size} px"
+
+
+def _folder_images(root: Path) -> list[Path]:
+    """Every image file under `root`, at any depth, skipping hidden files and folders (e.g. macOS '._x.jpg')."""
+    from stitchkit.data import IMAGE_EXTENSIONS
+
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and path.is_file()
+    )
+    if not files:
+        raise InputError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _coco_images(cfg: ImageSetConfig) -> list[Path]:
+    """The files of every image a COCO file lists, in image-id order, with or without annotations."""
+    from stitchkit.data import load_coco
+
+    index = load_coco(cfg.path)
+    if not index.images:
+        raise InputError(f"{cfg.path}: lists no images")
+    return [cfg.coco_image_root / index.images[i].file_name for i in sorted(index.images)]
 
 
 def _raw_segmentations(path: Path) -> dict[int, object]:

@@ -9,7 +9,8 @@ sweep resumes where it stopped; an interrupted training resumes from its checkpo
 One cell:
     1. build S (seeded) and the stitched model; optionally least-squares init; learnable prefix tokens
        start at the mean of the target's own prefix tokens at the stitch point
-    2. train S by the objective's stages on cached source activations (cache.py)
+    2. train S by the objective's stages on cached source activations (cache.py); FFM stages on the task's train
+       images, or on ffm_data's own images (the split 'ffm')
     3. label-free objectives (LFM, FFM) fit a head on the frozen stitch; TLT stages train S and head
        (optionally at their own learning rates, and stopped early on the val score: OptimConfig)
     4. evaluate on the test split: score, D_n / D_fin / per-layer profile, prediction overlap
@@ -162,7 +163,7 @@ class Sweep:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "sweep": cfg.seeds}, command=command)
-        self.data: TaskData = load_task_data(cfg.task, cfg.data)
+        self.data: TaskData = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.models = {name: load_frozen_backbone(spec, cfg.image_size.get(name), self.device) for name, spec in cfg.models.items()}
         self.cells = [
             Cell(source, target, point, stitch, objective, seed)
@@ -212,7 +213,8 @@ class Sweep:
                     self.store.plan(name, split, ["readout"])
         for cell in self.cells:
             source_layer = stitch_input_layer(cell.stitch.kind, cell.point)
-            for split in ("train", "val", "test") if self.cfg.cache_source else ():
+            ffm_split = [self.data.ffm_split] if "ffm" in stages(cell.objective) else []
+            for split in ("train", "val", "test", *ffm_split) if self.cfg.cache_source else ():
                 self.store.plan(cell.source, split, [layer_key(source_layer)])
             m = self.target_point(cell)
             self.store.plan(cell.target, "init", [layer_key(m)])
@@ -221,7 +223,7 @@ class Sweep:
             if "lfm" in stages(cell.objective):
                 self.store.plan(cell.target, "train", [layer_key(m)])
             if "ffm" in stages(cell.objective):
-                self.store.plan(cell.target, "train", [self.match_key(cell.target)])
+                self.store.plan(cell.target, self.data.ffm_split, [self.match_key(cell.target)])
 
     def features(self, model: str, split: str, key: str) -> np.ndarray:
         images = self.init_images if split == "init" else self.data.splits[split].images
@@ -360,20 +362,19 @@ class Sweep:
 
     def stage_dataset(self, cell: Cell, model: StitchedModel, stage: str) -> ArrayDataset:
         """Training rows for one stage: the source activations (or the images, when the source runs online) plus
-        the stage's cached target, or the labels. What a row lacks, the loss computes online."""
-        split = self.data.splits["train"]
-        if self.cfg.cache == "none":
-            return ArrayDataset(images=split.images, label=split.labels)
+        the stage's cached target, or the labels. What a row lacks, the loss computes online. FFM reads the FFM
+        split (ffm_data's images, or the train split), every other stage the train split."""
+        name = self.data.ffm_split if stage == "ffm" else "train"
+        split = self.data.splits[name]
         if self.source_cached:
-            arrays = {"hidden": self.features(cell.source, "train", layer_key(model.source_layer))}
+            arrays = {"hidden": self.features(cell.source, name, layer_key(model.source_layer))}
         else:
             arrays = {"images": split.images}
-        if stage == "lfm":
-            arrays["reference"] = self.features(cell.target, "train", layer_key(model.target_point))
-        elif stage == "ffm":
-            arrays["reference"] = self.features(cell.target, "train", self.match_key(cell.target))
-        else:
+        if stage == "tlt":
             arrays["label"] = split.labels
+        elif self.cfg.cache != "none":
+            key = layer_key(model.target_point) if stage == "lfm" else self.match_key(cell.target)
+            arrays["reference"] = self.features(cell.target, name, key)
         return ArrayDataset(**arrays)
 
     @staticmethod
@@ -564,4 +565,7 @@ class Sweep:
                 for name in self.models:
                     probes[(name, seed)] = self.probe(name, seed)
         cells = [self.run_cell(cell, probes) for cell in track(self.cells, "stitch cells")]
-        return {"probes": list(probes.values()), "cells": cells}
+        results = {"probes": list(probes.values()), "cells": cells}
+        if any("ffm" in stages(cell.objective) for cell in self.cells):
+            results["ffm_data"] = self.data.ffm_record()  # which images the FFM stages trained on
+        return results

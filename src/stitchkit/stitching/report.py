@@ -148,6 +148,14 @@ def write_figures(cells: list[dict], probes: list[dict], points: list[int], figu
     return paths
 
 
+def ffm_data_sentence(results: dict, trained: str = "S") -> str:
+    """Which images FFM trained on (results['ffm_data'], from TaskData.ffm_record), as a report sentence."""
+    record = results.get("ffm_data")
+    if record is None:
+        return ""
+    return f" FFM trained {trained} label-free on {record['images']} images of {record['description']}."
+
+
 def write_sweep_outputs(out: Path, cfg, data_description: str, results: dict) -> Path:
     """results.json, results.csv, figures/*.png and report.md for a finished sweep."""
     cells, probes = results["cells"], results["probes"]
@@ -162,7 +170,7 @@ def write_sweep_outputs(out: Path, cfg, data_description: str, results: dict) ->
         "# Model stitching sweep\n",
         f"Task: {cfg.task} on {data_description}; test {metric_name}, mean ± sample std over seeds {cfg.seeds}. "
         f"Models: {', '.join(f'{k} = `{v}`' for k, v in cfg.models.items())}. Stitch points are source blocks n "
-        "(1-indexed); 'none' = S from random init, 'FFM→TLT' = the paper's recipe.\n",
+        "(1-indexed); 'none' = S from random init, 'FFM→TLT' = the paper's recipe." + ffm_data_sentence(results) + "\n",
         f"## {metric_name} (rows: pair and initialisation; columns: stitch points)\n",
         paper_table(cells, cfg.points),
     ]

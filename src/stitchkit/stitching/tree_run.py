@@ -1,11 +1,12 @@
 """`stitchkit stitch tree`: a VFM Stitch Tree at every stitch point, against one model and all models.
 
 For each point n and seed: every branch's S_i is trained by FFM against model i's own features at its feature
-layer (patch tokens, raw, block N-1 by default: what a multi-encoder MLLM reads; spec §1.5), label-free. The
-consumer is a linear probe (BatchNorm + Linear) on the concatenated mean-pooled patch features of all branches,
-standing in for the MLLM of the paper. Baselines: the trunk model alone ("single") and every model run in full
-("dual", or k-model). Reported per n: score, normalised gain (tree - single)/(dual - single), and extra cost over
-single in blocks, analytic FLOPs and measured forward time.
+layer (patch tokens, raw, block N-1 by default: what a multi-encoder MLLM reads; spec §1.5), label-free, on the
+task's train images or on ffm_data's generic images (spec §1.5: FFM stitches trained on LLaVA-1.5 images transfer
+across tasks). The consumer is a linear probe (BatchNorm + Linear) on the concatenated mean-pooled patch features
+of all branches, standing in for the MLLM of the paper. Baselines: the trunk model alone ("single") and every
+model run in full ("dual", or k-model). Reported per n: score, normalised gain (tree - single)/(dual - single),
+and extra cost over single in blocks, analytic FLOPs and measured forward time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from stitchkit.stitching.layers import build_stitch
 from stitchkit.stitching.model import StitchedModel, check_point
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
 from stitchkit.stitching.protocol import task_score, train_stage
+from stitchkit.stitching.report import ffm_data_sentence
 from stitchkit.stitching.tree import (
     StitchTree,
     block_flops,
@@ -51,7 +53,7 @@ class TreeExperiment:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "tree": cfg.seeds}, command=command)
-        self.data = load_task_data(cfg.task, cfg.data)
+        self.data = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.names = [cfg.trunk, *cfg.branches]
         self.models = {name: load_frozen_backbone(cfg.models[name], cfg.image_size.get(name), self.device) for name in self.names}
         self.trunk = self.models[cfg.trunk]
@@ -69,6 +71,10 @@ class TreeExperiment:
             for name in self.names:
                 self.store.plan(name, split, [layer_key(self.layers[name])])
             self.store.plan(cfg.trunk, split, [layer_key(n) for n in cfg.points])
+        # The branches' FFM split (ffm_data's images; without it the train split, planned above already).
+        self.store.plan(cfg.trunk, self.data.ffm_split, [layer_key(n) for n in cfg.points])
+        for name in cfg.branches:
+            self.store.plan(name, self.data.ffm_split, [layer_key(self.layers[name])])
 
     def features(self, name: str, split: str, key: str) -> np.ndarray:
         return self.store.get(name, split, key, self.models[name], self.data.splits[split].images, self.cfg.task)
@@ -104,19 +110,20 @@ class TreeExperiment:
         return {split: score(head, split) for split in ("val", "test")}
 
     def train_branch(self, name: str, point: int, seed: int) -> StitchedModel:
-        """S_i for one branch, trained by FFM on model i's patch tokens at its feature layer (label-free)."""
-        target = self.models[name]
+        """S_i for one branch, trained by FFM on model i's patch tokens at its feature layer (label-free), on the
+        FFM split: learnable prefix tokens start from that split too, so with ffm_data a branch never sees the task."""
+        target, split = self.models[name], self.data.ffm_split
         seed_everything(seed)
         stitch = build_stitch(self.cfg.stitch.kind, self.trunk.hidden_size, target.hidden_size, act=self.cfg.stitch.act, hidden=self.cfg.stitch.hidden)
         model = StitchedModel(self.trunk, target, point, stitch, match_layer=self.layers[name], **self.bridge_options)
         if model.prefix.tokens is not None:
-            reference = np.asarray(self.features(name, "train", layer_key(model.target_point))[:, : target.num_prefix_tokens], dtype=np.float32)
+            reference = np.asarray(self.features(name, split, layer_key(model.target_point))[:, : target.num_prefix_tokens], dtype=np.float32)
             model.prefix.init_learnable(torch.as_tensor(reference.mean(0)))
         weights = torch.zeros(sequence_length(target))
         weights[target.num_prefix_tokens :] = 1.0  # the consumer reads patch tokens only
         dataset = ArrayDataset(
-            hidden=self.features(self.cfg.trunk, "train", layer_key(point)),
-            reference=self.features(name, "train", layer_key(self.layers[name])),
+            hidden=self.features(self.cfg.trunk, split, layer_key(point)),
+            reference=self.features(name, split, layer_key(self.layers[name])),
         )
 
         def loss_fn(wrapped, batch):
@@ -227,6 +234,7 @@ class TreeExperiment:
         single_time = self.time_forward(self._model_forward(self.cfg.trunk), pixels)
         dual_time = self.time_forward(lambda p: [self._model_forward(n)(p) for n in self.names], pixels)
         return {
+            "ffm_data": self.data.ffm_record(),  # which images the branches trained on
             "baselines": baselines,
             "trees": trees,
             "single": {"score_test": single_score, "blocks": single_blocks, "flops": single_flops, "seconds_per_image": single_time},
@@ -288,7 +296,9 @@ def write_tree_outputs(out: Path, cfg: TreeConfig, description: str, results: di
             "# VFM Stitch Tree\n",
             f"Trunk `{cfg.trunk}`, branches {', '.join(f'`{b}`' for b in cfg.branches)}; features from block L = "
             f"{cfg.feature_layer} (patch tokens, mean-pooled, concatenated) into a linear probe; data: {description}. "
-            "Extra cost is relative to the trunk model alone; normalised gain = (tree − single)/(all − single).\n",
+            "Extra cost is relative to the trunk model alone; normalised gain = (tree − single)/(all − single)."
+            + ffm_data_sentence(results, trained="each branch's S_i")
+            + "\n",
             markdown_table(rows),
             f"\n![score vs cost](figures/{figure.name})\n",
         ]
