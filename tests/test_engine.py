@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import math
 import os
 import random
@@ -89,6 +90,26 @@ def hand_written_training(cfg: TrainConfig, data, lr_of: dict[str, float] | None
         losses.append(loss.item())
         lrs.append(cfg.lr * factor(step))
     return model, losses, lrs, grad_norms
+
+
+def test_the_unused_parameter_probe_leaves_module_state_as_it_was():
+    """The multi-process probe runs one real forward; a forward that moves buffers (DINO's EMA teacher and centre)
+    must find them as they were, or two processes train from another state than one."""
+    from stitchkit.engine.loop import _has_unused_trainable_parameters
+
+    class Stateful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.used(x).sum()
+
+    model = Stateful()
+    assert _has_unused_trainable_parameters(model, lambda m, batch: m(batch), torch.ones(3, 2), contextlib.nullcontext)
+    assert model.calls.item() == 0 and all(p.grad is None for p in model.parameters())
 
 
 def test_matches_a_hand_written_pytorch_loop():

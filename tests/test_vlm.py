@@ -406,6 +406,27 @@ def test_score_matches_brute_force_forward_per_candidate(family):
     assert scores[-1].token_ids[0] == processor.tokenizer.convert_tokens_to_ids("a")  # ID strings fall back to characters
 
 
+def test_a_template_that_writes_the_bos_gets_no_second_one():
+    """Gemma 3's template opens with <bos> and its tokenizer adds one: one BOS, as HF's apply_chat_template gives,
+    and the scores of that input."""
+    from PIL import Image
+    from vlm_tiny import tiny_gemma3
+
+    model, processor = tiny_gemma3()
+    vlm = load_vlm(model, processor)
+    ims = images(2)
+    batch = vlm.encode([ims], ["how many shapes?"])
+    bos = processor.tokenizer.bos_token_id
+    assert batch.input_ids[0].tolist().count(bos) == 1 and batch.input_ids[0, 0] == bos
+    hf = processor(text=batch.prompts, images=[[Image.fromarray(a) for a in ims]], add_special_tokens=False, return_tensors="pt")
+    assert batch.input_ids.tolist() == hf["input_ids"].tolist()
+    with torch.no_grad():
+        reference = model(**hf).logits[0, -1]
+    words = processor.tokenizer.convert_tokens_to_ids(["two", "red"])
+    scores = vlm.score(ims, "how many shapes?", [" two", " red"])
+    torch.testing.assert_close(torch.tensor([s.first_token_logit for s in scores]), reference[words].float(), rtol=1e-5, atol=1e-5)
+
+
 def test_score_with_masked_policy_scores_the_masked_model():
     vlm = load_vlm(*tiny_llava_onevision(), policy=AttentionPolicy(masked_layers="default"))
     ims = images(2)
@@ -436,10 +457,26 @@ def test_llava_next_format_checkpoints_are_refused_with_the_hf_conversion_named(
                               {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"})
 
 
+def test_a_model_object_finds_the_processor_of_its_checkpoint(tmp_path):
+    from stitchkit.vlm import VLM
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model, processor = tiny_llava_onevision()
+    VLM(model, processor).save_pretrained(tmp_path / "model")
+    loaded = load_vlm(LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "model"))
+    assert loaded.encode([images(2)], ["how many?"]).input_ids.tolist() == VLM(model, processor).encode([images(2)], ["how many?"]).input_ids.tolist()
+    with pytest.raises(ModelNotFoundError, match="needs the model's processor"):
+        load_vlm(tiny_llava_onevision()[0])  # built in memory: no checkpoint to read it from
+
+
 def test_user_errors_are_one_message():
     vlm = load_vlm(*tiny_llava_onevision())
     with pytest.raises(InputError, match="at least one candidate"):
         vlm.score(images(1), "hi", [])
+    vlm.chat_template = False
+    with pytest.raises(InputError, match="ends with whitespace"):
+        vlm.score(images(1), "The ID is ", ["ar413"])
+    vlm.chat_template = True
     with pytest.raises(InputError, match="image"):
         vlm.encode([["not an image"]], ["how many?"])
     with pytest.raises(StitchkitError, match="cannot load"):

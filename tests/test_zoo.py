@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,21 @@ def test_registers_need_the_dino_objective():
     data["encoder"]["num_registers"] = 4
     with pytest.raises(ConfigError, match="num_registers needs the dino objective"):
         validate_config(ZooRecipe, data)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "dino"])
+def test_whole_batch_objectives_refuse_gradient_accumulation_and_several_processes(name, monkeypatch):
+    """Contrastive negatives and DINO's centre come from the batch of one forward pass: split across micro-batches
+    or processes, the objective would be another one."""
+    from stitchkit.zoo import builder
+
+    data = load_recipe(name).model_dump(mode="json")
+    data["train"]["grad_accum"] = 2
+    with pytest.raises(ConfigError, match=f"the {name} objective needs train.grad_accum = 1"):
+        validate_config(ZooRecipe, data)
+    monkeypatch.setattr(builder, "PartialState", lambda: type("State", (), {"num_processes": 2})())
+    with pytest.raises(ConfigError, match=f"the {name} objective trains on one process"):
+        builder._train_save_probe(load_recipe(name), Path("/nonexistent"))
 
 
 def test_hash_follows_the_content_not_the_formatting(tmp_path):

@@ -120,3 +120,39 @@ def tiny_llava(seed: int = 0):
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval(), processor
+
+
+# Gemma 3's chat template opens with the BOS itself (abridged: the same opening and turn markers).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3 (the generic path) with a tokenizer that adds BOS and a template that writes it too."""
+    from tokenizers import processors
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ("<pad>", "<unk>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    backend = word_tokenizer((*WORDS, "user", "model"), specials, eos_token="<eos>", chat_template=GEMMA_TEMPLATE).backend_tokenizer
+    ids = backend.token_to_id
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", ids("<bos>"))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", bos_token="<bos>", chat_template=GEMMA_TEMPLATE,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    processor = build_processor(Gemma3Processor, Gemma3ImageProcessorPil(size={"height": 16, "width": 16}), tokenizer,
+                                chat_template=GEMMA_TEMPLATE, image_seq_length=4)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=64,
+                         bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"), pad_token_id=ids("<pad>")),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        mm_tokens_per_image=4, image_token_index=ids("<image_soft_token>"), boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).eval(), processor

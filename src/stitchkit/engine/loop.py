@@ -492,13 +492,18 @@ def _split_loss(output: Any) -> tuple[torch.Tensor, dict[str, Any]]:
 
 
 def _has_unused_trainable_parameters(model: nn.Module, loss_fn: LossFn, batch: Any, autocast) -> bool:
-    """One forward/backward: does some trainable parameter get no gradient? RNG states are restored."""
+    """One forward/backward: does some trainable parameter get no gradient? RNG states and buffers are restored,
+    so a loss whose forward updates module state (DINO's teacher EMA and centre) trains as if it never ran."""
     saved = rng_state()
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     with autocast():
         loss, _ = _split_loss(loss_fn(model, batch))
     loss.backward()
     unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     set_rng_state(saved)
     return unused
 

@@ -52,8 +52,11 @@ def load_vlm(
         processor = processor or load_processor(str(source))
     else:
         model = source
-        if processor is None:
-            raise ModelNotFoundError("load_vlm(model) needs the model's processor: load_vlm(model, processor)")
+        if processor is None:  # the processor of the checkpoint the model was loaded from
+            origin = getattr(model.config, "_name_or_path", "")
+            if not origin:
+                raise ModelNotFoundError("load_vlm(model) needs the model's processor: load_vlm(model, processor)")
+            processor = load_processor(origin)
     if device is not None:
         model.to(device)
     model.eval()

@@ -190,6 +190,11 @@ class VLM:
         if self.image_transform is not None:
             pil = [[self.image_transform(im) for im in row] for row in pil]
         kwargs = {"images": pil} if any(n_images) else {}
+        # A chat template that writes the BOS itself (Gemma's) must not get a second one from the tokenizer: the
+        # rule of Hugging Face's own apply_chat_template(tokenize=True).
+        bos = self.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = False
         processed = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         processed = {k: v for k, v in processed.items()}
         sizes = [(im.height, im.width) for row in pil for im in row]
@@ -318,6 +323,11 @@ class VLM:
         """
         if not candidates:
             raise InputError("score needs at least one candidate")
+        if not self.chat_template and prompt[-1:].isspace():
+            # The candidates are tokenised apart from the prompt, so a space on the prompt's side would be tokenised
+            # differently from the same text in one piece (byte-level BPE glues a space to the next word).
+            raise InputError(f"score: the prompt ends with whitespace ({prompt[-12:]!r}); put the space at the start "
+                             "of each candidate (' ar413') instead")
         ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
         empty = [c for c, t in zip(candidates, ids) if not t]
         if empty:

@@ -21,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
 from stitchkit.engine import seed_everything, train
 from stitchkit.engine.devices import BUILD_THREADS, torch_threads
+from stitchkit.errors import ConfigError
 from stitchkit.paths import stitchkit_home
 from stitchkit.progress import track
 from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.world import ONTOLOGY, classification_set
 from stitchkit.zoo.models import make_trainable
 from stitchkit.zoo.probe import linear_probe
-from stitchkit.zoo.recipes import ZooRecipe, load_recipe, recipe_hash, recipe_yaml
+from stitchkit.zoo.recipes import BATCH_OBJECTIVES, ZooRecipe, load_recipe, recipe_hash, recipe_yaml
 from stitchkit.zoo.text import WordVocab
 
 ZOO_JSON = "zoo.json"
@@ -185,6 +187,10 @@ def _quiet_worker() -> None:
 
 
 def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
+    processes = PartialState().num_processes
+    if recipe.objective.kind in BATCH_OBJECTIVES and processes > 1:
+        raise ConfigError(f"zoo recipe {recipe.name}: the {recipe.objective.kind} objective trains on one process "
+                          f"({BATCH_OBJECTIVES[recipe.objective.kind]}), not {processes}")
     encoder, objective = recipe.encoder, recipe.objective
     dataset, num_classes, vocab = training_data(recipe)
     seed_everything(recipe.train.seed)  # the initial weights; the engine reseeds for the data order

@@ -142,6 +142,15 @@ class Probe(Config):
     seed: int = 1_000_000
 
 
+# Objectives whose loss is not a mean of per-image terms: they must see the whole batch in one forward pass, so
+# they train with grad_accum 1 on one process (zoo.builder refuses several).
+BATCH_OBJECTIVES = {
+    "clip": "every other caption of the batch is a negative",
+    "siglip": "every other caption of the batch is a negative",
+    "dino": "the teacher moves and the centre is the batch mean, once per forward pass",
+}
+
+
 class ZooRecipe(Config):
     name: str = pydantic.Field(pattern=r"^[a-z0-9][a-z0-9_-]*(/[a-z0-9][a-z0-9_-]*)?$")
     description: str = ""
@@ -156,8 +165,10 @@ class ZooRecipe(Config):
     def _check(self) -> "ZooRecipe":
         if self.encoder.num_registers and self.objective.kind != "dino":
             raise ValueError("encoder.num_registers needs the dino objective (only Dinov2WithRegistersModel has registers)")
-        if self.objective.kind == "dino" and self.train.grad_accum != 1:
-            raise ValueError("the dino objective needs train.grad_accum = 1 (the teacher moves once per forward pass)")
+        if self.objective.kind in BATCH_OBJECTIVES and self.train.grad_accum != 1:
+            raise ValueError(
+                f"the {self.objective.kind} objective needs train.grad_accum = 1: {BATCH_OBJECTIVES[self.objective.kind]}"
+            )
         return self
 
     @property
