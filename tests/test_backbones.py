@@ -15,7 +15,7 @@ import transformers as hf
 from PIL import Image
 from torch import nn
 
-from stitchkit.backbones import BlockContext, PatchifiedPixels, VisionBackbone, load_backbone, save_backbone
+from stitchkit.backbones import FAMILIES, BlockContext, PatchifiedPixels, VisionBackbone, load_backbone, save_backbone
 from stitchkit.backbones.preprocess import naflex_image_size
 from stitchkit.errors import ModelNotFoundError
 
@@ -206,7 +206,7 @@ def test_save_backbone_round_trips(kind, tmp_path):
     loaded = load_backbone(tmp_path / kind)
     assert type(loaded.model) is type(bb.model)
     assert (loaded.image_size, loaded.mean, loaded.std) == (bb.image_size, bb.mean, bb.std)
-    assert loaded.max_num_patches == bb.max_num_patches
+    assert loaded.max_num_patches == bb.max_num_patches and loaded.resample == bb.resample
     with torch.no_grad():
         assert torch.equal(loaded.forward_features(px), bb.forward_features(px))
 
@@ -373,7 +373,8 @@ def test_naflex_preprocess_matches_the_hf_processor():
                     height, width, 8, budget
                 )
     bb = load_backbone(build("siglip2_naflex"))
-    # images already at their NaFlex size, so neither side resamples (HF resizes bilinear, we bicubic)
+    # images already at their NaFlex size, so neither side resamples (a bare module resizes bicubic, the HF
+    # class bilinear; test_preprocess_equals_the_checkpoints_own_processor covers resizing)
     rng = np.random.default_rng(1)
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32), (16, 48)]]
     ours = bb.preprocess(pictures)
@@ -386,6 +387,91 @@ def test_naflex_preprocess_matches_the_hf_processor():
     with torch.no_grad():
         as_image = torch.from_numpy((np.asarray(pictures[0], np.float32) / 255 - 0.5) / 0.5).permute(2, 0, 1)[None]
         assert max_diff(bb.forward_features(as_image), bb.forward_features(square)) <= TOL
+
+
+# The HF PIL processor of each kind, at the tiny models' size; their `resample` is the class default.
+HF_PROCESSORS = {
+    "vit": lambda: hf.ViTImageProcessorPil(size={"height": 32, "width": 32}),  # bilinear
+    "siglip": lambda: hf.SiglipImageProcessorPil(size={"height": 32, "width": 32}),  # bicubic
+    "siglip2_naflex": lambda: hf.Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16),  # bilinear
+}
+
+
+@pytest.mark.parametrize("config_names_the_filter", [True, False])
+@pytest.mark.parametrize("kind", list(HF_PROCESSORS))
+def test_preprocess_equals_the_checkpoints_own_processor(kind, config_names_the_filter, tmp_path):
+    """A folder whose preprocessor_config.json is the HF processor's own gives the processor's pixels for images
+    that need resizing (40x40, 20x50): same filter, or the family's default one when the file does not say."""
+    processor = HF_PROCESSORS[kind]()
+    build(kind).save_pretrained(tmp_path)
+    written = processor.to_dict()
+    if not config_names_the_filter:
+        del written["resample"]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(written))
+    ours = load_backbone(tmp_path).preprocess(images())
+    theirs = processor(images(), return_tensors="pt")
+    if isinstance(ours, PatchifiedPixels):
+        assert torch.equal(ours.spatial_shapes, theirs["spatial_shapes"])
+        assert torch.equal(ours.pixel_attention_mask, theirs["pixel_attention_mask"].to(torch.int32))
+        ours = ours.pixel_values
+    assert ours.shape == theirs["pixel_values"].shape
+    assert max_diff(ours, theirs["pixel_values"]) <= 1e-6
+
+
+@pytest.mark.parametrize("name", sorted({family.name for family in FAMILIES.values()}))
+def test_each_familys_default_filter_is_its_hf_processors(name):
+    family = next(f for f in FAMILIES.values() if f.name == name)
+    if name == "dinov3_vit":  # only a torchvision processor exists
+        pytest.importorskip("torchvision")
+        processor_class = hf.DINOv3ViTImageProcessor
+    else:
+        processor_class = getattr(hf, family.processor_class + "Pil")
+    assert family.resample == processor_class.resample
+
+
+def test_the_filter_is_kept_on_save_and_a_bare_module_stays_bicubic(tmp_path):
+    """save_backbone writes the backbone's own filter; a bare module (a micro-zoo encoder) has no processor
+    and is saved, and used, with bicubic, as before checkpoints' filters were read."""
+    model = build("vit")
+    model.save_pretrained(tmp_path / "no_processor")  # a checkpoint without preprocessor_config.json
+    checkpoint = load_backbone(tmp_path / "no_processor")
+    assert checkpoint.resample == Image.Resampling.BILINEAR  # ViTImageProcessor's default
+    save_backbone(checkpoint, tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "preprocessor_config.json").read_text())["resample"] == 2
+    assert load_backbone(tmp_path / "resaved").resample == Image.Resampling.BILINEAR
+
+    assert load_backbone(model).resample == Image.Resampling.BICUBIC
+    save_backbone(model, tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "preprocessor_config.json").read_text())["resample"] == 3
+    bare = load_backbone(tmp_path / "bare", mean=(0, 0, 0), std=(1, 1, 1))
+    hand = np.asarray(images()[1].resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 255
+    assert np.abs(bare.preprocess(images()[1:])[0].numpy().transpose(1, 2, 0) - hand).max() <= 1e-6
+    assert load_backbone(tmp_path / "bare", resample=2).resample == Image.Resampling.BILINEAR  # an override
+
+    processor = json.loads((tmp_path / "bare" / "preprocessor_config.json").read_text())
+    (tmp_path / "bare" / "preprocessor_config.json").write_text(json.dumps(dict(processor, resample=9)))
+    with pytest.raises(ModelNotFoundError, match="unreadable preprocessor_config.json: resample must be one of"):
+        load_backbone(tmp_path / "bare")
+
+
+def test_transparent_images_are_composited_onto_white_like_the_hf_processor():
+    rgba = np.zeros((40, 40, 4), np.uint8)  # transparent black, with an opaque red square
+    rgba[8:24, 8:24] = [255, 0, 0, 255]
+    image = Image.fromarray(rgba, "RGBA")
+    ours = load_backbone(build("siglip")).preprocess([image])
+    theirs = hf.SiglipImageProcessorPil(size={"height": 32, "width": 32})([image], return_tensors="pt")
+    assert max_diff(ours, theirs["pixel_values"]) <= 1e-6
+    assert (ours[0, :, -1, -1] == 1.0).all()  # white, not the black the transparent pixels store
+
+
+def test_a_bf16_checkpoint_loads_in_float32_unless_a_dtype_is_asked_for(tmp_path):
+    model = build("dinov2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    bb = load_backbone(tmp_path)
+    assert bb.dtype == torch.float32
+    assert torch.equal(bb.model.embeddings.cls_token, model.embeddings.cls_token.float())  # same weights, upcast
+    assert load_backbone(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_dtype_and_device():

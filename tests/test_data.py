@@ -84,3 +84,30 @@ def test_image_folder(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(InputError, match="without images: c"):
         scan_image_folder(tmp_path)
+
+
+def transparent_images() -> dict[str, Image.Image]:
+    """An opaque red square on a background that is transparent (and stores black or a palette colour)."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[4:12, 4:12] = [255, 0, 0, 255]
+    rgba[0:4, :, 3] = 128  # a half-transparent band as well
+    la = np.zeros((16, 16, 2), np.uint8)
+    la[4:12, 4:12] = [200, 255]
+    palette = Image.fromarray(np.where(rgba[..., 3:] == 255, 1, 0).astype(np.uint8)[..., 0], "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.info["transparency"] = 0  # palette index 0 (black) is transparent
+    return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(la, "LA"), "P": palette}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_onto_white_like_hugging_face(tmp_path, mode):
+    from transformers.image_transforms import convert_to_rgb
+
+    image = transparent_images()[mode]
+    path = tmp_path / "t.png"
+    image.save(path)
+    expected = convert_to_rgb(Image.open(path), return_numpy=True)
+    loaded = np.asarray(load_image(path))
+    assert loaded.dtype == np.uint8 and loaded.shape == (16, 16, 3)
+    assert np.array_equal(loaded, expected)
+    assert (loaded[12:, 0] == 255).all()  # the transparent corner is white, not the black it stores

@@ -32,10 +32,12 @@ from torch import nn
 
 from stitchkit.backbones.families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from stitchkit.backbones.preprocess import (
+    DEFAULT_RESAMPLE,
     PatchifiedPixels,
     full_patchified,
     preprocess_fixed,
     preprocess_naflex,
+    resampling_filter,
 )
 from stitchkit.errors import IncompatibleError, ModelNotFoundError
 
@@ -142,6 +144,9 @@ class VisionBackbone(nn.Module):
     The wrapped model always stays in eval mode, even when a parent module is put in train mode:
     dropout, drop-path and DINOv3's RoPE coordinate augmentation must never fire on a backbone that
     serves as a fixed feature extractor or stitching target (model_stitching.md §4.5).
+
+    `resample` is the PIL filter `preprocess` resizes with: a checkpoint's own (load_backbone reads it),
+    else DEFAULT_RESAMPLE (bicubic) for a module that has no processor.
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class VisionBackbone(nn.Module):
         mean=None,
         std=None,
         max_num_patches: int | None = None,
+        resample: int | None = None,
         trainable: bool = False,
     ):
         super().__init__()
@@ -163,6 +169,7 @@ class VisionBackbone(nn.Module):
         self.num_prefix_tokens = int(self.family.has_cls) + int(getattr(config, "num_register_tokens", 0) or 0)
         self.mean = tuple(float(m) for m in (mean if mean is not None else self.family.mean))
         self.std = tuple(float(s) for s in (std if std is not None else self.family.std))
+        self.resample = resampling_filter(resample) if resample is not None else DEFAULT_RESAMPLE
         # NaFlex has no fixed resolution: each image keeps its aspect ratio within max_num_patches,
         # and image_size is the side of the square that fills that budget.
         if self.family.patchified and max_num_patches and not image_size:
@@ -226,8 +233,10 @@ class VisionBackbone(nn.Module):
         Fixed-resolution models: (N, 3, image_size, image_size). NaFlex: `PatchifiedPixels`.
         """
         if self.family.patchified:
-            return preprocess_naflex(images, self.patch_size, self.max_num_patches, self.mean, self.std)
-        return preprocess_fixed(images, self.image_size, self.mean, self.std)
+            return preprocess_naflex(
+                images, self.patch_size, self.max_num_patches, self.mean, self.std, self.resample
+            )
+        return preprocess_fixed(images, self.image_size, self.mean, self.std, self.resample)
 
     def _model_input(self, px) -> torch.Tensor | PatchifiedPixels:
         if self.family.patchified and isinstance(px, torch.Tensor):

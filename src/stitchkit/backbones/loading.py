@@ -1,7 +1,8 @@
 """Load a VisionBackbone from a hub id, a local folder or a built module; save one so it loads back.
 
-The architecture is chosen by `config.model_type` (families.py). Normalisation and resolution come
-from the checkpoint's preprocessor_config.json when it has one, else from per-family defaults.
+The architecture is chosen by `config.model_type` (families.py). Normalisation, resolution and the
+resize filter come from the checkpoint's preprocessor_config.json when it has one, else from per-family
+defaults (those of the family's HF processor class).
 `save_backbone` writes the same two files a hub checkpoint has (save_pretrained output plus
 preprocessor_config.json), so the micro zoo's models load exactly like hub checkpoints.
 """
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from stitchkit.backbones.backbone import VisionBackbone, default_image_size, family_of, size_pair, vision_tower
-from stitchkit.errors import ModelNotFoundError
+from stitchkit.backbones.preprocess import DEFAULT_RESAMPLE, resampling_filter
+from stitchkit.errors import InputError, ModelNotFoundError
 from stitchkit.runs import atomic_write_json
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
@@ -33,24 +35,30 @@ def load_backbone(
     image_size: int | None = None,
     mean=None,
     std=None,
+    resample: int | None = None,
 ) -> VisionBackbone:
     """A hub id, a local folder, or an already built HF module -> VisionBackbone.
 
     Full image-text checkpoints (CLIPModel, SiglipModel, Siglip2Model) give their vision tower.
     Parameters are frozen unless `trainable` (the model runs in eval mode either way, see
-    VisionBackbone); `image_size`, `mean`, `std` override the checkpoint's preprocessing.
+    VisionBackbone); `image_size`, `mean`, `std`, `resample` (a PIL filter number) override the
+    checkpoint's preprocessing.
+    `dtype=None` loads a hub id or folder in float32, whatever dtype its weights were saved in (the exactness
+    checks and the fp32 pipeline assume it; transformers 5 would otherwise keep a bf16 checkpoint in bf16); a
+    built module keeps its own dtype unless one is given.
     """
     settings: dict = {}
     if isinstance(source, nn.Module):
         model = source.to(dtype) if dtype is not None else source
     else:
-        model, settings = _load_pretrained(str(source), dtype)
+        model, settings = _load_pretrained(str(source), dtype if dtype is not None else torch.float32)
     bb = VisionBackbone(
         model,
         image_size=image_size or settings.get("image_size"),
         mean=mean if mean is not None else settings.get("mean"),
         std=std if std is not None else settings.get("std"),
         max_num_patches=None if image_size else settings.get("max_num_patches"),
+        resample=resample if resample is not None else settings.get("resample"),
         trainable=trainable,
     )
     return bb.to(device) if device is not None else bb
@@ -62,16 +70,20 @@ def save_backbone(
     image_size: int | None = None,
     mean=None,
     std=None,
+    resample: int | None = None,
 ) -> Path:
     """save_pretrained plus a preprocessor_config.json, so `load_backbone(path)` rebuilds the same backbone.
 
-    Settings left out come from the VisionBackbone, or for a bare module from its config and family.
+    Settings left out come from the VisionBackbone, or for a bare module from its config and family; a bare
+    module has no processor, so its filter is DEFAULT_RESAMPLE (bicubic), as `load_backbone(module)` uses:
+    the micro zoo saves its encoders this way, so their saved filter never changes.
     """
     if isinstance(bb_or_model, VisionBackbone):
         bb = bb_or_model
         model, family, patch_size = bb.model, bb.family, bb.patch_size
         mean = bb.mean if mean is None else mean
         std = bb.std if std is None else std
+        resample = bb.resample if resample is None else resample
         max_num_patches = bb.max_num_patches if image_size is None else None
         image_size = image_size or bb.image_size
     else:
@@ -83,13 +95,14 @@ def save_backbone(
         std = family.std if std is None else std
         max_num_patches = None if image_size else getattr(config, "num_patches", None)
         image_size = image_size or default_image_size(config, family)
+        resample = DEFAULT_RESAMPLE if resample is None else resample
     path = Path(path)
     with _quiet_transformers():
         model.save_pretrained(path)
     processor = {
         "image_processor_type": family.processor_class,
         "do_resize": True,
-        "resample": 3,  # PIL bicubic, what preprocess() uses
+        "resample": int(resampling_filter(resample)),  # the PIL filter preprocess() resizes with
         "do_center_crop": False,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -107,10 +120,11 @@ def save_backbone(
 
 
 def processor_settings(processor: dict) -> dict:
-    """image_size, mean, std (and NaFlex max_num_patches) from an HF preprocessor_config.json.
+    """image_size, mean, std, resample (and NaFlex max_num_patches) from an HF preprocessor_config.json.
 
     The model's input size is the crop size when the processor centre-crops, else the resize size.
-    We resize straight to it without cropping (model_stitching.md §4.1).
+    We resize straight to it without cropping (model_stitching.md §4.1). A setting the file lacks is
+    left out (the caller falls back on the family's defaults).
     """
     settings = {}
     if processor.get("image_mean") is not None:
@@ -125,6 +139,8 @@ def processor_settings(processor: dict) -> dict:
         settings["image_size"] = int(size)
     if processor.get("max_num_patches"):
         settings["max_num_patches"] = int(processor["max_num_patches"])
+    if processor.get("resample") is not None:
+        settings["resample"] = resampling_filter(processor["resample"])
     return settings
 
 
@@ -171,8 +187,10 @@ def _load_pretrained(source: str, dtype: torch.dtype | None) -> tuple[nn.Module,
     if processor_file is not None:
         try:
             settings = processor_settings(json.loads(Path(processor_file).read_text()))
-        except (ValueError, TypeError, AttributeError) as err:
+        except (ValueError, TypeError, AttributeError, InputError) as err:
             raise ModelNotFoundError(f"{source}: unreadable {PROCESSOR_CONFIG}: {first_line(err)}") from None
+    # A checkpoint's processor that does not name its filter uses its class default, and so do we.
+    settings.setdefault("resample", family.resample)
     return vision_tower(model), settings
 
 

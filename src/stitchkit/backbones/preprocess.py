@@ -1,8 +1,11 @@
-"""Images in, model pixels out: resize (bicubic, no crop), rescale to [0, 1], normalise with mean/std.
+"""Images in, model pixels out: resize (no crop), rescale to [0, 1], normalise with mean/std.
 
 We resize ourselves instead of calling each model's image processor because processors crop
 differently (model_stitching.md §4.1): two models that see "the same image" must see the same
-field of view. Resizing uses PIL's bicubic filter on uint8 images, as Hugging Face's processors do.
+field of view. Otherwise we do what the checkpoint's own (PIL) processor does: transparency is
+composited onto white, and the uint8 image is resized with PIL using the checkpoint's own filter
+(its processor's `resample`, else the family's default, see families.py), so where the processor
+does not crop, we give its pixels.
 SigLIP2 NaFlex models additionally take patchified pixels with a per-image grid and padding mask.
 """
 
@@ -16,7 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stitchkit.data.images import to_rgb
 from stitchkit.errors import InputError
+
+# The filter of a model that has no processor of its own (a module built in memory, e.g. a micro-zoo
+# encoder, which trains at its native size): bicubic, what stitchkit has always written for those.
+DEFAULT_RESAMPLE = Image.Resampling.BICUBIC
 
 
 @dataclass
@@ -62,7 +70,7 @@ def as_uint8_images(images) -> list[np.ndarray]:
     arrays = []
     for i, image in enumerate(images):
         if isinstance(image, Image.Image):
-            arrays.append(np.asarray(image.convert("RGB")))
+            arrays.append(np.asarray(to_rgb(image)))
         elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
             arrays.append(image)
         else:
@@ -70,11 +78,20 @@ def as_uint8_images(images) -> list[np.ndarray]:
     return arrays
 
 
-def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic resize of one uint8 (H, W, 3) image; an image already at that size is left untouched."""
+def resampling_filter(value) -> Image.Resampling:
+    """A PIL filter from its number (what a preprocessor_config.json's `resample` holds) or itself."""
+    try:
+        return Image.Resampling(int(value))
+    except (TypeError, ValueError):
+        choices = ", ".join(f"{f.value} ({f.name.lower()})" for f in Image.Resampling)
+        raise InputError(f"resample must be one of PIL's filters {choices}; got {value!r}") from None
+
+
+def resize_uint8(image: np.ndarray, height: int, width: int, resample: Image.Resampling) -> np.ndarray:
+    """Resize one uint8 (H, W, 3) image with a PIL filter; an image already at that size is left untouched."""
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
 def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -84,9 +101,9 @@ def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def preprocess_fixed(images, image_size: int, mean, std) -> torch.Tensor:
+def preprocess_fixed(images, image_size: int, mean, std, resample: Image.Resampling) -> torch.Tensor:
     """Every image resized to image_size x image_size and normalised: float32 (N, 3, S, S)."""
-    arrays = [resize_uint8(a, image_size, image_size) for a in as_uint8_images(images)]
+    arrays = [resize_uint8(a, image_size, image_size, resample) for a in as_uint8_images(images)]
     return normalize(np.stack(arrays), mean, std)
 
 
@@ -129,12 +146,14 @@ def full_patchified(pixels: torch.Tensor, patch_size: int) -> PatchifiedPixels:
     return PatchifiedPixels(patches, mask, shapes)
 
 
-def preprocess_naflex(images, patch_size: int, max_num_patches: int, mean, std) -> PatchifiedPixels:
+def preprocess_naflex(
+    images, patch_size: int, max_num_patches: int, mean, std, resample: Image.Resampling
+) -> PatchifiedPixels:
     """Each image resized to keep its aspect ratio within max_num_patches, patchified, zero-padded."""
     values, masks, shapes = [], [], []
     for array in as_uint8_images(images):
         height, width = naflex_image_size(array.shape[0], array.shape[1], patch_size, max_num_patches)
-        pixels = normalize(resize_uint8(array, height, width)[None], mean, std)
+        pixels = normalize(resize_uint8(array, height, width, resample)[None], mean, std)
         patches = patchify(pixels, patch_size)[0]
         count = patches.shape[0]
         padded = torch.zeros(max_num_patches, patches.shape[1], dtype=torch.float32)

@@ -13,15 +13,26 @@ from stitchkit.errors import InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, with any transparency (RGBA, LA, or a palette/RGB image with a transparent colour)
+    composited onto white, as Hugging Face's processors do (`convert_to_rgb`). A plain `convert("RGB")` drops
+    the alpha channel and shows whatever colour the transparent pixels happen to store, often black."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image fully (so truncation is caught here, not mid-training) and convert it to RGB."""
+    """Open an image fully (so truncation is caught here, not mid-training) and convert it to RGB (`to_rgb`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"cannot read image {path}: {err}") from None
 
