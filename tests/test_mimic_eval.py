@@ -95,6 +95,17 @@ def test_eval_cli_writes_the_report_and_batches_equal_one_sample_hf_generate(dat
         assert predictions[sample.id] == expected, sample.id
 
 
+def test_eval_cli_takes_the_official_quirks_and_records_them(data, tmp_path):
+    out = tmp_path / "quirks"
+    result = CliRunner().invoke(app, ["mimic", "eval", "--model", str(data / "model"), "--data", str(data / "bench"),
+                                      "--out", str(out), "--policy", "masked:2-3", "--legacy-layer-loop",
+                                      "--legacy-maxlen-fallback", "20000", "--max-per-task", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["eval"]
+    assert settings["masked_layers"] == [] and settings["legacy_layer_loop"] is True
+    assert settings["legacy_maxlen_fallback"] == 20000
+
+
 def test_batches_group_one_task_and_image_count():
     class S:
         def __init__(self, i, task, n):
@@ -152,6 +163,9 @@ def test_policy_specs_and_user_errors(data, tmp_path, capsys):
     assert attention_policy("masked:all", 4).layers(4) == frozenset(range(4))
     assert attention_policy("masked:1-2,0", 4).layers(4) == frozenset({0, 1, 2})
     assert attention_policy("dense", 4).layers(4) == frozenset()
+    assert attention_policy("masked:2-3", 4, legacy_layer_loop=True).layers(4) == frozenset()  # the official loop
+    assert attention_policy("masked:0-1", 4, legacy_layer_loop=True).layers(4) == frozenset({0, 1})
+    assert attention_policy("masked", 4, legacy_maxlen_fallback=20000).legacy_maxlen_fallback == 20000
     for bad in ("sparse", "masked:middle", "dense:3"):
         with pytest.raises(ConfigError):
             check_policy_spec(bad)

@@ -117,6 +117,12 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the micro VLM on CPU)."),
+    legacy_layer_loop: bool = typer.Option(
+        False, "--legacy-layer-loop", help="The official code's quirk: mask only the run of listed layers from layer 0 (12-23 masks none)."
+    ),
+    legacy_maxlen_fallback: Optional[int] = typer.Option(
+        None, "--legacy-maxlen-fallback", min=1, help="The official code's quirk: prompts longer than N tokens run without the mask (official: 20000)."
+    ),
 ) -> None:
     """Evaluate a VLM on a MIMIC benchmark: batched greedy generation (resumable), scores, report, figures."""
     from stitchkit.multiimage.benchmark import load_benchmark
@@ -125,7 +131,8 @@ def eval_(
 
     legacy = scoring_mode(load_benchmark(data), legacy_official) == "legacy_official"  # before the model loads
     root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy, device, dtype,
-                        threads, max_images_per_batch, command=command_line())
+                        threads, max_images_per_batch, command=command_line(), legacy_layer_loop=legacy_layer_loop,
+                        legacy_maxlen_fallback=legacy_maxlen_fallback)
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
 
 

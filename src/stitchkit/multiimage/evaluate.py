@@ -67,12 +67,13 @@ def check_policy_spec(spec: str) -> str:
     return layers
 
 
-def attention_policy(spec: str, num_layers: int):
-    """An AttentionPolicy from `dense | masked | masked:LAYERS` for a model with `num_layers` decoder layers."""
+def attention_policy(spec: str, num_layers: int, legacy_layer_loop: bool = False, legacy_maxlen_fallback: int | None = None):
+    """An AttentionPolicy from `dense | masked | masked:LAYERS` for a model with `num_layers` decoder layers, with
+    the official code's quirks if asked (AttentionPolicy.legacy_layer_loop, legacy_maxlen_fallback)."""
     from stitchkit.vlm import AttentionPolicy
 
-    layers = masked_layer_list(check_policy_spec(spec), num_layers)
-    return AttentionPolicy(masked_layers=layers or "none")
+    layers = masked_layer_list(check_policy_spec(spec), num_layers, legacy_layer_loop)
+    return AttentionPolicy(masked_layers=layers or "none", legacy_maxlen_fallback=legacy_maxlen_fallback)
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
@@ -301,6 +302,8 @@ def eval_command(
     threads: int | None = None,
     max_images_per_batch: int | None = None,
     command: str | None = None,
+    legacy_layer_loop: bool = False,
+    legacy_maxlen_fallback: int | None = None,
 ) -> Path:
     """`stitchkit mimic eval`. One pooling factor: OUT holds the evaluation. Several: OUT/pool<F>/ each, and
     OUT/results.json + report.md + figures/score_vs_pool_factor.png across them."""
@@ -317,14 +320,16 @@ def eval_command(
     threads = threads if threads is not None else default_threads(model, device)
     with torch_threads(threads):
         vlm, identity = load_model(model, device, dtype)
-        vlm.policy = attention_policy(policy, vlm.num_layers)
+        vlm.policy = attention_policy(policy, vlm.num_layers, legacy_layer_loop, legacy_maxlen_fallback)
+        # the quirks enter the settings only when on, so folders evaluated before they existed still resume
+        quirks = {k: v for k, v in (("legacy_layer_loop", legacy_layer_loop), ("legacy_maxlen_fallback", legacy_maxlen_fallback)) if v}
         runs = {}
         for f in pools:
             vlm.pool_factor = f
             folder = Path(out) if len(pools) == 1 else Path(out) / f"pool{f}"
             settings = {"model": identity, "data": str(Path(data).resolve()), "policy": policy,
                         "masked_layers": sorted(vlm.masked_layers), "pool_factor": f, "pool_pad": vlm.pool_pad,
-                        "max_per_task": max_per_task, "transform": "none"}
+                        "max_per_task": max_per_task, "transform": "none", **quirks}
             runs[f] = evaluate(vlm, bench, folder, settings=settings, samples=samples, batch_size=batch_size,
                                max_images_per_batch=max_images_per_batch, legacy_official=legacy_official,
                                description=f"MIMIC eval (pool {f})", command=command)
