@@ -25,7 +25,7 @@ from stitchkit.binding.interventions import (
 from stitchkit.binding.knockouts import edges, run_knockouts
 from stitchkit.binding.model import BindingModel, ModelSettings, answer_loss, load_binding_model, save_binding_model
 from stitchkit.binding.probes import binding_signature, collect, probe_layers
-from stitchkit.binding.render import BACKGROUND, glyph_set, render_context
+from stitchkit.binding.render import BACKGROUND, Placement, glyph_set, render_context
 from stitchkit.binding.subjects import TokenSubject, WordSubject, capture_residuals, forward_patched
 from stitchkit.binding.task import (
     BOS,
@@ -164,13 +164,19 @@ def test_filler_tokens_receive_no_attention_yet_shift_positions():
 # ---- image version ----------------------------------------------------------------------------------------
 
 
+def colour_pixels(pixels: np.ndarray, rgb) -> np.ndarray:
+    """(y, x) of the pixels within 3 levels of `rgb`."""
+    return np.argwhere(np.abs(pixels.astype(int) - np.asarray(rgb)).sum(-1) <= 3)
+
+
 @pytest.mark.parametrize("kind", ["world", "parametric"])
 def test_rendered_objects_sit_in_distinct_cells_with_their_colours(kind):
     glyphs = glyph_set(kind)
     rng = np.random.default_rng(0)
     colours, shapes = [0, 3, 5, 7], [1, 2, 4, 6]
-    image, cells = render_context(colours, shapes, glyphs, 64, 4, rng)
+    image, places = render_context(colours, shapes, glyphs, 64, rng, Placement("grid", cells=4))
     pixels = np.asarray(image)
+    cells = [int(y // 16) * 4 + int(x // 16) for x, y, _ in places]
     assert len(set(cells)) == 4
     for colour, cell in zip(colours, cells):
         row, col = divmod(cell, 4)
@@ -182,6 +188,30 @@ def test_rendered_objects_sit_in_distinct_cells_with_their_colours(kind):
     if kind == "parametric":
         assert glyphs.renderable == (216, 216)
         assert len({g[0].shape[0] for g in glyphs.outlines}) > 1
+
+
+def test_uniform_placement_is_the_specs():
+    """§3: box side ~ U[28, 40] px at 224, centres anywhere, boxes >= 4 px apart and inside the canvas; every
+    object's pixels lie inside its box, and positions are not tied to the patch grid."""
+    glyphs, rng = glyph_set("parametric"), np.random.default_rng(0)
+    placement = Placement("uniform")
+    sides, offsets = [], []
+    for _ in range(40):
+        colours = [int(c) for c in rng.choice(216, size=8, replace=False)]
+        image, places = render_context(colours, list(range(8)), glyphs, 224, rng, placement)
+        pixels = np.asarray(image)
+        for i, (x, y, r) in enumerate(places):
+            assert r <= x <= 224 - r and r <= y <= 224 - r
+            for x2, y2, r2 in places[i + 1 :]:
+                assert max(abs(x - x2), abs(y - y2)) >= r + r2 + 4 - 1e-9
+            found = colour_pixels(pixels, glyphs.colours[colours[i]])
+            assert len(found) and (np.abs(found - [y, x]) <= r + 1).all()  # +1: antialiased edge
+            sides.append(2 * r)
+            offsets.append(x % 16)
+    assert 28 <= min(sides) and max(sides) <= 40 and max(sides) - min(sides) > 10
+    assert len({int(o) for o in offsets}) == 16  # centres fall anywhere within a 16 px patch
+    with pytest.raises(ValueError, match="do not fit"):
+        render_context(list(range(20)), list(range(20)), glyphs, 224, rng, placement)
 
 
 def test_image_tokens_replace_the_placeholders_in_order():

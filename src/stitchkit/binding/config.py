@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import pydantic
 
 from stitchkit.binding.model import ModelSettings
-from stitchkit.binding.render import glyph_set
+from stitchkit.binding.render import Placement, glyph_set
 from stitchkit.binding.task import Vocabulary
 from stitchkit.config import Config
 from stitchkit.engine.loop import AdamBetas
@@ -34,11 +34,28 @@ class ImageSettings(Config):
 
     encoder: str = pydantic.Field("zoo:supervised", description="hub id, local folder, or zoo:NAME (frozen)")
     glyphs: Literal["world", "parametric"] = pydantic.Field("world", description="world: the shapes world's 10 colours x 13 shapes")
-    cells: int = pydantic.Field(4, ge=1, description="placement grid: objects take distinct random cells")
-    fill: float = pydantic.Field(0.8, gt=0, le=1, description="object diameter as a fraction of the cell side")
+    placement: Literal["grid", "uniform"] = pydantic.Field(
+        "grid", description="grid: distinct random cells (the micro default); uniform: the spec's §3 placement"
+    )
+    cells: int = pydantic.Field(4, ge=1, description="grid: objects take distinct random cells")
+    fill: float = pydantic.Field(0.8, gt=0, le=1, description="grid: object diameter as a fraction of the cell side")
+    box: tuple[pydantic.PositiveFloat, pydantic.PositiveFloat] = pydantic.Field(
+        (28 / 224, 40 / 224), description="uniform: object box side ~ U[box] of the canvas side (§3: 28-40 px at 224)"
+    )
+    gap: float = pydantic.Field(4 / 224, ge=0, description="uniform: least gap between boxes, of the canvas side (§3: 4 px)")
     pool: int = pydantic.Field(4096, ge=1, description="training contexts rendered and encoded once")
     eval_pool: int = pydantic.Field(1024, ge=1, description="held-out contexts for image-modality accuracy")
     gate_images: int = pydantic.Field(8, ge=1, description="single-object images per colour x shape for the separability gate")
+
+    @pydantic.model_validator(mode="after")
+    def _box_range(self) -> "ImageSettings":
+        if not self.box[0] <= self.box[1] < 1:
+            raise ValueError(f"box must be lo <= hi < 1 (fractions of the canvas side), got {list(self.box)}")
+        return self
+
+    @property
+    def layout(self) -> Placement:
+        return Placement(self.placement, self.cells, self.fill, tuple(self.box), self.gap)
 
 
 class NoiseSettings(Config):
@@ -172,8 +189,10 @@ class BindingConfig(Config):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if any(self.uses_images(b) for b in self.branches):
-            if hi > self.images.cells**2:
-                raise ValueError(f"{hi} objects do not fit in images.cells^2 = {self.images.cells**2} cells")
+            if not self.images.layout.fits(hi):
+                what = f"images.cells^2 = {self.images.cells**2} cells" if self.images.placement == "grid" else (
+                    f"a canvas at images.box up to {self.images.box[1]:.3f} of its side with images.gap {self.images.gap:.3f}")
+                raise ValueError(f"{hi} objects do not fit in {what}")
             colours, shapes = glyph_set(self.images.glyphs).renderable
             if hi > min(colours, shapes):
                 raise ValueError(

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from stitchkit.binding.render import Glyphs, render_context
+from stitchkit.binding.render import Glyphs, Placement, render_context
 from stitchkit.binding.task import (
     PAD,
     Encoded,
@@ -75,7 +75,7 @@ def patch_tokens(backbone, images, batch_size: int = 128) -> torch.Tensor:
 
 
 def build_bank(
-    backbone, size: int, seed: int, split: str, objects: tuple[int, int], vocab: Vocabulary, glyphs: Glyphs, cells: int, fill: float
+    backbone, size: int, seed: int, split: str, objects: tuple[int, int], vocab: Vocabulary, glyphs: Glyphs, placement: Placement
 ) -> ImageBank:
     """`size` contexts of N ~ U{objects} renderable objects, rendered at the encoder's resolution and encoded."""
     n_colours, n_shapes = glyphs.renderable
@@ -84,7 +84,7 @@ def build_bank(
         rng = example_rng(seed, split, 0, index)
         n = int(rng.integers(objects[0], objects[1] + 1))
         ex = sample_example(rng, n, vocab, min(n_colours, vocab.colours), min(n_shapes, vocab.shapes))
-        image, _ = render_context(ex.colours, ex.shapes, glyphs, backbone.image_size, cells, rng, fill)
+        image, _ = render_context(ex.colours, ex.shapes, glyphs, backbone.image_size, rng, placement)
         colours.append(ex.colours)
         shapes.append(ex.shapes)
         images.append(image)

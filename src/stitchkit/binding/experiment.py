@@ -63,7 +63,7 @@ def separability_gate(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int
         for s in range(shapes):
             for k in range(cfg.images.gate_images):
                 rng = example_rng(seed, "gate", c * shapes + s, k)
-                images.append(render_context([c], [s], glyphs, backbone.image_size, cfg.images.cells, rng, cfg.images.fill)[0])
+                images.append(render_context([c], [s], glyphs, backbone.image_size, rng, cfg.images.layout)[0])
                 labels.append((c, s))
     pooled = patch_tokens(backbone, images).mean(dim=1)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
@@ -84,7 +84,7 @@ def prepare_images(run: RunDir, cfg: BindingConfig, name: str, spec: str, device
         vocab, glyphs = cfg.vocab.vocabulary, glyph_set(cfg.images.glyphs)
         seed = cfg.seeds[0]
         for split, size in (("images", cfg.images.pool), ("eval_images", cfg.images.eval_pool)):
-            bank = build_bank(backbone, size, seed, split, cfg.train_objects, vocab, glyphs, cfg.images.cells, cfg.images.fill)
+            bank = build_bank(backbone, size, seed, split, cfg.train_objects, vocab, glyphs, cfg.images.layout)
             bank.save(folder / f"{split}.safetensors")
         atomic_write_json(folder / "gate.json", {"encoder": spec, **separability_gate(backbone, vocab, cfg, seed)})
         _save_samples(cfg, backbone.image_size, folder / "sample.png")
@@ -101,7 +101,7 @@ def _save_samples(cfg: BindingConfig, size: int, path: Path) -> None:
         rng = example_rng(cfg.seeds[0], "images", 0, index)
         n = int(rng.integers(cfg.train_objects[0], cfg.train_objects[1] + 1))
         ex = sample_example(rng, n, vocab, min(glyphs.renderable[0], vocab.colours), min(glyphs.renderable[1], vocab.shapes))
-        images.append(render_context(ex.colours, ex.shapes, glyphs, size, cfg.images.cells, rng, cfg.images.fill)[0])
+        images.append(render_context(ex.colours, ex.shapes, glyphs, size, rng, cfg.images.layout)[0])
         titles.append(" ".join(f"C{c}S{s}" for c, s in zip(ex.colours, ex.shapes)) if n <= 3 else f"N = {n}")
     image_grid(path, images, titles, cols=4)
 

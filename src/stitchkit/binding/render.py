@@ -9,10 +9,13 @@ Glyphs name what colour token C_i and shape token S_j look like:
 Only the first `renderable` colours and shapes of the vocabulary have glyphs; image examples draw from those,
 text examples from the whole vocabulary.
 
-Placement: the canvas is cut into cells x cells cells; the N objects take N distinct random cells, each drawn
-inside its cell with a random size (`fill` of the cell side, +-10%) and offset, so objects never overlap and
-an object's token index follows its random location. Backgrounds are (128, 128, 128), outside both palettes.
-Drawn at 4x and downsampled (antialiasing).
+Placement (`Placement`), objects never overlapping and an object's token index following its random location:
+    grid     the canvas is cut into cells x cells cells; the N objects take N distinct random cells, each drawn
+             inside its cell with a random size (`fill` of the cell side, +-10%) and offset (the micro default:
+             objects as large as the small canvases allow)
+    uniform  the spec's (§3): box side ~ U[box] of the canvas side (28-40 px at 224), centres uniform over the
+             canvas, redrawn until the boxes keep `gap` apart and stay inside
+Backgrounds are (128, 128, 128), outside both palettes. Drawn at 4x and downsampled (antialiasing).
 """
 
 from __future__ import annotations
@@ -68,24 +71,68 @@ def _polygon(points: np.ndarray, centre: tuple[float, float], radius: float) -> 
     return (points * radius + np.asarray(centre)).ravel().tolist()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a context's objects go (module docstring). Fractions are of the canvas side."""
+
+    kind: str = "grid"  # grid | uniform
+    cells: int = 4
+    fill: float = 0.8
+    box: tuple[float, float] = (28 / 224, 40 / 224)
+    gap: float = 4 / 224
+    max_tries: int = 1000  # uniform: draws of one image before giving up
+
+    def fits(self, n: int) -> bool:
+        """Whether n objects can be placed: distinct cells, or (uniform) a packing well below the jamming limit of
+        random sequential placement, so the redraws end quickly."""
+        if self.kind == "grid":
+            return n <= self.cells**2
+        return n * (self.box[1] + self.gap) ** 2 <= 0.4
+
+
 def render_context(
-    colours, shapes, glyphs: Glyphs, size: int, cells: int, rng: np.random.Generator, fill: float = 0.8
-) -> tuple[Image.Image, list[int]]:
-    """The context image and the cell (row-major) of each object."""
-    if len(colours) > cells * cells:
-        raise ValueError(f"{len(colours)} objects do not fit in {cells} x {cells} cells")
+    colours, shapes, glyphs: Glyphs, size: int, rng: np.random.Generator, placement: Placement = Placement()
+) -> tuple[Image.Image, list[tuple[float, float, float]]]:
+    """The context image and each object's (centre x, centre y, radius) in output pixels; an object's glyph lies
+    inside the square of side 2 * radius around its centre."""
+    if not placement.fits(len(colours)):
+        raise ValueError(f"{len(colours)} objects do not fit the placement {placement}")
     big = size * SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    cell = big / cells
-    where = [int(c) for c in rng.choice(cells * cells, size=len(colours), replace=False)]
-    for colour, shape, index in zip(colours, shapes, where):
-        radius = cell / 2 * fill * float(rng.uniform(0.9, 1.1))
+    where = (_grid_places if placement.kind == "grid" else _uniform_places)(len(colours), big, rng, placement)
+    for colour, shape, (x, y, radius) in zip(colours, shapes, where):
+        outer, holes = glyphs.outlines[shape]
+        draw.polygon(_polygon(outer, (x, y), radius), fill=tuple(glyphs.colours[colour]))
+        for hole in holes:
+            draw.polygon(_polygon(hole, (x, y), radius), fill=BACKGROUND)
+    image = canvas.resize((size, size), Image.Resampling.BOX)
+    return image, [(x / SUPERSAMPLE, y / SUPERSAMPLE, r / SUPERSAMPLE) for x, y, r in where]
+
+
+def _grid_places(n: int, side: float, rng: np.random.Generator, placement: Placement) -> list[tuple[float, float, float]]:
+    cells = placement.cells
+    cell = side / cells
+    places = []
+    for index in (int(c) for c in rng.choice(cells * cells, size=n, replace=False)):
+        radius = cell / 2 * placement.fill * float(rng.uniform(0.9, 1.1))
         slack = cell / 2 - radius
         row, col = divmod(index, cells)
-        centre = ((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack))
-        outer, holes = glyphs.outlines[shape]
-        draw.polygon(_polygon(outer, centre, radius), fill=tuple(glyphs.colours[colour]))
-        for hole in holes:
-            draw.polygon(_polygon(hole, centre, radius), fill=BACKGROUND)
-    return canvas.resize((size, size), Image.Resampling.BOX), where
+        places.append(((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack), radius))
+    return places
+
+
+def _uniform_places(n: int, side: float, rng: np.random.Generator, placement: Placement) -> list[tuple[float, float, float]]:
+    """Sequential random placement: each box drawn anew until it keeps `gap` from the boxes before it."""
+    gap = placement.gap * side
+    places: list[tuple[float, float, float]] = []
+    for _ in range(placement.max_tries):
+        if len(places) == n:
+            return places
+        radius = float(rng.uniform(*placement.box)) * side / 2
+        x, y = (float(v) for v in rng.uniform(radius, side - radius, size=2))
+        if all(max(abs(x - px), abs(y - py)) >= radius + pr + gap for px, py, pr in places):
+            places.append((x, y, radius))
+    if len(places) == n:
+        return places
+    raise ValueError(f"could not place {n} objects apart in {placement.max_tries} draws ({placement})")
