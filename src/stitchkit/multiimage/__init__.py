@@ -10,6 +10,7 @@ annotation file, its scorers and its exports.
     protocol.py    prompts, the legacy_official and clean parsers, metrics (stdlib only; copied into exports)
     scoring.py     predictions -> results.json, report.md, breakdowns, figures (`stitchkit mimic score`)
     exports.py     HF datasets / parquet, lmms-eval task folder, VLMEvalKit TSVs (`stitchkit mimic export`)
+    llava_json.py  training data in LLaVA conversation JSON, options and multi-turn (`stitchkit mimic export-training`)
     adapters/      the lmms-eval utils.py and VLMEvalKit dataset class, copied into exports
     evaluate.py    a VLM on a benchmark: batched, resumable generation, then the scorer (`stitchkit mimic eval`)
     imageops.py    the pixel down/up-sampling control and the image-stitching canvas

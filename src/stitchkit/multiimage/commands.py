@@ -73,6 +73,29 @@ def export(
         typer.echo(f"{name}: {path}")
 
 
+@app.command(name="export-training")
+def export_training(
+    data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build`."),
+    out: Path = typer.Option(
+        ..., "--out", help="LLaVA conversation JSON (FILE.json or FILE.jsonl); counts in FILE.summary.json beside it."
+    ),
+    multi_turn: float = typer.Option(0.2, "--multi-turn", min=0.0, max=1.0,
+                                     help="Share of each task's records with 1-2 follow-up questions (2-3 turns)."),
+    options: float = typer.Option(0.2, "--options", min=0.0, max=1.0,
+                                  help="Share of each task's records asked with a lettered option list."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the record kinds, options, follow-ups and order."),
+) -> None:
+    """Write MIMIC training data in LLaVA conversation format, for LLaVA-NeXT's trainer (reference section 5)."""
+    from stitchkit.multiimage.benchmark import load_benchmark
+    from stitchkit.multiimage.llava_json import export_training as run_export, summary_path
+
+    summary = run_export(load_benchmark(data), out, multi_turn, options, seed)
+    kinds = ", ".join(f"{kind.replace('_', '-')} {n}" for kind, n in summary["kinds"].items())
+    typer.echo(f"wrote {out}: {summary['records']} records ({kinds}; turns {summary['turns']}); "
+               f"counts in {summary_path(out)}")
+    typer.echo(f"LLaVA-NeXT: --data_path {out} --image_folder {summary['image_folder']}")
+
+
 @app.command()
 def score(
     data: Path = typer.Option(..., "--data", help="A folder written by `stitchkit mimic build` or `import-official`."),
