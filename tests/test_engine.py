@@ -73,12 +73,17 @@ def hand_written_training(cfg: TrainConfig, data, lr_of: dict[str, float] | None
             return step / cfg.warmup_steps
         return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)))
 
-    stream = np.concatenate([np.random.default_rng([cfg.seed, epoch]).permutation(len(data)) for epoch in range(3)])
+    permutations = [np.random.default_rng([cfg.seed, epoch]).permutation(len(data)) for epoch in range(cfg.steps)]
+    if cfg.epoch_batches:  # each epoch cut into batches, the last one short
+        batches = [perm[i:i + cfg.batch_size] for perm in permutations for i in range(0, len(data), cfg.batch_size)]
+    else:
+        stream = np.concatenate(permutations)
+        batches = [stream[step * cfg.batch_size:(step + 1) * cfg.batch_size] for step in range(cfg.steps)]
     losses, lrs, grad_norms = [], [], []
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor(step)
-        indices = stream[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        indices = batches[step]
         x = torch.stack([data[i]["x"] for i in indices])
         y = torch.stack([data[i]["y"] for i in indices])
         loss = nn.functional.cross_entropy(model(x), y)
@@ -130,6 +135,23 @@ def test_matches_a_hand_written_pytorch_loop():
         torch.testing.assert_close(trained[name], expected, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in result.metrics] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= r["accuracy"] <= 1 for r in result.metrics)
+
+
+def test_epoch_batches_end_every_epoch_with_a_short_batch_as_hf_trainer_does():
+    """20 samples, batch 8: steps 0-2 are epoch 0 (8, 8, 4 samples), step 3 opens epoch 1; training equals the
+    hand-written loop over those batches."""
+    epoch0 = np.random.default_rng([3, 0]).permutation(20)
+    assert np.array_equal(_global_batch_indices(2, 8, 20, seed=3, epoch_batches=True), epoch0[16:])
+    assert np.array_equal(_global_batch_indices(3, 8, 20, seed=3, epoch_batches=True), np.random.default_rng([3, 1]).permutation(20)[:8])
+    cfg = TrainConfig(steps=7, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, seed=3, mixed_precision="no", epoch_batches=True)
+    data = tiny.make_dataset(20)
+    result = train(tiny.build_model(), tiny.loss_fn, data, cfg, None)
+    model, losses, *_ = hand_written_training(cfg, data)
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
+    for name, expected in tiny.trainable_weights(model).items():
+        torch.testing.assert_close(tiny.trainable_weights(result.model)[name], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="epoch_batches needs grad_accum = 1"):
+        validate_config(TrainConfig, {"steps": 1, "batch_size": 8, "grad_accum": 2, "epoch_batches": True})
 
 
 def test_lr_groups_give_parameters_their_own_learning_rate_under_the_common_schedule():

@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from stitchkit.errors import ConfigError, InputError
 from stitchkit.patches import EvalItem, generate_ids, random_baseline, rank_of, score_items
 from stitchkit.patches.config import ModelSettings, PatchesConfig, TrainSettings
 from stitchkit.patches.models import prepare_images
-from stitchkit.patches.train import PatchSample, finetune_with_curve, patch_collate
+from stitchkit.patches.train import PatchSample, eval_schedule, finetune_with_curve, patch_collate
 from stitchkit.vlm import load_vlm
 from stitchkit.vlm.finetune import vlm_loss
 from stitchkit.vlm.model import IGNORE_INDEX
@@ -197,6 +198,24 @@ def evaluate_fn():
     image = pil(1, seed=9)
     items = [EvalItem("a", "image", image, "the shape is id", 0), EvalItem("a", "reference", [], "the star is id", 0)]
     return lambda vlm: score_items(vlm, items, IDS)
+
+
+def test_the_epochs_step_rule_counts_steps_as_the_hf_trainer():
+    """f = 1, 20 images, batch 8, 15 epochs: 15 x ceil(20 / 8) = 45 steps (the official runs; 38 by samples),
+    evaluated every ceil(45 / 10) = 5 steps; f = 2 (80 patches, 5 epochs) is 50 either way."""
+    hf, by_samples = TrainSettings(batch_size=8, step_rule="epochs"), TrainSettings(batch_size=8)
+    assert (hf.steps_for(1, 20), by_samples.steps_for(1, 20)) == (45, 38)
+    assert hf.steps_for(2, 80) == by_samples.steps_for(2, 80) == 50
+    assert eval_schedule(45, 10)[0] == 5 and hf.epoch_at(45, 20) == 15
+    with pytest.raises(pydantic.ValidationError, match="grad_accum = 1"):
+        TrainSettings(step_rule="epochs", grad_accum=2)
+
+
+def test_a_training_by_the_epochs_rule_runs_its_short_batches(tmp_path):
+    result = finetune_with_curve(lambda: load_vlm(*tiny_llava_onevision()), samples()[:3], settings(step_rule="epochs"), 1, 1,
+                                 tmp_path, evaluate_fn())  # fmt: skip
+    assert result["steps"] == 4  # 2 epochs of 3 samples at batch 2: batches of 2, 1, 2, 1
+    assert [p["epoch"] for p in result["curve"]] == [0, 1, 2]
 
 
 def test_finetuning_evaluates_on_schedule_and_a_finished_run_is_not_redone(tmp_path):

@@ -10,7 +10,9 @@ processes, process r takes the r-th contiguous shard of the global batch, and sp
 samples one process sees at the same global batch. The loss of each micro-batch is divided by
 `grad_accum` and DDP averages gradients over processes, so the gradient equals the full-batch
 gradient of the mean loss (up to float summation order), provided `loss_fn` returns a mean over
-its batch. A killed training re-run with the same out_dir resumes from its last checkpoint
+its batch. `epoch_batches` instead cuts every epoch's permutation into ceil(n / batch_size) batches, the last one
+holding the rest (Hugging Face Trainer's dataloader, drop_last off), on one process without accumulation, for
+recipes defined in epochs of a small set. A killed training re-run with the same out_dir resumes from its last checkpoint
 (weights, optimizer, schedule, RNG states) and ends with exactly the weights of an uninterrupted run.
 
 Early stopping is a function of the evaluation history alone, which the checkpoint keeps (like the
@@ -140,6 +142,14 @@ class TrainConfig(Config):
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, no on CPU
     early_stopping: EarlyStopping | None = None  # needs eval_fn and eval_every
+    # Epoch-aligned batches (module docstring): ceil(n / batch_size) steps per epoch, the last batch partial.
+    epoch_batches: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _epoch_batches_alone(self) -> "TrainConfig":
+        if self.epoch_batches and self.grad_accum != 1:
+            raise ValueError("epoch_batches needs grad_accum = 1 (a partial last batch cannot be split evenly)")
+        return self
 
 
 @dataclasses.dataclass
@@ -215,7 +225,9 @@ def train(
     model.to(state.device)
     if out_dir is not None and (out_dir / DONE).exists():
         return _finished_training(model, cfg, out_dir)
-    micro_batch_size = _micro_batch_size(cfg, state.num_processes)
+    _check_batch_split(cfg, state.num_processes)
+    if cfg.epoch_batches and state.num_processes > 1:
+        raise ConfigError(f"epoch_batches trains on one process, not {state.num_processes} (a partial batch cannot be sharded evenly)")
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and state.device.type == "cuda")
 
     def autocast():
@@ -225,9 +237,9 @@ def train(
 
     def micro_batches(step: int) -> Iterator[Any]:
         """This process's micro-batches of the global batch of `step`, on its device."""
-        shard = _global_batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)
+        shard = _global_batch_indices(step, cfg.batch_size, len(dataset), cfg.seed, cfg.epoch_batches)
         shard = shard.reshape(state.num_processes, -1)[state.process_index]
-        for indices in shard.reshape(cfg.grad_accum, micro_batch_size):
+        for indices in shard.reshape(cfg.grad_accum, -1):
             yield send_to_device(collate_fn([dataset[int(i)] for i in indices]), state.device)
 
     # Train mode for the whole model (dropout on); the caller's modes come back at the end.
@@ -438,14 +450,14 @@ def _deadline_passed(num_processes: int) -> bool:
     return broadcast_object_list([passed])[0] if num_processes > 1 else passed
 
 
-def _micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+def _check_batch_split(cfg: TrainConfig, num_processes: int) -> None:
+    """Every process and micro-batch gets an equal share of the global batch."""
     parts = num_processes * cfg.grad_accum
     if cfg.batch_size % parts:
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be divisible by processes ({num_processes}) x grad_accum "
             f"({cfg.grad_accum}) = {parts}"
         )
-    return cfg.batch_size // parts
 
 
 @functools.lru_cache(maxsize=4)
@@ -454,8 +466,12 @@ def _epoch_permutation(seed: int, epoch: int, dataset_size: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(dataset_size)
 
 
-def _global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> np.ndarray:
-    """Dataset indices of the global batch of optimizer step `step` (a slice of the epoch stream)."""
+def _global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: int, epoch_batches: bool = False) -> np.ndarray:
+    """Dataset indices of the global batch of optimizer step `step`: a slice of the epoch stream, or with
+    `epoch_batches` batch step mod ceil(n / batch_size) of epoch step div ceil(n / batch_size) (the last one short)."""
+    if epoch_batches:
+        epoch, batch = divmod(step, math.ceil(dataset_size / batch_size))
+        return _epoch_permutation(seed, epoch, dataset_size)[batch * batch_size : (batch + 1) * batch_size]
     positions = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs, offsets = np.divmod(positions, dataset_size)
     return np.array([_epoch_permutation(seed, int(e), dataset_size)[o] for e, o in zip(epochs, offsets)])

@@ -5,7 +5,8 @@ template wording, first-token ranking (reported next to the full log-probability
 at f = 1 and 5 otherwise, 3 seeds, evaluation at step 0 plus 10 points. The model defaults to the micro VLM with
 its chat template; configs/patches/paper.yaml sets the official bare image prefix without a chat template.
 Exceptions: the vision tower is frozen unless `train_vision_tower: true` (the official runs train everything, §3;
-paper.yaml sets it), and steps are ceil(epochs x n / batch) with full batches across epochs (docs/patches.md).
+paper.yaml sets it), and steps are ceil(epochs x n / batch) with full batches across epochs unless `step_rule:
+epochs` asks for the HF Trainer's count (paper.yaml does; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ class TrainSettings(Config):
         "id", description="id: the response tokens only (official --mask_prompt); text: every non-pad, non-image token"
     )
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    step_rule: Literal["samples", "epochs"] = pydantic.Field(
+        "samples", description="samples: ceil(epochs x n / batch) full batches, epochs running into each other; "
+        "epochs: ceil(n / batch) batches per epoch, the last one short, as the official HF Trainer (needs grad_accum 1)",
+    )
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "TrainSettings":
         if self.train_vision_tower and self.method != "full":
             raise ValueError("train_vision_tower needs method: full")
+        if self.step_rule == "epochs" and self.grad_accum != 1:
+            raise ValueError("step_rule: epochs needs grad_accum = 1 (an epoch's short last batch cannot be split evenly)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         return self
@@ -75,7 +82,15 @@ class TrainSettings(Config):
         return self.epochs.get(split, self.default_epochs)
 
     def steps_for(self, split: int, n_samples: int) -> int:
+        if self.step_rule == "epochs":  # HF Trainer: max_steps = ceil(epochs x batches per epoch)
+            return max(1, math.ceil(self.epochs_for(split) * math.ceil(n_samples / self.batch_size)))
         return max(1, math.ceil(self.epochs_for(split) * n_samples / self.batch_size))
+
+    def epoch_at(self, step: int, n_samples: int) -> float:
+        """How many passes over the `n_samples` training samples `step` optimizer steps make."""
+        if self.step_rule == "epochs":
+            return step / math.ceil(n_samples / self.batch_size)
+        return step * self.batch_size / n_samples
 
 
 class ImageSet(Config):

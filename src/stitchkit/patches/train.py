@@ -100,6 +100,7 @@ def finetune_with_curve(
         steps=steps, batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, grad_accum=settings.grad_accum, max_grad_norm=settings.max_grad_norm,
         checkpoint_every=every, log_every=min(10, every), seed=seed, mixed_precision=settings.mixed_precision,
+        epoch_batches=settings.step_rule == "epochs",
     )  # fmt: skip
     vlm = load()
     prepare(vlm, FinetuneConfig(method=settings.method, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
@@ -114,7 +115,7 @@ def finetune_with_curve(
         vlm.model.eval()
         with torch.no_grad():
             records = evaluate(vlm)
-        atomic_write_json(eval_path(step), {"step": step, "epoch": step * settings.batch_size / len(samples), "records": records})
+        atomic_write_json(eval_path(step), {"step": step, "epoch": settings.epoch_at(step, len(samples)), "records": records})
         return summarize(records)
 
     if not eval_path(0).is_file():
