@@ -472,6 +472,39 @@ def test_one_noise_span_per_run_whatever_the_branch():
     assert noise_span(cfg.model_copy(update={"noise": NoiseSettings(span=100)}), {"a": banks(256), "b": banks(196)}) == 100
 
 
+def test_a_diverged_stage_leaves_its_branch_out_of_the_table_and_is_not_trained_again(tmp_path, vit_encoder, monkeypatch):
+    from stitchkit.binding import experiment
+    from stitchkit.config import load_config
+    from stitchkit.errors import TrainingDiverged
+
+    cfg = load_config(BindingConfig, tiny_config(tmp_path / "tiny.yaml", vit_encoder))
+    cfg = cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update={"enabled": False})})
+    original = experiment.train_stage
+
+    def diverging(model, cfg, seed, stage_run, *args):
+        if stage_run.stage == "S2":
+            raise TrainingDiverged(3, float("nan"))
+        return original(model, cfg, seed, stage_run, *args)
+
+    monkeypatch.setattr(experiment, "train_stage", diverging)
+    experiment.run_binding(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["table"]["text-only"]["runs"] == 1 and results["table"]["text-only"]["diverged"] == 0
+    assert results["table"]["image-text"]["runs"] == 0 and results["table"]["image-text"]["diverged"] == 1
+    assert results["table"]["image-text"]["id"] is None
+    assert [r["diverged"] for r in results["diverged"]] == [{"stage": "train/seed0/S1/S2-encoder", "step": 3, "loss": "nan"}]
+    assert {r["branch"] for r in results["runs"]} == {"text-only"}
+    assert "0 (1 diverged)" in (tmp_path / "run" / "report.md").read_text()
+
+    def untrained(model, cfg, seed, stage_run, *args):
+        assert stage_run.stage != "S2", "a diverged stage was trained again"
+        return original(model, cfg, seed, stage_run, *args)
+
+    monkeypatch.setattr(experiment, "train_stage", untrained)
+    experiment.run_binding(cfg, tmp_path / "run")  # the re-run reads the marker
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["table"] == results["table"]
+
+
 def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
     config = tiny_config(tmp_path / "tiny.yaml", vit_encoder)
     out = tmp_path / "run"

@@ -23,7 +23,7 @@ from stitchkit.config import validate_config
 from stitchkit.engine import EarlyStopping, TrainConfig, seed_everything, train
 from stitchkit.engine import checkpoint as checkpoint_module
 from stitchkit.engine.loop import _global_batch_indices
-from stitchkit.errors import ConfigError, InputError, StitchkitError
+from stitchkit.errors import ConfigError, InputError, StitchkitError, TrainingDiverged
 
 HELPER = Path(__file__).with_name("engine_tiny_train.py")
 VENV_BIN = Path(sys.executable).parent
@@ -152,6 +152,22 @@ def test_epoch_batches_end_every_epoch_with_a_short_batch_as_hf_trainer_does():
         torch.testing.assert_close(tiny.trainable_weights(result.model)[name], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="epoch_batches needs grad_accum = 1"):
         validate_config(TrainConfig, {"steps": 1, "batch_size": 8, "grad_accum": 2, "epoch_batches": True})
+
+
+def test_a_non_finite_loss_stops_the_training_before_it_is_checkpointed(tmp_path):
+    """The loss turns NaN at the 5th step: a clear error naming step 5, and the checkpoint on disk is step 4's."""
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss, extras = tiny.loss_fn(model, batch)
+        return (loss * float("nan") if calls["n"] >= 5 else loss), extras
+
+    cfg = TrainConfig(steps=10, batch_size=8, log_every=3, checkpoint_every=2, mixed_precision="no")
+    with pytest.raises(TrainingDiverged, match="diverged: the loss is nan at step 5") as err:
+        train(tiny.build_model(), loss_fn, tiny.make_dataset(), cfg, tmp_path, description="tiny")
+    assert err.value.exit_code == 4 and err.value.step == 5
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
 def test_lr_groups_give_parameters_their_own_learning_rate_under_the_common_schedule():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2
 EXIT_TIME_LIMIT = 3
+EXIT_DIVERGED = 4
 # Unix time after which trainings stop (set by `stitchkit --time-limit`); an environment variable, so that worker
 # processes (zoo builds, accelerate launch) see the same deadline.
 DEADLINE_ENV = "STITCHKIT_DEADLINE"
@@ -42,3 +43,15 @@ class TimeLimitReached(StitchkitError):
 
     exit_code = EXIT_TIME_LIMIT
     label = "stopped"
+
+
+class TrainingDiverged(StitchkitError):
+    """A training's loss became NaN or infinite; nothing after the last finite step was checkpointed."""
+
+    exit_code = EXIT_DIVERGED
+    label = "diverged"
+
+    def __init__(self, step: int, loss: float, description: str = "training"):
+        self.step, self.loss = step, loss
+        super().__init__(f"{description} diverged: the loss is {loss} at step {step}; its last checkpoint is from "
+                         "before that. Lower the learning rate, or try another seed")

@@ -33,7 +33,7 @@ from stitchkit.binding.render import glyph_set, render_context
 from stitchkit.binding.task import Vocabulary, example_rng, sample_example
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device, torch_threads
-from stitchkit.errors import ConfigError
+from stitchkit.errors import ConfigError, TrainingDiverged
 from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.zoo import load_frozen_backbone
 
@@ -117,6 +117,8 @@ class StageRun:
     folder: Path
     relative: str  # train/seed0/S1/... (the step name)
     images_seen: bool  # an image stage ran here or before
+
+DIVERGED = "diverged.json"  # in a stage folder: its training diverged (step, loss); every branch through it stops there
 
 
 def branch_stages(cfg: BindingConfig, run: RunDir, seed: int, branch: str, encoder: str | None) -> list[StageRun]:
@@ -215,8 +217,16 @@ def run_branch(
     stages, stage_runs = [], branch_stages(cfg, run, seed, branch, encoder)
     for previous, stage_run in zip([None, *stage_runs], stage_runs):
         step = stage_run.relative
+        marker = stage_run.folder / DIVERGED
+        if marker.is_file():  # a shared stage that diverged in an earlier branch, or an earlier run
+            return {"seed": seed, "branch": branch, "encoder": encoder, "diverged": json.loads(marker.read_text())}
         if not run.done(step):
-            training = train_stage(model, cfg, seed, stage_run, banks, span, previous)
+            try:
+                training = train_stage(model, cfg, seed, stage_run, banks, span, previous)
+            except TrainingDiverged as err:  # the paper excludes diverged branches (§5); so does the table
+                record = {"stage": step, "step": err.step, "loss": str(err.loss)}
+                atomic_write_json(marker, record)
+                return {"seed": seed, "branch": branch, "encoder": encoder, "diverged": record}
             evaluation = evaluate_stage(model, cfg, stage_run, banks, seed)
             save_binding_model(model, stage_run.folder / "model", {"stage": stage_run.stage, "seed": seed, "encoder": encoder})
             atomic_write_json(stage_run.folder / "eval.json", {**training, **evaluation})
@@ -239,16 +249,17 @@ def run_branch(
 
 
 def aggregate(runs: list[dict[str, Any]], branches: list[str]) -> dict[str, Any]:
-    """Mean and sd over seeds x encoders of every branch's final stage (the paper's table)."""
+    """Mean and sd over seeds x encoders of every branch's final stage (the paper's table); diverged runs are
+    counted apart and left out, as the paper left out its one diverged branch."""
     table = {}
     for branch in branches:
-        finals = [r["stages"][-1] for r in runs if r["branch"] == branch]
-        row = {"runs": len(finals)}
+        finals = [r["stages"][-1] for r in runs if r["branch"] == branch and "diverged" not in r]
+        row = {"runs": len(finals), "diverged": sum(r["branch"] == branch and "diverged" in r for r in runs)}
         for key in ("id", "ood", "ood_far", "image_id"):
             values = [f[key] for f in finals if f.get(key) is not None]
             row[key] = float(np.mean(values)) if values else None
             row[f"{key}_sd"] = float(np.std(values)) if values else None
-        ratios = [_final_ratio(r["analysis"]) for r in runs if r["branch"] == branch and r["analysis"]]
+        ratios = [_final_ratio(r["analysis"]) for r in runs if r["branch"] == branch and r.get("analysis")]
         row["ratio_last_block"] = float(np.mean(ratios)) if ratios else None
         table[branch] = row
     return table
@@ -283,7 +294,8 @@ def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None 
         "train_objects": list(cfg.train_objects),
         "gates": gates,
         "table": aggregate(runs, list(cfg.branches)),
-        "runs": runs,
+        "runs": [r for r in runs if "diverged" not in r],
+        "diverged": [r for r in runs if "diverged" in r],
     }
     atomic_write_json(run.path("results.json"), results)
     report = write_report(run, cfg, json.loads(run.path("results.json").read_text()))

@@ -29,7 +29,7 @@ def table_rows(results: dict[str, Any], stages: dict[str, list[str]]) -> list[di
             {
                 "branch": branch,
                 "stages": " → ".join(stages[branch]),
-                "runs": row["runs"],
+                "runs": f"{row['runs']} ({row['diverged']} diverged)" if row.get("diverged") else row["runs"],
                 "ID %": _pm(row, "id"),
                 "OOD %": _pm(row, "ood"),
                 "far OOD %": _pm(row, "ood_far"),
@@ -74,6 +74,8 @@ def accuracy_figure(path: Path, results: dict[str, Any]) -> Path:
     series = {}
     for branch in results["table"]:
         runs = [r for r in results["runs"] if r["branch"] == branch]
+        if not runs:  # every run of the branch diverged
+            continue
         ns = sorted(int(n) for n in runs[0]["stages"][-1]["text"])
         accs = _mean_over_runs(runs, lambda r: [r["stages"][-1]["text"][str(n)] for n in ns])
         series[branch] = (ns, 100 * accs)
@@ -224,6 +226,10 @@ def results_markdown(results: dict[str, Any], stages: dict[str, list[str]], figu
                  "interchange outcomes at the last block's input (paper: < 1 text-only, > 1 after images). "
                  "The paper's OOD numbers are for its 12-layer model at full scale, shown for orientation only.\n\n")  # fmt: skip
     parts.append(markdown_table(table_rows(results, stages), digits=1))
+    if results.get("diverged"):
+        parts.append("\nDiverged (left out of the table and everything below; its last checkpoint stays in the stage folder):\n\n")
+        parts.append(markdown_table([{"seed": r["seed"], "branch": r["branch"], "encoder": r["encoder"] or "",
+                                      **r["diverged"]} for r in results["diverged"]]))  # fmt: skip
     figure = accuracy_figure(figures / "binding_accuracy_vs_n.png", results)
     parts.append(f"\n![accuracy vs N]({figure.relative_to(link_base)})\n")
     if results["gates"]:

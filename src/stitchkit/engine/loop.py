@@ -74,7 +74,7 @@ from stitchkit.engine.checkpoint import (
     wait_for_everyone,
 )
 from stitchkit.engine.seeding import rng_state, seed_everything, set_rng_state
-from stitchkit.errors import DEADLINE_ENV, ConfigError, InputError, StitchkitError, TimeLimitReached
+from stitchkit.errors import DEADLINE_ENV, ConfigError, InputError, StitchkitError, TimeLimitReached, TrainingDiverged
 from stitchkit.progress import make_progress
 from stitchkit.runs import atomic_write_json, atomic_write_text
 
@@ -339,6 +339,9 @@ def train(
                 continue
             # Turning values into floats waits for the device, so we do it only here.
             new_values = torch.stack(pending).tolist()
+            bad = next((i for i, v in enumerate(new_values) if not math.isfinite(v[0])), None)
+            if bad is not None:  # before any checkpoint of this window: the last one on disk is from finite steps
+                raise TrainingDiverged(done - len(new_values) + bad + 1, new_values[bad][0], description)
             pending = []
             losses.extend(v[0] for v in new_values)
             log_window.extend(new_values)
