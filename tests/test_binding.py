@@ -420,6 +420,23 @@ def test_word_prompts_run_on_a_hugging_face_causal_lm():
     result = run_interventions(subject, n=4, pairs=4, seed=0)
     assert len(result["layers"]) == 3
 
+    # --chat-template: the same prompt inside the user turn of the model's template, the query colour still last
+    from stitchkit.vlm.tokenizer import CHAT_SPECIAL_TOKENS, chat_template
+
+    chat_tokenizer = word_tokenizer([*words, "user"], CHAT_SPECIAL_TOKENS, chat_template=chat_template("<image>"))
+    chat_model = Qwen2ForCausalLM(config.__class__(**{**config.to_dict(), "vocab_size": len(chat_tokenizer)})).eval()
+    chat = WordSubject(chat_model, chat_tokenizer, chat_template=True)
+    header = chat_tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+    chat_ids = chat.encode(ex)
+    words_of = lambda tok, seq: tok.convert_ids_to_tokens(seq)  # noqa: E731  (the two vocabularies number words apart)
+    assert chat_ids[: len(header)] == header
+    assert words_of(chat_tokenizer, chat_ids[len(header) :]) == words_of(tokenizer, ids[len(ids) - len(chat_ids) + len(header) :])
+    assert words_of(chat_tokenizer, [chat_ids[p] for p in chat.shape_positions(ex)]) == [subject.shape_words[e] for e in ex.shapes]
+    assert words_of(chat_tokenizer, chat_ids[-1:]) == [chat.colour_words[ex.colours[ex.query]]]
+    assert len(run_interventions(chat, n=4, pairs=4, seed=0)["layers"]) == 3
+    with pytest.raises(ConfigError, match="no chat template"):
+        WordSubject(subject.model, tokenizer, chat_template=True)
+
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 

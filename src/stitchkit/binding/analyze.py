@@ -22,14 +22,14 @@ from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 
 def analyze_subject(
     spec: str, out: str | os.PathLike, ns: list[int], pairs: int, probe_examples: int, knockouts: bool, seed: int,
-    device: str = "auto", command: str | None = None, knockout_label_layer: int | None = None,
+    device: str = "auto", command: str | None = None, knockout_label_layer: int | None = None, chat_template: bool = False,
 ) -> Path:  # fmt: skip
     from stitchkit.binding.knockouts import read_out_layer, run_knockouts
     from stitchkit.binding.report import analysis_figures
 
     if any(n < 4 for n in ns):
         raise ConfigError(f"--n: interchange interventions need N >= 4, got {ns}")
-    subject = load_subject(spec, str(pick_device(device)))
+    subject = load_subject(spec, str(pick_device(device)), chat_template)
     read_out_layer(knockout_label_layer, subject.layers, "--knockout-label-layer")  # before the run folder exists
     too_big = [n for n in ns if n > subject.vocab.max_objects]
     if too_big:
@@ -37,6 +37,8 @@ def analyze_subject(
     settings = {"model": spec, "n": ns, "pairs": pairs, "probe_examples": probe_examples, "seed": seed}
     if knockout_label_layer is not None:  # only when given, so earlier analysis folders still match their settings
         settings["knockout_label_layer"] = knockout_label_layer
+    if chat_template:  # likewise
+        settings["chat_template"] = True
     run = RunDir(out, config=settings, command=command)
     result: dict[str, Any] = {"model": spec, "layers": subject.layers, "interventions": {}, "probes": {}, "knockouts": None}
     for n in ns:

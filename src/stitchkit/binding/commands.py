@@ -40,9 +40,12 @@ def analyze(
     ),
     seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    chat_template: bool = typer.Option(
+        False, "--chat-template", help="Pretrained models: the prompt inside the user turn of the model's chat template (the query colour stays last)."
+    ),
 ) -> None:
     """Interchange interventions per layer, probes (binding signature) and knockouts of one model."""
     from stitchkit.binding.analyze import analyze_subject
 
-    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command_line(), knockout_label_layer)
+    report = analyze_subject(model, out, n, pairs, probe_examples, knockouts, seed, device, command_line(), knockout_label_layer, chat_template)
     typer.echo(f"report: {report}")

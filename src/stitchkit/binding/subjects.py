@@ -107,8 +107,9 @@ class TokenSubject(Subject):
 class WordSubject(Subject):
     """A pretrained causal LM or VLM, run on natural-language prompts without images."""
 
-    def __init__(self, model: nn.Module, tokenizer, name: str = "model"):
+    def __init__(self, model: nn.Module, tokenizer, name: str = "model", chat_template: bool = False):
         self.tokenizer = tokenizer
+        self.turn_prefix = _user_turn_prefix(tokenizer, name) if chat_template else None
         self.colour_words = _single_tokens(tokenizer, COLOUR_WORDS)
         self.shape_words = _single_tokens(tokenizer, SHAPE_WORDS)
         self.item_words = _single_tokens(tokenizer, ITEM_WORDS)
@@ -130,7 +131,9 @@ class WordSubject(Subject):
     def _tokens(self, ex: Example) -> tuple[list[int], list[int]]:
         ids, shape_at = [], [0] * ex.n
         bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", True):
+        if self.turn_prefix is not None:  # the template writes any BOS itself
+            ids += self.turn_prefix
+        elif bos is not None and getattr(self.tokenizer, "add_bos_token", True):
             ids.append(bos)
         for text, role in self._pieces(ex):
             ids += self.tokenizer.encode(text, add_special_tokens=False)
@@ -151,6 +154,17 @@ class WordSubject(Subject):
         return self.model(input_ids=ids, **kwargs).logits
 
 
+def _user_turn_prefix(tokenizer, name: str) -> list[int]:
+    """The chat template's tokens before a user message's text (a default system turn, the user header). The
+    prompt then runs inside the user turn, in the model's own format (§8), and its last token is still the query
+    colour, where §7.1 patches and reads; no end of turn or assistant header follows it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{name}: its tokenizer has no chat template (drop --chat-template)")
+    marker = "QUERYTEXTHERE"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=False)
+    return tokenizer.encode(text.split(marker)[0], add_special_tokens=False)
+
+
 def _single_tokens(tokenizer, words: tuple[str, ...]) -> list[str]:
     kept = [w for w in words if len(tokenizer.encode(f" {w}", add_special_tokens=False)) == 1]
     if len(kept) < 4:
@@ -158,8 +172,9 @@ def _single_tokens(tokenizer, words: tuple[str, ...]) -> list[str]:
     return kept
 
 
-def load_subject(spec: str, device: str | None = None) -> Subject:
-    """A binding model folder (written by `stitchkit binding run`), or a hub id / folder of a causal LM or VLM."""
+def load_subject(spec: str, device: str | None = None, chat_template: bool = False) -> Subject:
+    """A binding model folder (written by `stitchkit binding run`), or a hub id / folder of a causal LM or VLM
+    (`chat_template`: its prompts inside the user turn of the model's template)."""
     from stitchkit.binding.model import is_binding_model, load_binding_model
     from stitchkit.vlm.micro import is_micro_spec
 
@@ -167,6 +182,8 @@ def load_subject(spec: str, device: str | None = None) -> Subject:
         raise ConfigError(f"{spec!r} names the micro VLM, whose word vocabulary has no words for the binding prompts; "
                           "analyze a binding model folder (written by `stitchkit binding run`) or a hub LM / VLM")
     if is_binding_model(spec):
+        if chat_template:
+            raise ConfigError(f"{spec}: a binding model reads token sequences, not chat turns (drop --chat-template)")
         model, _ = load_binding_model(spec)
         return TokenSubject(model.to(device or "cpu"), model.vocab, name=str(spec))
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -178,7 +195,7 @@ def load_subject(spec: str, device: str | None = None) -> Subject:
     loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     tokenizer = load_tokenizer(spec)
     model = from_hub(spec, lambda **kw: loader.from_pretrained(spec, attn_implementation="sdpa", **kw))
-    return WordSubject(model.to(device or "cpu").eval(), tokenizer, name=spec)
+    return WordSubject(model.to(device or "cpu").eval(), tokenizer, name=spec, chat_template=chat_template)
 
 
 # ---- the residual stream: read it, or overwrite it at the last token ------------------------------------
