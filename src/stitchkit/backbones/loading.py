@@ -19,7 +19,7 @@ from torch import nn
 
 from stitchkit.backbones.backbone import VisionBackbone, default_image_size, family_of, size_pair, vision_tower
 from stitchkit.backbones.preprocess import DEFAULT_RESAMPLE, resampling_filter
-from stitchkit.errors import InputError, ModelNotFoundError
+from stitchkit.errors import InputError, ModelNotFoundError, StitchkitError
 from stitchkit.runs import atomic_write_json
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
@@ -199,20 +199,31 @@ def looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def from_hub(source: str, load):
+def from_hub(
+    source: str,
+    load,
+    *,
+    noun: str = "model",
+    hint: str | None = None,
+    offline=None,
+    failures: tuple[type[BaseException], ...] = (OSError, ValueError),
+    error: type[StitchkitError] = ModelNotFoundError,
+):
     """Call `load(local_files_only=...)`: the local cache first, then the hub unless offline.
 
-    Every failure becomes one ModelNotFoundError that says where to get the model from.
+    Every failure (`failures`) becomes one `error` that says where to get the `noun` from (`hint`). Models by
+    default; a data set passes its library's offline switch (`offline()`) and failures (multiimage/official.py).
     """
+    offline = offline or _hub_offline
     if looks_like_path(source) and not Path(source).expanduser().exists():
-        raise ModelNotFoundError(f"cannot load the model: there is no folder {Path(source).expanduser()}")
+        raise error(f"cannot load the {noun}: there is no folder {Path(source).expanduser()}")
     try:
         with _quiet_transformers():
             return load(local_files_only=True)
-    except (OSError, ValueError) as err:
+    except failures as err:
         reason = err
-    if not _hub_offline() and not Path(source).exists():
-        # Not in the cache: ask the hub once, without retries, before transformers' download (which
+    if not offline() and not Path(source).exists():
+        # Not in the cache: ask the hub once, without retries, before the library's download (which
         # retries a dead connection for ~25 s); an unreachable hub fails right away with the same error.
         unreachable = hub_connection_error(source, "config.json")
         if unreachable is not None:
@@ -221,16 +232,14 @@ def from_hub(source: str, load):
             try:
                 with _quiet_transformers():
                     return load(local_files_only=False)
-            except (OSError, ValueError) as err:
+            except failures as err:
                 reason = err
     if Path(source).exists():
-        raise ModelNotFoundError(f"cannot load the model in {source}: {first_line(reason)}") from None
-    how = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else f"downloading failed: {first_line(reason)}"
-    raise ModelNotFoundError(
-        f"model {source!r} is not a local folder and not in the Hugging Face cache, and {how}.\n"
-        f"Download it where there is internet (`hf download {source}`) and copy the cache, "
-        "or pass the path of a local folder holding config.json and the weights."
-    ) from None
+        raise error(f"cannot load the {noun} in {source}: {first_line(reason)}") from None
+    how = "offline mode (HF_HUB_OFFLINE) is on" if offline() else f"downloading failed: {first_line(reason)}"
+    hint = hint or (f"Download it where there is internet (`hf download {source}`) and copy the cache, "
+                    "or pass the path of a local folder holding config.json and the weights.")
+    raise error(f"{noun} {source!r} is not a local folder and not in the Hugging Face cache, and {how}.\n{hint}") from None
 
 
 def _optional_file(source: str, filename: str) -> str | None:

@@ -53,6 +53,24 @@ def check_images(paths) -> None:
         raise InputError(f"{len(bad)} image file(s) cannot be read, e.g. {bad[0]}")
 
 
+def image_files(root: str | os.PathLike) -> list[Path]:
+    """Every image file under `root`, at any depth (no class layout), sorted, skipping hidden files and folders
+    (e.g. macOS '._x.jpg')."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and path.is_file()
+    )
+    if not files:
+        raise InputError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """`root/<class name>/<image>` (torchvision's ImageFolder layout): sorted class names, (path, label) pairs."""

@@ -28,7 +28,7 @@ from stitchkit.errors import InputError
 from stitchkit.multiimage.benchmark import META_FILE, SAMPLES_FILE, Sample, write_samples
 from stitchkit.multiimage.config import MAX_IMAGES_PER_SAMPLE, MimicConfig
 from stitchkit.multiimage.index import MimicIndex
-from stitchkit.multiimage.protocol import TASKS
+from stitchkit.multiimage.protocol import TASKS, counting_gt
 from stitchkit.multiimage.templates import TEMPLATES, question_text
 
 # draws of one image (or one distractor) before the whole query draw is rejected
@@ -275,8 +275,7 @@ class TaskSampler:
             if cell.split == "balanced" and any(t != cell.total for t in totals):
                 raise Rejected("balanced total not met")
             names = [index.class_names[c] for c in classes]
-            gt = str(totals[0]) if len(classes) == 1 else ", ".join(f"{n}: {t}" for n, t in zip(names, totals))
-            return gt, classes, len(classes)
+            return counting_gt(names, totals), classes, len(classes)
         if self.task == "listing":
             members = set(index.groups[draw["group"]])
             found = sorted({c for p in present for c in p & members}, key=lambda c: index.class_names[c])

@@ -36,7 +36,7 @@ from typing import Optional
 
 from stitchkit.errors import InputError
 from stitchkit.multiimage.benchmark import Benchmark, Sample
-from stitchkit.multiimage.protocol import TASKS, plural, prompt_text
+from stitchkit.multiimage.protocol import TASKS, counting_gt, plural, prompt_text
 from stitchkit.multiimage.templates import TEMPLATES, question_text
 
 FORMAT = "stitchkit-mimic-llava/1"
@@ -58,11 +58,6 @@ class Turn:
 # -- option lists ------------------------------------------------------------------------------------------------
 
 
-def count_answer(classes: list[str], totals: list[int]) -> str:
-    """A counting answer in the generator's format: "4", or "zebra: 4, giraffe: 2" for several classes."""
-    return str(totals[0]) if len(totals) == 1 else ", ".join(f"{n}: {t}" for n, t in zip(classes, totals))
-
-
 def counting_totals(sample: Sample) -> Optional[list[int]]:
     """Per queried class, its total over the images: from the per-image counts, or the released data's bare gt."""
     if sample.counts_per_image is not None:
@@ -77,11 +72,11 @@ def counting_options(sample: Sample, rng: random.Random) -> Optional[tuple[list[
     if totals is None:
         return None
     classes = sample.classes or []
-    gt = count_answer(classes, totals)
+    gt = counting_gt(classes, totals)
     if len(totals) == 1:
         start = rng.randint(max(0, totals[0] - COUNT_SPAN), totals[0])
         return [str(v) for v in range(start, start + len(LETTERS))], gt
-    shifted = sorted({count_answer(classes, [t + delta if j == i else t for j, t in enumerate(totals)])
+    shifted = sorted({counting_gt(classes, [t + delta if j == i else t for j, t in enumerate(totals)])
                       for i in range(len(totals)) for delta in (-2, -1, 1, 2) if totals[i] + delta >= 0})
     options = [gt, *rng.sample(shifted, min(len(LETTERS) - 1, len(shifted)))]
     rng.shuffle(options)

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from stitchkit.backbones.loading import hub_connection_error, looks_like_path, first_line
+from stitchkit.backbones.loading import first_line, from_hub, looks_like_path
 from stitchkit.errors import InputError
 from stitchkit.multiimage.benchmark import META_FILE, SAMPLES_FILE, Sample, write_samples
 from stitchkit.multiimage.protocol import TASKS, split_gt_list
@@ -89,35 +89,18 @@ def _read(load, where: str, hint: str = ""):
 
 
 def _load_from_hub(dataset_id: str, task: str):
-    """The project's cache-first rule (backbones.loading.from_hub), for a dataset: offline from the cache, then
-    the hub unless offline mode is on; every failure becomes one message that says where to get the data."""
+    """The project's cache-first rule for hub ids (backbones.loading.from_hub), with datasets' own offline switch."""
     import datasets
 
-    def load():
-        with _quiet_datasets():
+    def load(local_files_only: bool):
+        with _datasets_offline() if local_files_only else contextlib.nullcontext(), _quiet_datasets():
             return datasets.load_dataset(dataset_id, task, split=OFFICIAL_SPLIT)
 
-    try:
-        with _datasets_offline():
-            return load()
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
-        reason = err
-    if not datasets.config.HF_HUB_OFFLINE:
-        # ask the hub once, without retries, before datasets' download (which retries a dead connection for ~25 s);
-        # the probe only tells whether the hub answers (any answer, even "no such model file", means it does)
-        reason = hub_connection_error(dataset_id, "README.md")
-        if reason is None:
-            try:
-                return load()
-            except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
-                reason = err
-    how = ("offline mode (HF_HUB_OFFLINE) is on" if datasets.config.HF_HUB_OFFLINE
-           else f"downloading failed: {first_line(reason)}")
-    raise InputError(
-        f"dataset {dataset_id!r} (config {task!r}) is not a local folder and not in the Hugging Face cache, and {how}.\n"
-        f"Download it where there is internet (`hf download {dataset_id} --repo-type dataset --local-dir DIR`) and "
-        "pass --source DIR, or copy the Hugging Face cache."
-    ) from None
+    hint = (f"Download it where there is internet (`hf download {dataset_id} --repo-type dataset --local-dir DIR`) and "
+            "pass --source DIR, or copy the Hugging Face cache.")
+    return from_hub(dataset_id, load, noun="dataset", hint=hint, error=InputError,
+                    offline=lambda: datasets.config.HF_HUB_OFFLINE,
+                    failures=(OSError, ValueError, datasets.exceptions.DatasetsError))  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -421,6 +421,11 @@ def split_gt_list(gt: str) -> list[str]:
     return [item for item in gt.split(", ") if item]
 
 
+def counting_gt(names: Sequence[str], totals: Sequence[int]) -> str:
+    """A counting ground truth: "4" for one class, "zebra: 4, giraffe: 2" for several."""
+    return str(totals[0]) if len(totals) == 1 else ", ".join(f"{n}: {t}" for n, t in zip(names, totals))
+
+
 def score_sample(sample: dict, generation: str, mode: str = "clean", vocab: Vocabulary | None = None) -> dict:
     """Score one generation against one sample record ({"task", "gt", "classes", "counts_per_image", ...}).
 

@@ -219,7 +219,7 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
 def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:
     """The images of an image set, (N, S, S, 3) uint8, and a description naming them (source, images to draw
     from, seed, size) that the run records."""
-    from stitchkit.data import load_image
+    from stitchkit.data import image_files, load_image
 
     if cfg.source == "shapes":
         from stitchkit.world.sets import segmentation_set
@@ -227,29 +227,11 @@ def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:
         # Seed offset len(SPLITS): task splits draw at offsets 0..2 of seed * 1000, so no task split repeats this draw.
         images = segmentation_set(cfg.images, cfg.image_size, cfg.seed * 1000 + len(SPLITS)).images
         return images, f"shapes world scenes (1-4 objects, seed {cfg.seed}), {cfg.image_size} px"
-    files = _folder_images(Path(cfg.path)) if cfg.source == "folder" else _coco_images(cfg)
+    files = image_files(cfg.path) if cfg.source == "folder" else _coco_images(cfg)
     chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(files))[: cfg.images])
     images = np.stack([_resized(load_image(files[i]), cfg.image_size) for i in chosen])
     what = "image folder" if cfg.source == "folder" else "COCO file"
     return images, f"{what} {cfg.path} (drawn from its {len(files)} images with seed {cfg.seed}), {cfg.image_size} px"
-
-
-def _folder_images(root: Path) -> list[Path]:
-    """Every image file under `root`, at any depth, skipping hidden files and folders (e.g. macOS '._x.jpg')."""
-    from stitchkit.data import IMAGE_EXTENSIONS
-
-    if not root.is_dir():
-        raise InputError(f"image folder not found: {root}")
-    files = sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        and path.is_file()
-    )
-    if not files:
-        raise InputError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 def _coco_images(cfg: ImageSetConfig) -> list[Path]:
