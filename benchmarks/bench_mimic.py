@@ -37,9 +37,9 @@ def main(quick: bool = False) -> list[dict]:
     coco_dict = timed("synthesise annotations", lambda: synthetic_coco(n_images))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "annotations.json"
-        timed("write json", lambda: path.write_text(json.dumps(coco_dict)))
         n_boxes = len(coco_dict["annotations"])
-        del coco_dict
+        timed("write json", lambda: path.write_text(json.dumps(coco_dict)))
+        coco_dict = None  # about a GB of Python objects, not needed once written
         coco = timed("load_coco (validate)", lambda: load_coco(path))
     config = MimicConfig()  # counting 4000 + listing 2000 + common 2000 + odd-one 2000 = 10,000
     index = timed("index (once)", lambda: MimicIndex.build(coco, config.filter))

@@ -111,6 +111,40 @@ def time_call(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_stitch_step(backbone, point, variant, hidden, reference, pixels, weights, repeats) -> tuple[float, float]:
+    """Median seconds of one MLP-stitch FFM training step from cached activations at `point`, and of the same
+    step recomputing the source prefix from pixels. The model and optimiser die with this frame, so the next
+    variant's peak memory does not count them."""
+    from stitchkit.stitching.layers import build_stitch
+    from stitchkit.stitching.model import StitchedModel
+    from stitchkit.stitching.objectives import final_feature_matching_loss
+
+    device, width = hidden.device.type, hidden.shape[-1]
+    torch.manual_seed(0)
+    stitched = StitchedModel(backbone, backbone, point, build_stitch("mlp", width, width)).to(device)
+    optimizer = torch.optim.AdamW([p for p in stitched.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda")
+    loss_of = lambda h, r: final_feature_matching_loss(stitched(h, output="match"), r, weights)  # noqa: E731
+    prefix_of = stitched.source_hidden
+    if variant.startswith("compile"):
+        mode = variant.partition(":")[2] or None
+        loss_of = torch.compile(loss_of, mode=mode)
+        prefix_of = torch.compile(prefix_of, mode=mode)
+
+    def step(h=hidden):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = loss_of(h, reference)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def recompute_step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            h = prefix_of(pixels)
+        step(h)
+
+    return time_call(step, warmup=3, repeats=repeats), time_call(recompute_step, warmup=3, repeats=repeats)
+
+
 def gpu_vitl_benchmark(
     points=(2, 14, 22), batch: int = 128, variants=("eager", "compile"), repeats: int = 10, smoke_test: bool = False
 ) -> dict:
@@ -118,9 +152,7 @@ def gpu_vitl_benchmark(
     import transformers as hf
 
     from stitchkit.backbones import load_backbone
-    from stitchkit.stitching.layers import build_stitch
-    from stitchkit.stitching.model import StitchedModel, readout_token_weights
-    from stitchkit.stitching.objectives import final_feature_matching_loss
+    from stitchkit.stitching.model import readout_token_weights
 
     torch.manual_seed(0)
     device = "cpu" if smoke_test else "cuda"
@@ -140,31 +172,8 @@ def gpu_vitl_benchmark(
         reference = torch.randn(batch, tokens, width, device=device, dtype=torch.bfloat16)
         pixels = torch.randn(batch, 3, image, image, device=device, dtype=torch.bfloat16)
         for variant in variants:
-            torch.manual_seed(0)
-            stitched = StitchedModel(backbone, backbone, point, build_stitch("mlp", width, width)).to(device)
-            optimizer = torch.optim.AdamW([p for p in stitched.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda")
-            loss_of = lambda h, r: final_feature_matching_loss(stitched(h, output="match"), r, weights)  # noqa: E731
-            prefix_of = stitched.source_hidden
-            if variant.startswith("compile"):
-                mode = variant.partition(":")[2] or None
-                loss_of = torch.compile(loss_of, mode=mode)
-                prefix_of = torch.compile(prefix_of, mode=mode)
-
-            def step(h=hidden):
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    loss = loss_of(h, reference)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            def recompute_step():
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    h = prefix_of(pixels)
-                step(h)
-
             try:
-                cached = time_call(step, warmup=3, repeats=repeats)
-                recompute = time_call(recompute_step, warmup=3, repeats=repeats)
+                cached, recompute = time_stitch_step(backbone, point, variant, hidden, reference, pixels, weights, repeats)
             except Exception as err:  # a compile mode this torch/GPU cannot do: report it, keep going
                 print(f"  n={point:2d} {variant}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
                 continue
@@ -186,7 +195,6 @@ def gpu_vitl_benchmark(
                 f"cache speed-up {row['speedup_from_cache']:.2f}x",
                 flush=True,
             )
-            del stitched, optimizer
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

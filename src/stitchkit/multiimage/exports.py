@@ -77,7 +77,7 @@ def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: b
             )
             if save_to_disk:
                 target = out / "hf" / task
-                atomic_replace_dir(target, lambda tmp: DatasetDict({"test": dataset}).save_to_disk(str(tmp)))
+                atomic_replace_dir(target, DatasetDict({"test": dataset}).save_to_disk)
                 written[f"hf/{task}"] = target
             if parquet:
                 target = out / "parquet" / task / "test-00000-of-00001.parquet"

@@ -96,6 +96,25 @@ def finetune_with_curve(
     out_dir = Path(out_dir)
     steps = settings.steps_for(split, len(samples))
     every, schedule = eval_schedule(steps, settings.eval_points)
+
+    def eval_path(step: int) -> Path:
+        return out_dir / "eval" / f"step_{step:06d}.json"
+
+    _train_with_evals(load, samples, settings, split, seed, out_dir, evaluate, steps, every, eval_path)
+    gc.collect()  # the model went with _train_with_evals's frame; give its memory back before the next one loads
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    curve, final = [], []
+    for step in schedule:
+        point = json.loads(eval_path(step).read_text())
+        curve.append({"step": step, "epoch": point["epoch"], **summarize(point["records"])})
+        final = point["records"]
+    return {"steps": steps, "epochs": settings.epochs_for(split), "samples": len(samples), "curve": curve, "final": final}
+
+
+def _train_with_evals(load, samples, settings: TrainSettings, split, seed, out_dir: Path, evaluate, steps, every, eval_path) -> None:
+    """The training of finetune_with_curve, with an evaluation written to eval_path(step) at step 0 and every
+    `every` steps. The model lives only in this frame, so it is freed when this returns."""
     train_cfg = TrainConfig(
         steps=steps, batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, grad_accum=settings.grad_accum, max_grad_norm=settings.max_grad_norm,
@@ -107,9 +126,6 @@ def finetune_with_curve(
                                 lora_dropout=settings.lora_dropout, train=train_cfg))  # fmt: skip
     if settings.train_vision_tower:
         vision_tower(vlm.model).requires_grad_(True)
-
-    def eval_path(step: int) -> Path:
-        return out_dir / "eval" / f"step_{step:06d}.json"
 
     def run_eval(step: int) -> dict[str, float]:
         vlm.model.eval()
@@ -123,16 +139,6 @@ def finetune_with_curve(
     vlm.model.train()
     train(vlm.model, vlm_loss, list(samples), train_cfg, out_dir / "train", collate_fn=patch_collate(vlm, settings.loss_on),
           description=f"f={split} seed={seed}", eval_fn=lambda model, step: run_eval(step), eval_every=every)  # fmt: skip
-    curve, final = [], []
-    for step in schedule:
-        point = json.loads(eval_path(step).read_text())
-        curve.append({"step": step, "epoch": point["epoch"], **summarize(point["records"])})
-        final = point["records"]
-    del vlm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return {"steps": steps, "epochs": settings.epochs_for(split), "samples": len(samples), "curve": curve, "final": final}
 
 
 def finetune_step(run: RunDir, step: str, load, samples, settings: TrainSettings, split: int, seed: int, evaluate) -> dict[str, Any]:
