@@ -387,6 +387,126 @@ def test_image_folder_and_coco_data(tmp_path):
     assert cls.class_names == categories
 
 
+
+def write_mask_dataset(root: Path, n: int = 10, image_suffix: str = ".jpg", mask_suffix: str = ".png") -> dict[str, np.ndarray]:
+    """An ADE20K-like folder pair: images/<sub>/x<image_suffix> and annotations/<sub>/x<mask_suffix>, 30 x 20 px
+    label maps with values 0..3 and 255; plus one image without a label map. Returns the raw maps by image path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    raw = {}
+    for i in range(n):
+        sub = f"part{i % 2}"
+        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / sub).mkdir(parents=True, exist_ok=True)
+        image = root / "images" / sub / f"x{i}{image_suffix}"
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(image, format="PNG")
+        labels = rng.choice(np.array([0, 1, 2, 3, 255], dtype=np.uint8), size=(20, 30))
+        Image.fromarray(labels).save(root / "annotations" / sub / f"x{i}{mask_suffix}", format="PNG")
+        raw[str(image)] = labels
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(root / "images" / "part0" / "unlabelled.jpg", format="PNG")
+    return raw
+
+
+def expected_labels(raw: np.ndarray, size: int, reduce_zero_label: bool) -> np.ndarray:
+    """The oracle: nearest-neighbour resize, then 255 (and with reduce_zero_label 0) unlabelled, the rest shifted."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(raw).resize((size, size), Image.Resampling.NEAREST)).astype(np.int64)
+    if not reduce_zero_label:
+        return np.where(resized == 255, -100, resized)
+    return np.where((resized == 255) | (resized == 0), -100, resized - 1)
+
+
+@pytest.mark.parametrize("reduce_zero_label", [False, True])
+def test_mask_folder_data_pairs_label_maps_with_their_images(tmp_path, reduce_zero_label):
+    from stitchkit.stitching.data import DataConfig, load_task_data
+
+    raw = write_mask_dataset(tmp_path)
+    names = ["wall", "floor", "sky"] if reduce_zero_label else ["other", "wall", "floor", "sky"]
+    cfg = DataConfig(source="masks", path=str(tmp_path / "images"), image_size=16, val_fraction=0.2, test_fraction=0.2,
+                     masks={"path": str(tmp_path / "annotations"), "class_names": names, "reduce_zero_label": reduce_zero_label})
+    data = load_task_data("segmentation", cfg)
+    assert data.class_names == names and data.task == "segmentation"
+    assert sum(len(s) for s in data.splits.values()) == 10  # the image without a label map is not used
+    # Every split's rows are pairs from the folder: find each row's image by its pixels, check its labels.
+    from PIL import Image
+
+    pixels = {path: np.asarray(Image.open(path).convert("RGB").resize((16, 16), Image.Resampling.BICUBIC)) for path in raw}
+    for split in data.splits.values():
+        for image, labels in zip(split.images, split.labels):
+            (path,) = [p for p, px in pixels.items() if np.array_equal(px, image)]
+            np.testing.assert_array_equal(labels, expected_labels(raw[path], 16, reduce_zero_label))
+
+
+def test_mask_folder_suffixes_and_class_name_files(tmp_path):
+    from stitchkit.stitching.data import DataConfig, load_task_data
+
+    write_mask_dataset(tmp_path, n=6, image_suffix="_leftImg8bit.png", mask_suffix="_gtFine_labelTrainIds.png")
+    names = tmp_path / "names.txt"
+    names.write_text("road\nsidewalk\n\nbuilding\nwall\n")
+    masks = {"path": str(tmp_path / "annotations"), "image_suffix": "_leftImg8bit.png",
+             "mask_suffix": "_gtFine_labelTrainIds.png", "class_names": str(names)}
+    data = load_task_data("segmentation", DataConfig(source="masks", path=str(tmp_path / "images"), image_size=8, masks=masks))
+    assert data.class_names == ["road", "sidewalk", "building", "wall"] and sum(len(s) for s in data.splits.values()) == 6
+    numbered = load_task_data("segmentation", DataConfig(source="masks", path=str(tmp_path / "images"), image_size=8,
+                                                         masks={**masks, "class_names": None}))
+    assert numbered.class_names == ["class 0", "class 1", "class 2", "class 3"]
+
+
+def test_bad_mask_folders_are_one_clear_error(tmp_path):
+    from PIL import Image
+
+    from stitchkit.errors import InputError
+    from stitchkit.stitching.data import DataConfig, load_task_data
+
+    write_mask_dataset(tmp_path, n=4)
+    good = {"source": "masks", "path": str(tmp_path / "images"), "image_size": 8, "masks": {"path": str(tmp_path / "annotations")}}
+
+    def error(task="segmentation", **masks):
+        cfg = validate_config(DataConfig, {**good, "masks": {**good["masks"], **masks}})
+        with pytest.raises(InputError) as info:
+            load_task_data(task, cfg)
+        return str(info.value)
+
+    assert "use task segmentation" in error(task="classification")
+    assert "lists 2 classes" in error(class_names=["a", "b"])
+    assert "folder not found" in error(path=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="masks.path"):
+        validate_config(DataConfig, {**good, "masks": None})
+    with pytest.raises(ConfigError, match="masks is read only with source 'masks'"):
+        validate_config(DataConfig, {**good, "source": "coco"})
+    mask = tmp_path / "annotations" / "part0" / "x0.png"
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(mask)
+    assert "not a RGB image" in error()
+    Image.fromarray(np.zeros((10, 30), dtype=np.uint8)).save(mask)
+    assert "label map is 30x10 but its image" in error()
+    (tmp_path / "images" / "part0" / "x0.jpg").unlink()
+    assert "has no image" in error() and "x0" in error()
+
+
+def test_a_sweep_on_a_mask_folder_scores_labelled_pixels_only(model_dirs, tmp_path):
+    from stitchkit.stitching.data import load_task_data
+
+    write_mask_dataset(tmp_path / "data", n=12)
+    data = {"source": "masks", "path": str(tmp_path / "data" / "images"), "image_size": 32, "val_fraction": 0.25,
+            "test_fraction": 0.25, "masks": {"path": str(tmp_path / "data" / "annotations"), "reduce_zero_label": True}}
+    cfg = validate_config(StitchRunConfig, sweep_config(model_dirs, task="segmentation", data=data, points=[1], objectives=["tlt"]))
+    folder = run_sweep(cfg, tmp_path / "run").parent
+    (cell,) = [c for c in json.loads((folder / "results.json").read_text())["cells"] if c["source"] == "dino" and c["target"] == "clip"]
+    labels = load_task_data("segmentation", cfg.data).splits["test"].labels
+    predictions = np.load(folder / "cells" / "dino--clip" / "n1" / "mlp-relu" / "tlt" / "seed0" / "test_predictions.npy")
+    # The oracle: mIoU by hand over the labelled pixels, averaged over the classes that occur in either.
+    labelled = labels != -100
+    ious = []
+    for k in range(3):
+        truth, guess = labels[labelled] == k, predictions[labelled] == k
+        if (truth | guess).any():
+            ious.append((truth & guess).sum() / (truth | guess).sum())
+    assert cell["score_test"] == pytest.approx(100 * np.mean(ious))
+    assert sum(cell["overlap"][k] for k in ("000", "001", "010", "011", "100", "101", "110", "111")) == labelled.sum()
+
+
 # ---- FFM on its own images (ffm_data; spec §7 "FFM data", §1.5) ---------------------------------------------
 
 FFM_SHAPES = {"source": "shapes", "image_size": 24, "images": 20, "seed": 5}  # unlike the task: 32 px, 32 train images

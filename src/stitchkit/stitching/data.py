@@ -1,13 +1,15 @@
 """Task data for the stitching protocol: in-memory uint8 images with class labels or semantic masks.
 
-Three sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) uint8 images at one size):
+Four sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) uint8 images at one size):
     shapes   the procedural shapes world (classification: one object, labelled by category/colour;
              segmentation: several objects, semantic maps)
     folder   an image folder with one sub-folder per class (classification only)
     coco     a COCO-format annotation file (segmentation: semantic maps from polygons or uncompressed
              RLE; classification: the category of each image's largest annotation)
-Folder and COCO images are resized (squashed, no crop) to `image_size`, so every model sees the same field of
-view; each backbone then resizes to its own resolution. Splits of folder / COCO data are a seeded shuffle.
+    masks    an image folder with a folder of label maps beside it (segmentation only; mmsegmentation's
+             layout, as ADE20K, Cityscapes and Pascal VOC ship)
+Folder, COCO and mask-folder images are resized (squashed, no crop) to `image_size`, so every model sees the same
+field of view; each backbone then resizes to its own resolution. Their splits are a seeded shuffle.
 
 FFM can train on other images than the task's (`ffm_data`, spec §7 "FFM data", §1.5): the same three sources
 read without labels and taken whole as one more split, 'ffm' (`ImageSetConfig`, `load_image_set`).
@@ -26,10 +28,13 @@ from PIL import Image, ImageDraw
 
 from stitchkit.config import Config
 from stitchkit.errors import InputError
+from stitchkit.stitching.objectives import IGNORE_INDEX
 
 Task = Literal["classification", "segmentation"]
 SPLITS = ("train", "val", "test")
 FFM_SPLIT = "ffm"  # the split of ffm_data's images (TaskData.ffm_split)
+# Semantic maps in int16, not int64: 20k ADE20K maps at 512 px are 10 GB instead of 42 (the loss casts to long).
+MAP_DTYPE = np.int16
 
 
 class ImageSourceConfig(Config):
@@ -53,16 +58,44 @@ class ImageSourceConfig(Config):
         return Path(self.image_root) if self.image_root else Path(self.path).parent
 
 
+class MaskFolderConfig(Config):
+    """Label maps for `source: masks`: one single-channel image per labelled image (a class index per pixel, as
+    mmsegmentation reads them), at the image's relative path with `image_suffix` replaced by `mask_suffix`. The
+    label maps drive the pairing, so images without one (most of Pascal VOC's JPEGImages) are not used."""
+
+    path: str = pydantic.Field(description="the label-map folder, e.g. ADEChallengeData2016/annotations/training")
+    image_suffix: str | None = pydantic.Field(
+        None, description="the end of an image's name that mask_suffix replaces (Cityscapes: _leftImg8bit.png); "
+        "None: the image is the label map's name with any image extension")  # fmt: skip
+    mask_suffix: str = ".png"
+    class_names: list[str] | str | None = pydantic.Field(
+        None, description="names in label order (after reduce_zero_label), or a file of them: a JSON list or "
+        "one name per line; None: 'class 0', 'class 1', ... up to the largest label found")  # fmt: skip
+    reduce_zero_label: bool = pydantic.Field(
+        False, description="label 0 means unlabelled and is ignored, and labels 1.. become 0.. (ADE20K)")
+    ignore_label: int | None = pydantic.Field(255, description="pixels with this label carry none (VOC and Cityscapes: 255)")
+
+
 class DataConfig(ImageSourceConfig):
     """The task's labelled images, in train / val / test splits."""
 
+    source: Literal["shapes", "folder", "coco", "masks"] = "shapes"
     train: int = pydantic.Field(1024, ge=1, description="shapes: images per split; folder/coco: cap (0 = all)")
     val: int = pydantic.Field(256, ge=1)
     test: int = pydantic.Field(512, ge=1)
     target: Literal["category", "colour", "both"] = "category"  # shapes classification label
     max_objects: int = pydantic.Field(3, ge=1)  # shapes segmentation
-    val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco splits
+    val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco / masks splits
     test_fraction: float = pydantic.Field(0.2, gt=0, lt=1)
+    masks: MaskFolderConfig | None = None  # source masks: where the label maps are and how to read them
+
+    @pydantic.model_validator(mode="after")
+    def _masks_with_their_source(self):
+        if self.source == "masks" and self.masks is None:
+            raise ValueError("source 'masks' needs masks.path, the folder of label maps")
+        if self.source != "masks" and self.masks is not None:
+            raise ValueError(f"masks is read only with source 'masks', not {self.source!r}")
+        return self
 
 
 class ImageSetConfig(ImageSourceConfig):
@@ -83,7 +116,9 @@ class ImageSetConfig(ImageSourceConfig):
 @dataclass
 class Split:
     images: np.ndarray  # (N, S, S, 3) uint8
-    labels: np.ndarray | None  # (N,) int64 class index, or (N, S, S) int64 semantic map; None: FFM's own images
+    # (N,) int64 class index, or (N, S, S) semantic map in MAP_DTYPE (IGNORE_INDEX where unlabelled); None: FFM's
+    # own images
+    labels: np.ndarray | None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,6 +167,10 @@ def _labelled_splits(task: Task, cfg: DataConfig) -> TaskData:
         if task != "classification":
             raise InputError("data.source 'folder' has class labels only; use task classification or a COCO file")
         return _folder(cfg)
+    if cfg.source == "masks":
+        if task != "segmentation":
+            raise InputError("data.source 'masks' holds label maps; use task segmentation")
+        return _mask_folder(cfg)
     return _coco(task, cfg)
 
 
@@ -147,7 +186,7 @@ def _shapes(task: Task, cfg: DataConfig) -> TaskData:
             splits[split] = Split(data.images, data.labels.astype(np.int64))
         else:
             data = segmentation_set(n, cfg.image_size, seed, max_objects=cfg.max_objects)
-            splits[split] = Split(data.images, data.masks.astype(np.int64))
+            splits[split] = Split(data.images, data.masks.astype(MAP_DTYPE))
         names = data.class_names
     what = f"{cfg.target} classification" if task == "classification" else f"segmentation, <= {cfg.max_objects} objects"
     return TaskData(task, list(names), splits, f"shapes world ({what}), {cfg.image_size} px")
@@ -212,8 +251,96 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
                     mask = _annotation_mask(segmentations.get(ann.id), ann.bbox, info.height, info.width, cfg.path)
                     semantic[mask] = class_of[ann.category_id]
                 labels.append(_resized(Image.fromarray(semantic), cfg.image_size, Image.Resampling.NEAREST))
-        splits[split] = Split(np.stack(images), np.stack(labels).astype(np.int64) if task != "classification" else np.array(labels, dtype=np.int64))
+        splits[split] = Split(np.stack(images), np.stack(labels).astype(MAP_DTYPE) if task != "classification" else np.array(labels, dtype=np.int64))
     return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {cfg.image_size} px")
+
+
+def _mask_folder(cfg: DataConfig) -> TaskData:
+    from stitchkit.data import load_image
+
+    pairs = _mask_pairs(cfg)
+    splits, largest = {}, -1
+    for split, idx in _split_indices(len(pairs), cfg).items():
+        images = np.stack([_resized(load_image(pairs[i][0]), cfg.image_size) for i in idx])
+        labels = np.stack([_label_map(*pairs[i], cfg) for i in idx])
+        largest = max(largest, int(labels.max()))
+        splits[split] = Split(images, labels)
+    names = _class_names(cfg.masks, largest)
+    if largest >= len(names):
+        raise InputError(f"data.masks: a label map holds label {largest}, but class_names lists {len(names)} classes")
+    description = f"label maps {cfg.masks.path} of images {cfg.path} ({len(pairs)} pairs), {cfg.image_size} px"
+    return TaskData("segmentation", names, splits, description)
+
+
+def _mask_pairs(cfg: DataConfig) -> list[tuple[Path, Path]]:
+    """(image, label map) for every label map under masks.path, each with its image under path."""
+    from stitchkit.data.images import IMAGE_EXTENSIONS
+
+    images, masks = Path(cfg.path), Path(cfg.masks.path)
+    for what, folder in (("path", images), ("masks.path", masks)):
+        if not folder.is_dir():
+            raise InputError(f"data.{what}: folder not found: {folder}")
+    suffix = cfg.masks.mask_suffix
+    # An image is the label map's name with image_suffix, or with any image extension (either case: .jpg, .JPG).
+    endings = [cfg.masks.image_suffix] if cfg.masks.image_suffix else [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
+    pairs = []
+    for mask in sorted(masks.rglob(f"*{suffix}")):
+        relative = mask.relative_to(masks)
+        if any(part.startswith(".") for part in relative.parts) or not mask.is_file():
+            continue
+        stem = str(images / relative.parent / relative.name[: -len(suffix)])
+        image = next((Path(stem + e) for e in endings if Path(stem + e).is_file()), None)
+        if image is None:
+            wanted = stem + (endings[0] if cfg.masks.image_suffix else ".<image extension>")
+            raise InputError(f"data.masks: label map {mask} has no image {wanted}")
+        pairs.append((image, mask))
+    if not pairs:
+        raise InputError(f"data.masks.path: {masks} holds no label maps ending in {suffix!r}")
+    return pairs
+
+
+def _label_map(image_path: Path, mask_path: Path, cfg: DataConfig) -> np.ndarray:
+    """The label map at `image_size` (nearest neighbour), as class indices with IGNORE_INDEX where unlabelled."""
+    try:
+        with Image.open(mask_path) as mask, Image.open(image_path) as image:
+            if mask.mode not in ("L", "P", "I", "I;16"):
+                raise InputError(f"{mask_path}: a label map holds one class index per pixel (mode L, P or I), "
+                                 f"not a {mask.mode} image; convert colour-coded masks to class indices first")
+            if mask.size != image.size:
+                raise InputError(f"{mask_path}: label map is {mask.size[0]}x{mask.size[1]} but its image {image_path} "
+                                 f"is {image.size[0]}x{image.size[1]}")
+            raw = np.asarray(mask.resize((cfg.image_size,) * 2, Image.Resampling.NEAREST)).astype(np.int64)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"cannot read label map {mask_path}: {err}") from None
+    unlabelled = raw == cfg.masks.ignore_label if cfg.masks.ignore_label is not None else np.zeros_like(raw, dtype=bool)
+    if cfg.masks.reduce_zero_label:  # ADE20K: 0 is "other", not one of the 150 classes
+        unlabelled |= raw == 0
+        raw = raw - 1
+    labelled = raw[~unlabelled]
+    if (labelled < 0).any():
+        raise InputError(f"{mask_path}: negative labels")
+    if labelled.max(initial=0) > np.iinfo(MAP_DTYPE).max:
+        raise InputError(f"{mask_path}: labels above {np.iinfo(MAP_DTYPE).max} are not supported")
+    return np.where(unlabelled, IGNORE_INDEX, raw).astype(MAP_DTYPE)
+
+
+def _class_names(cfg: MaskFolderConfig, largest: int) -> list[str]:
+    if cfg.class_names is None:
+        return [f"class {k}" for k in range(largest + 1)]
+    if isinstance(cfg.class_names, list):
+        return cfg.class_names
+    path = Path(cfg.class_names)
+    if not path.is_file():
+        raise InputError(f"data.masks.class_names: file not found: {path}")
+    if path.suffix == ".json":
+        try:
+            names = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"data.masks.class_names: {path} is not valid JSON: {err}") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise InputError(f"data.masks.class_names: {path} must hold a JSON list of names")
+        return names
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:

@@ -512,7 +512,8 @@ class Sweep:
                 np.load(self.run.root / "probes" / name / f"seed{cell.seed}" / "test_predictions.npy")
                 for name in (cell.source, cell.target)
             ]
-            out["overlap"] = prediction_overlap(*(p == labels for p in probe_predictions), predictions == labels)
+            labelled = labels != IGNORE_INDEX  # unlabelled pixels are nobody's right or wrong
+            out["overlap"] = prediction_overlap(*((p == labels)[labelled] for p in [*probe_predictions, predictions]))
         return out
 
     def _predict(self, model: StitchedModel, source: str, split: str, with_distances: bool) -> tuple[np.ndarray, dict]:
