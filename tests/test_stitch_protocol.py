@@ -485,6 +485,57 @@ def test_bad_mask_folders_are_one_clear_error(tmp_path):
     assert "has no image" in error() and "x0" in error()
 
 
+def test_a_test_split_of_its_own_files(tmp_path):
+    """test_split: train and val from path, test from other files (e.g. ADE20K's validation folder)."""
+    from PIL import Image
+
+    from stitchkit.errors import InputError
+    from stitchkit.stitching.data import DataConfig, load_task_data
+    from stitchkit.world.coco import render_coco
+
+    write_mask_dataset(tmp_path / "train", n=10)
+    write_mask_dataset(tmp_path / "val", n=4)
+    masks = {"source": "masks", "path": str(tmp_path / "train" / "images"), "image_size": 8, "val_fraction": 0.2,
+             "masks": {"path": str(tmp_path / "train" / "annotations")},
+             "test_split": {"path": str(tmp_path / "val" / "images"), "masks": str(tmp_path / "val" / "annotations")}}
+    data = load_task_data("segmentation", validate_config(DataConfig, masks))
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 8, "val": 2, "test": 4}
+    assert "test: label maps" in data.description and data.class_names == [f"class {k}" for k in range(4)]
+    capped = load_task_data("segmentation", validate_config(DataConfig, {**masks, "test": 3}))
+    assert len(capped.splits["test"]) == 3
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("cats", "dogs")), ("val", ("cats", "dogs")), ("odd", ("cats", "owls"))):
+        for name in classes:
+            (tmp_path / split / "folder" / name).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / "folder" / name / f"{i}.png")
+    folder = {"source": "folder", "path": str(tmp_path / "train" / "folder"), "image_size": 8,
+              "test_split": {"path": str(tmp_path / "val" / "folder")}}
+    data = load_task_data("classification", validate_config(DataConfig, folder))
+    assert len(data.splits["test"]) == 10 and len(data.splits["train"]) + len(data.splits["val"]) == 10
+    test_pixels = {np.asarray(Image.open(f)).tobytes() for f in (tmp_path / "val" / "folder").rglob("*.png")}
+    assert {image.tobytes() for image in data.splits["test"].images} == test_pixels
+    with pytest.raises(InputError, match="data.test_split: its classes"):
+        load_task_data("classification", validate_config(DataConfig, {**folder, "test_split": {"path": str(tmp_path / "odd" / "folder")}}))
+    with pytest.raises(InputError, match="data.test_split: .*not found"):
+        load_task_data("classification", validate_config(DataConfig, {**folder, "test_split": {"path": str(tmp_path / "none")}}))
+
+    coco = {"source": "coco", "path": str(render_coco(tmp_path / "coco_train", n_images=10, size=16, seed=0)), "image_size": 16,
+            "test_split": {"path": str(render_coco(tmp_path / "coco_val", n_images=3, size=16, seed=1))}}
+    data = load_task_data("segmentation", validate_config(DataConfig, coco))
+    assert len(data.splits["test"]) == 3 and len(data.splits["train"]) + len(data.splits["val"]) == 10
+
+    refused = {
+        "the shapes world draws its own": {"source": "shapes", "test_split": {"path": "x"}},
+        "test_split.masks": {**masks, "test_split": {"path": "x"}},
+        "test_split.image_root is read with source 'coco' only": {**folder, "test_split": {"path": "x", "image_root": "y"}},
+    }
+    for message, cfg in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            validate_config(DataConfig, cfg)
+
+
 def test_a_sweep_on_a_mask_folder_scores_labelled_pixels_only(model_dirs, tmp_path):
     from stitchkit.stitching.data import load_task_data
 

@@ -76,6 +76,15 @@ class MaskFolderConfig(Config):
     ignore_label: int | None = pydantic.Field(255, description="pixels with this label carry none (VOC and Cityscapes: 255)")
 
 
+class TestSplitConfig(Config):
+    """The test split from other files of the data's own kind (e.g. a dataset's official validation set); the
+    task's `path` then gives train and val only."""
+
+    path: str = pydantic.Field(description="folder: a class-folder root; coco: an annotation file; masks: an image folder")
+    image_root: str | None = pydantic.Field(None, description="coco: its image folder; default: the file's folder")
+    masks: str | None = pydantic.Field(None, description="masks: the label-map folder of these images (required)")
+
+
 class DataConfig(ImageSourceConfig):
     """The task's labelled images, in train / val / test splits."""
 
@@ -88,6 +97,7 @@ class DataConfig(ImageSourceConfig):
     val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco / masks splits
     test_fraction: float = pydantic.Field(0.2, gt=0, lt=1)
     masks: MaskFolderConfig | None = None  # source masks: where the label maps are and how to read them
+    test_split: TestSplitConfig | None = None  # None: test is split from path like val (test_fraction)
 
     @pydantic.model_validator(mode="after")
     def _masks_with_their_source(self):
@@ -95,7 +105,20 @@ class DataConfig(ImageSourceConfig):
             raise ValueError("source 'masks' needs masks.path, the folder of label maps")
         if self.source != "masks" and self.masks is not None:
             raise ValueError(f"masks is read only with source 'masks', not {self.source!r}")
+        if self.test_split is not None:
+            if self.source == "shapes":
+                raise ValueError("test_split: the shapes world draws its own test split (set test)")
+            if (self.source == "masks") != (self.test_split.masks is not None):
+                raise ValueError("test_split.masks: the label-map folder of the test images, with source 'masks' only")
+            if self.source != "coco" and self.test_split.image_root is not None:
+                raise ValueError("test_split.image_root is read with source 'coco' only")
         return self
+
+    def for_test_split(self) -> "DataConfig":
+        """This config reading test_split's files instead of path's."""
+        split = self.test_split
+        masks = self.masks.model_copy(update={"path": split.masks}) if self.masks else None
+        return self.model_copy(update={"path": split.path, "image_root": split.image_root, "masks": masks, "test_split": None})
 
 
 class ImageSetConfig(ImageSourceConfig):
@@ -163,15 +186,31 @@ def load_task_data(task: Task, cfg: DataConfig, ffm_data: ImageSetConfig | None 
 def _labelled_splits(task: Task, cfg: DataConfig) -> TaskData:
     if cfg.source == "shapes":
         return _shapes(task, cfg)
-    if cfg.source == "folder":
-        if task != "classification":
-            raise InputError("data.source 'folder' has class labels only; use task classification or a COCO file")
-        return _folder(cfg)
-    if cfg.source == "masks":
-        if task != "segmentation":
-            raise InputError("data.source 'masks' holds label maps; use task segmentation")
-        return _mask_folder(cfg)
-    return _coco(task, cfg)
+    if cfg.source == "folder" and task != "classification":
+        raise InputError("data.source 'folder' has class labels only; use task classification or a COCO file")
+    if cfg.source == "masks" and task != "segmentation":
+        raise InputError("data.source 'masks' holds label maps; use task segmentation")
+    load = {"folder": _folder, "coco": _coco, "masks": _mask_folder}[cfg.source]
+    if cfg.test_split is None:
+        return load(task, cfg, SPLITS)
+    try:
+        test = load(task, cfg.for_test_split(), ("test",))
+    except InputError as err:  # two places hold images: say which one is wrong
+        raise InputError(f"data.test_split: {err}") from None
+    return _with_test(load(task, cfg, ("train", "val")), test)
+
+
+def _with_test(data: TaskData, test: TaskData) -> TaskData:
+    """`data` (train and val) with the test split of `test`, which must have the same classes."""
+    names = data.class_names
+    if test.class_names != names:
+        # Label maps without class names are numbered up to the largest label found, which may differ by split.
+        numbered = [f"class {k}" for k in range(max(len(names), len(test.class_names)))]
+        if names != numbered[: len(names)] or test.class_names != numbered[: len(test.class_names)]:
+            raise InputError(f"data.test_split: its classes ({', '.join(test.class_names[:8])}, ...) differ from "
+                             f"the task's ({', '.join(names[:8])}, ...)")  # fmt: skip
+        names = numbered
+    return TaskData(data.task, names, {**data.splits, "test": test.splits["test"]}, f"{data.description}; test: {test.description}")
 
 
 def _shapes(task: Task, cfg: DataConfig) -> TaskData:
@@ -192,33 +231,38 @@ def _shapes(task: Task, cfg: DataConfig) -> TaskData:
     return TaskData(task, list(names), splits, f"shapes world ({what}), {cfg.image_size} px")
 
 
-def _split_indices(n: int, cfg: DataConfig) -> dict[str, np.ndarray]:
+def _split_indices(n: int, cfg: DataConfig, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Which of n images go to each of `splits`: a seeded shuffle cut by test_fraction and val_fraction (a
+    split not asked for gets none), train taking the rest; each then capped at its size in cfg."""
     order = np.random.default_rng(cfg.seed).permutation(n)
-    n_test, n_val = max(1, round(n * cfg.test_fraction)), max(1, round(n * cfg.val_fraction))
-    if n - n_test - n_val < 1:
-        raise InputError(f"{cfg.path}: {n} images are too few to split into train / val / test")
+    n_test = max(1, round(n * cfg.test_fraction)) if "test" in splits else 0
+    n_val = max(1, round(n * cfg.val_fraction)) if "val" in splits else 0
+    if "train" in splits and n - n_test - n_val < 1:
+        raise InputError(f"{cfg.path}: {n} images are too few to split into {' / '.join(splits)}")
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    if "train" not in splits:
+        parts = {"test": order}  # a test split of its own: every image
     # The per-split sizes cap how many images are used (handy for a quick run on a large folder).
-    return {k: np.sort(v[: getattr(cfg, k)]) for k, v in parts.items()}
+    return {k: np.sort(parts[k][: getattr(cfg, k)]) for k in splits}
 
 
 def _resized(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
     return np.asarray(image.resize((size, size), resample))
 
 
-def _folder(cfg: DataConfig) -> TaskData:
+def _folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
     from stitchkit.data import load_image, scan_image_folder
 
     folder = scan_image_folder(cfg.path)
     splits = {}
-    for split, idx in _split_indices(len(folder), cfg).items():
+    for split, idx in _split_indices(len(folder), cfg, which).items():
         images = np.stack([_resized(load_image(folder.samples[i][0]), cfg.image_size) for i in idx])
         labels = np.array([folder.samples[i][1] for i in idx], dtype=np.int64)
         splits[split] = Split(images, labels)
     return TaskData("classification", folder.classes, splits, f"image folder {cfg.path}, {cfg.image_size} px")
 
 
-def _coco(task: Task, cfg: DataConfig) -> TaskData:
+def _coco(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
     from stitchkit.data import load_coco, load_image
 
     index = load_coco(cfg.path)
@@ -236,7 +280,7 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
         class_names = ["background"] + [index.categories[c].name for c in category_ids]
         segmentations = _raw_segmentations(Path(cfg.path))
     splits = {}
-    for split, idx in _split_indices(len(image_ids), cfg).items():
+    for split, idx in _split_indices(len(image_ids), cfg, which).items():
         images, labels = [], []
         for i in idx:
             info = index.images[image_ids[i]]
@@ -245,7 +289,7 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
             if task == "classification":
                 labels.append(class_of[max(annotations, key=lambda a: a.area).category_id])
             else:
-                semantic = np.zeros((info.height, info.width), dtype=np.uint8)
+                semantic = np.zeros((info.height, info.width), dtype=np.int32)  # PIL mode I; uint8 would wrap at 256 classes
                 # Largest first, so a smaller object in front of a larger one stays visible.
                 for ann in sorted(annotations, key=lambda a: -a.area):
                     mask = _annotation_mask(segmentations.get(ann.id), ann.bbox, info.height, info.width, cfg.path)
@@ -255,12 +299,12 @@ def _coco(task: Task, cfg: DataConfig) -> TaskData:
     return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {cfg.image_size} px")
 
 
-def _mask_folder(cfg: DataConfig) -> TaskData:
+def _mask_folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
     from stitchkit.data import load_image
 
     pairs = _mask_pairs(cfg)
     splits, largest = {}, -1
-    for split, idx in _split_indices(len(pairs), cfg).items():
+    for split, idx in _split_indices(len(pairs), cfg, which).items():
         images = np.stack([_resized(load_image(pairs[i][0]), cfg.image_size) for i in idx])
         labels = np.stack([_label_map(*pairs[i], cfg) for i in idx])
         largest = max(largest, int(labels.max()))
