@@ -34,6 +34,23 @@ def build(
     typer.echo(f"wrote {root / 'samples.jsonl'} (summary: {root / 'summary.md'})")
 
 
+@app.command(name="convert-openimages")
+def convert_openimages(
+    boxes: Path = typer.Option(..., "--boxes", help="OpenImages box file (*-annotations-bbox.csv)."),
+    classes: Path = typer.Option(..., "--classes", help="Class descriptions (*class-descriptions-boxable.csv)."),
+    images: Path = typer.Option(..., "--images", help="Folder of <ImageID>.jpg (a downloaded subset is fine)."),
+    out: Path = typer.Option(..., "--out", help="The COCO-format annotation file to write (e.g. openimages.json)."),
+    hierarchy: Optional[Path] = typer.Option(
+        None, "--hierarchy", help="bbox_labels_600_hierarchy.json: supercategories from parents (for Listing)."
+    ),
+) -> None:
+    """Turn OpenImages box annotations into a COCO-format file for `mimic build` (the paper's training source)."""
+    from stitchkit.data.openimages import convert_openimages as convert
+
+    counts = convert(boxes, classes, images, out, hierarchy)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{n:,} {what}" for what, n in counts.items()))
+
+
 @app.command(name="import-official")
 def import_official(
     source: Optional[str] = typer.Option(
