@@ -1,11 +1,14 @@
-"""Where work runs: the device a config asks for, and how many CPU threads torch uses."""
+"""Where work runs: the device a config asks for, how many CPU threads torch uses, and what the processes of a
+several-process training (accelerate launch, torchrun) share."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from stitchkit.errors import ConfigError
 
@@ -43,3 +46,54 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def process_count() -> int:
+    """How many processes train together: torch.distributed's world size once a launcher has connected them
+    (the engine's accelerate state does so), else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that writes shared files."""
+    return process_count() == 1 or dist.get_rank() == 0
+
+
+def wait_for_other_processes() -> None:
+    """A barrier across the processes (nothing on one); torch's own, which gloo runs without a device."""
+    if process_count() > 1:
+        dist.barrier()
+
+
+def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor`, concatenated along dim 0 in rank order; on one process `tensor` itself (so a
+    one-process training computes exactly what it did before).
+
+    The gather carries gradients (torch.distributed.nn.functional.all_gather, as OpenCLIP gathers features;
+    accelerate's gather does not): its backward hands each process the *sum* over all processes of the
+    gradients of its own rows (reduce-scatter on NCCL; all_to_all and a sum on gloo). So when every process
+    computes the same loss over the gathered tensor, each gets W times the gradient of its rows, and DDP's
+    average over the W processes brings it back to the gradient of that loss (zoo.models.ImageTextContrastive).
+    Every process must pass a tensor of the same shape.
+    """
+    if process_count() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather  # imported only where a process group exists
+
+    # torch 2.13 deprecates it for the private _functional_collectives.all_gather_single, which older torch
+    # (pyproject allows 2.4) lacks; this public one is in all of them, and its backward runs on gloo too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(tensor), dim=0)
+
+
+@torch.no_grad()
+def mean_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over the processes (an all-reduce, no gradient); on one process `tensor` itself.
+    With equal shares of the batch on every process, the mean of per-process batch means is the mean over the
+    global batch (DINO's centre)."""
+    if process_count() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / process_count()

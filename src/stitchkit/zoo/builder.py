@@ -21,19 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from stitchkit.backbones import VisionBackbone, load_backbone, save_backbone
 from stitchkit.engine import seed_everything, train
-from stitchkit.engine.devices import BUILD_THREADS, torch_threads
-from stitchkit.errors import ConfigError
+from stitchkit.engine.devices import BUILD_THREADS, is_main_process, torch_threads, wait_for_other_processes
 from stitchkit.paths import stitchkit_home
 from stitchkit.progress import track
 from stitchkit.runs import atomic_write_json, library_versions, open_cached_build
 from stitchkit.world import ONTOLOGY, classification_set
 from stitchkit.zoo.models import make_trainable
 from stitchkit.zoo.probe import linear_probe
-from stitchkit.zoo.recipes import BATCH_OBJECTIVES, ZooRecipe, load_recipe, recipe_hash, recipe_yaml
+from stitchkit.zoo.recipes import ZooRecipe, load_recipe, recipe_hash, recipe_yaml
 from stitchkit.zoo.text import WordVocab
 
 ZOO_JSON = "zoo.json"
@@ -168,7 +166,10 @@ def build_all(recipes: list[ZooRecipe], force: bool = False, processes: int | No
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         processes = cores // BUILD_THREADS
     workers = min(len(todo), processes)
-    parallel = workers > 1 and not torch.cuda.is_available()
+    # Under a several-process launch (accelerate launch, torchrun) the launched processes build each recipe
+    # together, one after another, instead.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    parallel = workers > 1 and not torch.cuda.is_available() and not launched
     if parallel:
         spawn = multiprocessing.get_context("spawn")  # a fork after torch has started its thread pools can hang
         with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_quiet_worker) as pool:
@@ -187,10 +188,9 @@ def _quiet_worker() -> None:
 
 
 def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
-    processes = PartialState().num_processes
-    if recipe.objective.kind in BATCH_OBJECTIVES and processes > 1:
-        raise ConfigError(f"zoo recipe {recipe.name}: the {recipe.objective.kind} objective trains on one process "
-                          f"({BATCH_OBJECTIVES[recipe.objective.kind]}), not {processes}")
+    """Train (on every process of a several-process launch: the batch objectives gather across processes, see
+    zoo.models), then save and probe on the main process alone while the others wait, so no two processes
+    write the same file and none returns before the model is there."""
     encoder, objective = recipe.encoder, recipe.objective
     dataset, num_classes, vocab = training_data(recipe)
     seed_everything(recipe.train.seed)  # the initial weights; the engine reseeds for the data order
@@ -202,6 +202,9 @@ def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
         model, lambda m, batch: m(batch), dataset, recipe.train, folder / "train", description=f"zoo {recipe.name}"
     )
     train_seconds = time.perf_counter() - started
+    if not is_main_process():
+        wait_for_other_processes()  # until the main process has written zoo.json
+        return
 
     trained = model.vision_encoder()
     save_backbone(trained, folder, image_size=encoder.image_size, mean=encoder.mean, std=encoder.std)
@@ -267,3 +270,4 @@ def _train_save_probe(recipe: ZooRecipe, folder: Path) -> None:
             "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    wait_for_other_processes()

@@ -30,6 +30,7 @@ from transformers import (
     ViTModel,
 )
 
+from stitchkit.engine.devices import gather_across_processes, mean_across_processes
 from stitchkit.zoo.augment import Augmentation, augment
 from stitchkit.zoo.objectives import (
     clip_contrastive_loss,
@@ -126,15 +127,33 @@ class ImageTextContrastive(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         pixels = training_pixels(batch["image"], self.recipe.augment, self.recipe.encoder)
-        if self.recipe.objective.kind == "clip":
+        clip = self.recipe.objective.kind == "clip"
+        if clip:
             out = self.model(input_ids=batch["caption_ids"], attention_mask=batch["caption_mask"], pixel_values=pixels)
-            loss = clip_contrastive_loss(out.logits_per_image)
         else:
             # SigLIP reads every position of its max-length padded text (no mask) and pools the last one.
             out = self.model(input_ids=batch["caption_ids"], pixel_values=pixels)
-            loss = sigmoid_pairwise_loss(out.logits_per_image)
-        matched = out.logits_per_image.argmax(dim=1) == torch.arange(len(pixels), device=pixels.device)
+        logits = self.global_logits_per_image(out.image_embeds, out.text_embeds)
+        loss = clip_contrastive_loss(logits) if clip else sigmoid_pairwise_loss(logits)
+        matched = logits.argmax(dim=1) == torch.arange(len(logits), device=logits.device)
         return loss, {"retrieval": matched.float().mean(), "temperature": self.model.logit_scale.exp().detach().reshape(())}
+
+    def global_logits_per_image(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The image-text logits of the global batch: every process's normalised embeddings, gathered with their
+        gradient, scaled (and for SigLIP shifted) by the same operations as CLIPModel's and SiglipModel's forward,
+        so one process gets their logits_per_image bit for bit.
+
+        Why several processes then train like one at the same global batch (OpenCLIP's gather_features): every
+        process computes the same global loss L. On process r, all_gather's backward sums what the W processes
+        computed for r's embeddings, W * dL/de_r, which flows into r's encoders; DDP sums the W processes'
+        parameter gradients and divides by W, leaving sum_r dL/de_r * de_r/dtheta = dL/dtheta. The temperature
+        and bias are used outside the gather: each process has dL/dt itself, and the mean of W equal values is it.
+        """
+        images, texts = gather_across_processes(image_embeds), gather_across_processes(text_embeds)
+        logits_per_text = torch.matmul(texts, images.t()) * self.model.logit_scale.exp()
+        if self.recipe.objective.kind == "siglip":
+            logits_per_text = logits_per_text + self.model.logit_bias
+        return logits_per_text.t()
 
     def vision_encoder(self) -> PreTrainedModel:
         return self.model
@@ -220,6 +239,9 @@ class SelfDistillation(nn.Module):
         objective = self.recipe.objective
         # The engine calls us once per optimiser step (recipes keep grad_accum = 1), so updating here, before
         # the loss, moves the teacher after every optimiser step: it trails the student by one step.
+        # Several processes train like one at the same global batch: the loss is a mean of per-image terms, so
+        # DDP's average of the processes' gradients is the global batch's; the centre and the prototype metric use
+        # the global batch mean (mean_across_processes); and the teachers stay equal because the students are.
         momentum = self.update_teacher()
         images = batch["image"]
         views = torch.cat([training_pixels(images, self.recipe.augment, self.recipe.encoder) for _ in range(2)])
@@ -230,8 +252,9 @@ class SelfDistillation(nn.Module):
             student_logits, teacher_logits, self.center, objective.student_temperature, objective.teacher_temperature
         )
         with torch.no_grad():
-            # Perplexity of the batch-mean teacher distribution: a collapse onto one prototype shows as ~1.
-            mean_probs = F.softmax((teacher_logits - self.center) / objective.teacher_temperature, dim=-1).mean(dim=(0, 1))
+            # Perplexity of the (global) batch-mean teacher distribution: a collapse onto one prototype shows as ~1.
+            probs = F.softmax((teacher_logits - self.center) / objective.teacher_temperature, dim=-1)
+            mean_probs = mean_across_processes(probs.mean(dim=(0, 1)))
             used_prototypes = torch.exp(-(mean_probs * mean_probs.clamp_min(1e-12).log()).sum())
         update_center(self.center, teacher_logits, objective.center_momentum)
         return loss, {"prototypes_used": used_prototypes, "teacher_momentum": momentum}

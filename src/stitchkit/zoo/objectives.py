@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stitchkit.engine.devices import mean_across_processes
+
 
 def clip_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     """Symmetric softmax cross-entropy over an image-text logit matrix (CLIP, Radford et al. 2021, Figure 3).
@@ -57,8 +59,11 @@ def dino_cross_entropy(
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """DINO centering (Caron et al. 2021, Eq. 4): c <- m c + (1 - m) mean of the batch's teacher outputs."""
-    batch_mean = teacher_logits.reshape(-1, teacher_logits.shape[-1]).mean(dim=0)
+    """DINO centering (Caron et al. 2021, Eq. 4): c <- m c + (1 - m) mean of the batch's teacher outputs.
+
+    The batch is the global one: under several processes the mean is all-reduced over them, as DINO's code does,
+    so every process keeps the centre one process would have at the same global batch."""
+    batch_mean = mean_across_processes(teacher_logits.reshape(-1, teacher_logits.shape[-1]).mean(dim=0))
     center.mul_(momentum).add_(batch_mean, alpha=1 - momentum)
 
 

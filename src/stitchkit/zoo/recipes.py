@@ -142,8 +142,10 @@ class Probe(Config):
     seed: int = 1_000_000
 
 
-# Objectives whose loss is not a mean of per-image terms: they must see the whole batch in one forward pass, so
-# they train with grad_accum 1 on one process (zoo.builder refuses several).
+# Objectives whose loss is not a mean of per-image terms: a step's loss must cover its whole batch at once, so
+# they train with grad_accum 1 (micro-batches would give fewer negatives and a micro-batch centre, and move the
+# DINO teacher once per micro-batch). Several processes are fine: each gathers the others' share of the batch
+# (zoo.models, engine.devices.gather_across_processes and mean_across_processes).
 BATCH_OBJECTIVES = {
     "clip": "every other caption of the batch is a negative",
     "siglip": "every other caption of the batch is a negative",
