@@ -85,6 +85,22 @@ def test_stitch_configs_are_refused_before_any_model_is_built(tmp_path, empty_ho
     assert not any(empty_home.iterdir()) and not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"device": "gpu"}, "'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        ({"data": {"world": {"images": 8}, "build": "no_such_build.yaml"}}, "config file not found"),
+    ],
+)
+def test_mimic_run_configs_are_refused_before_the_world_is_rendered(tmp_path, empty_home, capsys, changes, message):
+    config = tmp_path / "mimic.yaml"
+    config.write_text(yaml.safe_dump({"data": {"world": {"images": 8}}, **changes}))
+    code, err = run_cli(["mimic", "run", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not any(empty_home.iterdir()) and not (tmp_path / "out").exists()
+
+
 # ---- patches run: the image sets before the model -------------------------------------------------------
 
 

@@ -503,6 +503,10 @@ def test_a_test_split_of_its_own_files(tmp_path):
     assert "test: label maps" in data.description and data.class_names == [f"class {k}" for k in range(4)]
     capped = load_task_data("segmentation", validate_config(DataConfig, {**masks, "test": 3}))
     assert len(capped.splits["test"]) == 3
+    uncapped = load_task_data("segmentation", validate_config(DataConfig, {**masks, "train": 0, "val": 0, "test": 0}))
+    assert {k: len(v) for k, v in uncapped.splits.items()} == {"train": 8, "val": 2, "test": 4}  # 0: all
+    with pytest.raises(ConfigError, match="0 = all is for file sources"):
+        validate_config(DataConfig, {"source": "shapes", "train": 0})
 
     rng = np.random.default_rng(0)
     for split, classes in (("train", ("cats", "dogs")), ("val", ("cats", "dogs")), ("odd", ("cats", "owls"))):

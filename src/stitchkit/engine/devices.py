@@ -18,16 +18,29 @@ from stitchkit.errors import ConfigError
 BUILD_THREADS = 1
 
 
+def check_device_name(setting: str) -> str:
+    """`setting` if it is "auto" or a device string torch can parse, else a ValueError saying what to write; for
+    config validators, so a typo is refused with the config's other errors, before any work (whether the device
+    exists is pick_device's question, at run time)."""
+    if setting != "auto":
+        try:
+            torch.device(setting)
+        except RuntimeError:
+            raise ValueError(f"{setting!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    return setting
+
+
 def pick_device(setting: str) -> torch.device:
     """"auto" (CUDA when torch sees one, else CPU), "cpu", "cuda" or any torch device string."""
+    try:
+        check_device_name(setting)
+    except ValueError as err:
+        raise ConfigError(f"device: {err}") from None
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {setting} was asked for, but torch sees no CUDA device")
-    try:
-        return torch.device(setting)
-    except RuntimeError as err:
-        raise ConfigError(f"device {setting!r}: {err}") from None
+    return torch.device(setting)
 
 
 @contextlib.contextmanager

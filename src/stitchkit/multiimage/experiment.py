@@ -35,7 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stitchkit.config import Config, load_config
 from stitchkit.engine import TrainConfig
-from stitchkit.engine.devices import torch_threads
+from stitchkit.engine.devices import check_device_name, torch_threads
 from stitchkit.errors import InputError
 from stitchkit.multiimage.benchmark import Benchmark, load_benchmark
 from stitchkit.multiimage.config import MimicConfig
@@ -173,6 +173,8 @@ class ExperimentConfig(Config):
     stitching: Optional[StitchingStudy] = None
     attention: Optional[AttentionStudy] = None
 
+    _device_name = field_validator("device")(check_device_name)
+
     @model_validator(mode="after")
     def _diagnostics_model(self) -> "ExperimentConfig":
         arms = self.finetune.arms if self.finetune else []
@@ -213,8 +215,13 @@ def prepare_benchmark(source: DataSource, folder: Path, exclude: list[Path] | No
         annotations, images = world / "annotations.json", world
     else:
         annotations, images = find_path(source.annotations), find_path(source.images)
-    build = source.build if isinstance(source.build, MimicConfig) else load_config(MimicConfig, find_path(source.build))
-    return build_benchmark(annotations, images, folder / "benchmark", build, command=command, exclude_images=exclude or [])
+    return build_benchmark(annotations, images, folder / "benchmark", build_config(source), command=command,
+                           exclude_images=exclude or [])
+
+
+def build_config(source: DataSource) -> MimicConfig:
+    """The source's build config: inline, or read from its path (a missing or bad file is a clear error)."""
+    return source.build if isinstance(source.build, MimicConfig) else load_config(MimicConfig, find_path(source.build))
 
 
 def check_micro_held_out(cfg: ExperimentConfig) -> None:
@@ -415,6 +422,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, command: str |
     from stitchkit.vlm.micro import check_vlm_spec
 
     check_vlm_spec(cfg.model)  # before the data step renders and builds benchmarks
+    for source in [cfg.data, *([cfg.finetune.data] if cfg.finetune else [])]:
+        if not source.benchmark_dir:
+            build_config(source)  # likewise a build config file that is missing or invalid
     run = RunDir(out, config=cfg, command=command)
     exp = Experiment(cfg, run)
     threads = cfg.threads if cfg.threads is not None else default_threads(cfg.model, cfg.device)

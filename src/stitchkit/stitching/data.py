@@ -89,9 +89,9 @@ class DataConfig(ImageSourceConfig):
     """The task's labelled images, in train / val / test splits."""
 
     source: Literal["shapes", "folder", "coco", "masks"] = "shapes"
-    train: int = pydantic.Field(1024, ge=1, description="shapes: images per split; folder/coco: cap (0 = all)")
-    val: int = pydantic.Field(256, ge=1)
-    test: int = pydantic.Field(512, ge=1)
+    train: int = pydantic.Field(1024, ge=0, description="shapes: images per split; folder/coco/masks: cap (0 = all)")
+    val: int = pydantic.Field(256, ge=0)
+    test: int = pydantic.Field(512, ge=0)
     target: Literal["category", "colour", "both"] = "category"  # shapes classification label
     max_objects: int = pydantic.Field(3, ge=1)  # shapes segmentation
     val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # folder / coco / masks splits
@@ -101,6 +101,8 @@ class DataConfig(ImageSourceConfig):
 
     @pydantic.model_validator(mode="after")
     def _masks_with_their_source(self):
+        if self.source == "shapes" and 0 in (self.train, self.val, self.test):
+            raise ValueError("train, val, test: the shapes world draws that many images (0 = all is for file sources)")
         if self.source == "masks" and self.masks is None:
             raise ValueError("source 'masks' needs masks.path, the folder of label maps")
         if self.source != "masks" and self.masks is not None:
@@ -242,8 +244,8 @@ def _split_indices(n: int, cfg: DataConfig, splits: tuple[str, ...]) -> dict[str
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if "train" not in splits:
         parts = {"test": order}  # a test split of its own: every image
-    # The per-split sizes cap how many images are used (handy for a quick run on a large folder).
-    return {k: np.sort(parts[k][: getattr(cfg, k)]) for k in splits}
+    # The per-split sizes cap how many images are used (handy for a quick run on a large folder); 0: all.
+    return {k: np.sort(parts[k][: getattr(cfg, k) or None]) for k in splits}
 
 
 def _resized(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:

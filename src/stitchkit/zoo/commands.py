@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
@@ -45,6 +47,7 @@ def train_command(
 ) -> None:
     """Build a recipe (train, save, probe), or all CPU recipes; built ones are reused unless --force."""
     from stitchkit.vlm.micro import MICRO_RECIPES, build_micro_vlm, load_micro_recipe, micro_info
+    from stitchkit.errors import ConfigError
     from stitchkit.zoo import build_all, list_recipes, load_recipe, zoo_info
 
     if name in MICRO_RECIPES:
@@ -53,6 +56,9 @@ def train_command(
         typer.echo(f"{name}: {folder}\n  single-image counting {100 * counting['accuracy']:.1f}% "
                    f"(majority answer {100 * counting['chance']:.1f}%)")  # fmt: skip
         return
+    if name != "all" and Path(name).suffix not in {".yaml", ".yml"} and name not in list_recipes():
+        choices = [*list_recipes(), *MICRO_RECIPES, "all"]  # every name this command takes, not load_recipe's alone
+        raise ConfigError(f"unknown zoo recipe {name!r}; choose from {', '.join(choices)}, or a recipe YAML file")
     names = list_recipes(include_gpu=False) if name == "all" else [name]
     recipes = [load_recipe(n) for n in names]  # validate every recipe before training any
     for recipe, folder in zip(recipes, build_all(recipes, force=force)):
