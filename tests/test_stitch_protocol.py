@@ -213,6 +213,7 @@ def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):
     # L = block 2 of 3 for every model: VST-1 with 3 models runs 1 + 3 * (2 - 1) blocks against single's 2.
     assert tree["blocks"] == 4 and tree["extra_blocks"] == pytest.approx(1.0) == tree["formula_overhead"]
     assert "normalised_gain" in tree and "VST-1" in report.read_text()
+    assert results["feature_blocks"] == {"dino": 2, "clip": 2, "siglip": 2} and "`dino` block 2" in report.read_text()
     for probe in ("baselines/seed0/single", "trees/n1/seed0/probe"):
         records = [json.loads(line) for line in (tmp_path / "tree" / probe / "metrics.jsonl").read_text().splitlines()]
         assert next(r["step"] for r in records if "val_score" in r) == 2  # evaluated once per epoch

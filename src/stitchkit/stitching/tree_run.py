@@ -235,6 +235,7 @@ class TreeExperiment:
         dual_time = self.time_forward(lambda p: [self._model_forward(n)(p) for n in self.names], pixels)
         return {
             "ffm_data": self.data.ffm_record(),  # which images the branches trained on
+            "feature_blocks": dict(self.layers),  # the block feature_layer resolves to in each model
             "baselines": baselines,
             "trees": trees,
             "single": {"score_test": single_score, "blocks": single_blocks, "flops": single_flops, "seconds_per_image": single_time},
@@ -294,8 +295,10 @@ def write_tree_outputs(out: Path, cfg: TreeConfig, description: str, results: di
     text = "\n".join(
         [
             "# VFM Stitch Tree\n",
-            f"Trunk `{cfg.trunk}`, branches {', '.join(f'`{b}`' for b in cfg.branches)}; features from block L = "
-            f"{cfg.feature_layer} (patch tokens, mean-pooled, concatenated) into a linear probe; data: {description}. "
+            f"Trunk `{cfg.trunk}`, branches {', '.join(f'`{b}`' for b in cfg.branches)}; features from "
+            f"feature_layer {cfg.feature_layer} ("
+            + ", ".join(f"`{name}` block {block}" for name, block in results["feature_blocks"].items())
+            + f"; patch tokens, mean-pooled, concatenated) into a linear probe; data: {description}. "
             "Extra cost is relative to the trunk model alone; normalised gain = (tree − single)/(all − single)."
             + ffm_data_sentence(results, trained="each branch's S_i")
             + "\n",
