@@ -190,6 +190,8 @@ def test_several_pool_factors_masked_policy_and_max_per_task(data, tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert [r["pool_factor"] for r in summary["pool_factors"]] == [1, 4]
     assert (out / "figures" / "score_vs_pool_factor.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())  # OUT is a run folder too: what every factor shares
+    assert manifest["config"]["policy"] == "masked" and manifest["config"]["max_per_task"] == 2 and "pool_factor" not in manifest["config"]
     for f in (1, 4):
         run = json.loads((out / f"pool{f}" / "results.json").read_text())
         assert run["n_samples"] == 8 and run["eval"]["pool_factor"] == f

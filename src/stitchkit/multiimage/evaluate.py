@@ -309,6 +309,7 @@ def eval_command(
     OUT/results.json + report.md + figures/score_vs_pool_factor.png across them."""
     from stitchkit.engine.devices import torch_threads
     from stitchkit.multiimage.benchmark import load_benchmark
+    from stitchkit.runs import RunDir
     from stitchkit.vlm.pooling import check_pool_factor
 
     check_policy_spec(policy)  # a bad --policy fails before the model loads
@@ -323,13 +324,15 @@ def eval_command(
         vlm.policy = attention_policy(policy, vlm.num_layers, legacy_layer_loop, legacy_maxlen_fallback)
         # the quirks enter the settings only when on, so folders evaluated before they existed still resume
         quirks = {k: v for k, v in (("legacy_layer_loop", legacy_layer_loop), ("legacy_maxlen_fallback", legacy_maxlen_fallback)) if v}
+        shared = {"model": identity, "data": str(Path(data).resolve()), "policy": policy, "max_per_task": max_per_task, **quirks}
+        if len(pools) > 1:  # OUT is a run folder of its own (manifest, config); more factors may join it later
+            RunDir(out, config=shared, command=command)
         runs = {}
         for f in pools:
             vlm.pool_factor = f
             folder = Path(out) if len(pools) == 1 else Path(out) / f"pool{f}"
-            settings = {"model": identity, "data": str(Path(data).resolve()), "policy": policy,
-                        "masked_layers": sorted(vlm.masked_layers), "pool_factor": f, "pool_pad": vlm.pool_pad,
-                        "max_per_task": max_per_task, "transform": "none", **quirks}
+            settings = {**shared, "masked_layers": sorted(vlm.masked_layers), "pool_factor": f, "pool_pad": vlm.pool_pad,
+                        "transform": "none"}
             runs[f] = evaluate(vlm, bench, folder, settings=settings, samples=samples, batch_size=batch_size,
                                max_images_per_batch=max_images_per_batch, legacy_official=legacy_official,
                                description=f"MIMIC eval (pool {f})", command=command)
