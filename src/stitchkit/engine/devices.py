@@ -61,6 +61,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# The process helpers read torch.distributed directly: accelerate's PartialState(), made outside the engine's
+# Accelerator, initialises its own state without the engine's cpu flag and fails on a CPU-only launch.
 def process_count() -> int:
     """How many processes train together: torch.distributed's world size once a launcher has connected them
     (the engine's accelerate state does so), else 1."""
