@@ -7,7 +7,6 @@ import contextlib
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 import engine_tiny_train as tiny
+from ddp_launch import launch_two_cpu_processes
 from stitchkit.config import validate_config
 from stitchkit.engine import EarlyStopping, TrainConfig, seed_everything, train
 from stitchkit.engine import checkpoint as checkpoint_module
@@ -26,9 +26,6 @@ from stitchkit.engine.loop import _global_batch_indices
 from stitchkit.errors import ConfigError, InputError, StitchkitError, TrainingDiverged
 
 HELPER = Path(__file__).with_name("engine_tiny_train.py")
-VENV_BIN = Path(sys.executable).parent
-
-
 def metrics_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -357,11 +354,11 @@ def test_sigterm_during_a_training_checkpoints_the_step_and_stops_then_the_same_
     assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))
 
 
-def run_helper(args: list[str], launcher: list[str] | None = None, extra_env: dict | None = None):
+def run_helper(args: list[str]):
+    """The tiny training as a script, on one process of its own."""
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
-    env.update(STITCHKIT_PROGRESS="0", **(extra_env or {}))
-    command = (launcher or [sys.executable]) + [str(HELPER), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    env.update(STITCHKIT_PROGRESS="0")
+    return subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_a_killed_training_resumes_to_exactly_the_weights_of_an_uninterrupted_one(tmp_path):
@@ -385,24 +382,14 @@ def test_a_killed_training_resumes_to_exactly_the_weights_of_an_uninterrupted_on
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_losses_of_one_at_the_same_global_batch(tmp_path):
-    """DDP over gloo, with a frozen layer and a trainable head the loss never uses (which makes the
-    engine turn on find_unused_parameters). `accelerate launch --cpu` starts only one process
-    (accelerate issue #2741), so CPU processes go through its torchrun path with ACCELERATE_USE_CPU."""
+    """DDP over gloo (tests/ddp_launch.py), with a frozen layer and a trainable head the loss never uses
+    (which makes the engine turn on find_unused_parameters)."""
     cfg = TrainConfig(steps=6, batch_size=16, grad_accum=2, checkpoint_every=4, log_every=1, mixed_precision="no")
     out, result = tmp_path / "run", tmp_path / "result.safetensors"
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-                "--main_process_port", str(free_port())]
-    launched = run_helper(["--out", str(out), "--result", str(result), "--config", cfg.model_dump_json(),
-                           "--unused-head", "--again"], launcher, {"ACCELERATE_USE_CPU": "1"})
+    launched = launch_two_cpu_processes(HELPER, ["--out", str(out), "--result", str(result), "--config",
+                                                 cfg.model_dump_json(), "--unused-head", "--again"])
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoint").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
     weights, info = read_result(result)

@@ -282,20 +282,15 @@ def test_batch_objectives_on_two_processes_train_like_one_at_the_same_global_bat
     """CLIP and SigLIP gather every process's embeddings with their gradient and DINO all-reduces its centre, so
     two DDP processes of 4 images each give the losses, logged metrics and weights of one process with 8.
     Without the gathers the losses differ from the first step (fewer negatives) or the second (DINO's centre).
-    Launched like the engine's two-process test (tests/test_engine.py), through zoo.build as `zoo train` does."""
-    from test_engine import VENV_BIN, free_port
+    Launched like the engine's two-process test (tests/ddp_launch.py), through zoo.build as `zoo train` does."""
+    from ddp_launch import launch_two_cpu_processes
 
     recipes = [same_pixels_tiny(name) for name in ("clip", "siglip", "dino")]
     files = [tmp_path / f"{recipe.name}.yaml" for recipe in recipes]
     for recipe, path in zip(recipes, files):
         path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-                "--main_process_port", str(free_port())]
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
-    env.update(STITCHKIT_HOME=str(tmp_path / "two_processes"), STITCHKIT_PROGRESS="0", ACCELERATE_USE_CPU="1")
-    launched = subprocess.run([*launcher, str(DDP_HELPER), *map(str, files)], env=env, capture_output=True, text=True,
-                              timeout=300)
+    launched = launch_two_cpu_processes(DDP_HELPER, [str(f) for f in files],
+                                        {"STITCHKIT_HOME": str(tmp_path / "two_processes")}, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
 
     for recipe in recipes:

@@ -53,19 +53,22 @@ def check_images(paths) -> None:
         raise InputError(f"{len(bad)} image file(s) cannot be read, e.g. {bad[0]}")
 
 
+def visible_files(root: Path, pattern: str = "*") -> list[Path]:
+    """The files under `root` matching `pattern`, at any depth, sorted, skipping hidden files and folders (e.g.
+    macOS '._x.jpg')."""
+    return sorted(
+        path
+        for path in root.rglob(pattern)
+        if not any(part.startswith(".") for part in path.relative_to(root).parts) and path.is_file()
+    )
+
+
 def image_files(root: str | os.PathLike) -> list[Path]:
-    """Every image file under `root`, at any depth (no class layout), sorted, skipping hidden files and folders
-    (e.g. macOS '._x.jpg')."""
+    """Every image file under `root`, at any depth (no class layout), sorted, skipping hidden files and folders."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    files = sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        and path.is_file()
-    )
+    files = [path for path in visible_files(root) if path.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise InputError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return files

@@ -153,7 +153,9 @@ class ImageStore:
 
     def add(self, image) -> tuple[str, int]:
         """(file name relative to the benchmark folder, image id) of one PIL image."""
-        rgb = image.convert("RGB")  # what every consumer sees: the official doc_to_visual and stitchkit's load_image
+        # The official doc_to_visual's plain convert("RGB") (not data.to_rgb's compositing on white): the model
+        # sees what the paper's evaluation gave it, and load_image reads the stored RGB PNG back unchanged.
+        rgb = image.convert("RGB")
         digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:24]
         name = f"{IMAGES_DIR}/{digest}.png"
         if digest not in self.ids:

@@ -95,7 +95,7 @@ def qwen_fetch_image(image: Image.Image) -> Image.Image:
     """The image as qwen_vl_utils.fetch_image({"image": image}) gives it to the official code's Qwen processor:
     RGB (transparent pixels on white), resized (PIL, bicubic) to qwen_smart_resize of its size with the
     default bounds 4..16384 x 28^2 pixels. The processor then applies its own bounds to the result."""
-    if image.mode == "RGBA":
+    if image.mode == "RGBA":  # qwen_vl_utils composites RGBA only (data.to_rgb also does LA and palette transparency)
         rgb = Image.new("RGB", image.size, (255, 255, 255))
         rgb.paste(image, mask=image.split()[3])
     else:

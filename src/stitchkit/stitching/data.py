@@ -320,7 +320,7 @@ def _mask_folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskDat
 
 def _mask_pairs(cfg: DataConfig) -> list[tuple[Path, Path]]:
     """(image, label map) for every label map under masks.path, each with its image under path."""
-    from stitchkit.data.images import IMAGE_EXTENSIONS
+    from stitchkit.data.images import IMAGE_EXTENSIONS, visible_files
 
     images, masks = Path(cfg.path), Path(cfg.masks.path)
     for what, folder in (("path", images), ("masks.path", masks)):
@@ -330,10 +330,8 @@ def _mask_pairs(cfg: DataConfig) -> list[tuple[Path, Path]]:
     # An image is the label map's name with image_suffix, or with any image extension (either case: .jpg, .JPG).
     endings = [cfg.masks.image_suffix] if cfg.masks.image_suffix else [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
     pairs = []
-    for mask in sorted(masks.rglob(f"*{suffix}")):
+    for mask in visible_files(masks, f"*{suffix}"):
         relative = mask.relative_to(masks)
-        if any(part.startswith(".") for part in relative.parts) or not mask.is_file():
-            continue
         stem = str(images / relative.parent / relative.name[: -len(suffix)])
         image = next((Path(stem + e) for e in endings if Path(stem + e).is_file()), None)
         if image is None:
