@@ -361,3 +361,46 @@ def test_tree_branches_equal_separately_stitched_models(models):
             assert torch.equal(branches[name], expected)
     cost = tree.cost()
     assert cost["blocks"] == 2 + 3 * (3 - 2)
+
+
+def test_augmentation_cuts_and_mirrors_an_image_and_its_label_map_alike():
+    from stitchkit.stitching.augment import random_resized_crop
+
+    size, n = 32, 64
+    ys, xs = np.mgrid[:size, :size]
+    # Each pixel's label is its own index, and its colour encodes its coordinates: after the crop, the label map
+    # says exactly which pixel each output pixel came from, and the image (bilinear) says so approximately.
+    ids = (ys * size + xs).astype(np.int16)
+    image = np.stack([ys * 8, xs * 8, np.zeros_like(ys)], -1).astype(np.uint8)
+    images, maps = np.repeat(image[None], n, 0), np.repeat(ids[None], n, 0)
+    torch.manual_seed(0)
+    out_images, out_maps = random_resized_crop(images, maps)
+    torch.manual_seed(0)
+    again = random_resized_crop(images, maps)
+    np.testing.assert_array_equal(again[0], out_images)  # the draws are torch's: same seed, same crops
+    np.testing.assert_array_equal(again[1], out_maps)
+    mirrored, boxes = [], set()
+    for out_image, out_map in zip(out_images, out_maps):
+        src_y, src_x = out_map // size, out_map % size
+        height, width = src_y.max() - src_y.min() + 1, src_x.max() - src_x.min() + 1
+        assert 0.5 * size * size - 2 * size <= height * width <= size * size  # scale 0.5-1, up to rounding
+        assert 3 / 4 - 0.1 <= width / height <= 4 / 3 + 0.1
+        steps = np.sign(np.diff(src_x, axis=1))
+        assert (steps >= 0).all() or (steps <= 0).all()  # each row runs one way: mirrored or not, never mixed
+        mirrored.append((steps < 0).any())
+        boxes.add((int(src_y.min()), int(src_x.min()), int(height), int(width)))
+        # The image was cut by the same box and mirrored alike: its colours name the label map's pixels.
+        assert np.abs(out_image[..., 0] / 8 - src_y).max() <= 1.0
+        assert np.abs(out_image[..., 1] / 8 - src_x).max() <= 1.0
+    assert 0 < sum(mirrored) < n and len(boxes) > n // 2  # flips and boxes vary from image to image
+    classes = np.arange(n)
+    assert (random_resized_crop(images, classes)[1] == classes).all()  # class labels pass unchanged
+
+
+def test_augmentation_keeps_ignore_labels():
+    from stitchkit.stitching.augment import random_resized_crop
+
+    maps = np.full((4, 8, 8), -100, dtype=np.int16)
+    maps[:, :, :4] = 3
+    _, out = random_resized_crop(np.zeros((4, 8, 8, 3), dtype=np.uint8), maps)
+    assert out.dtype == np.int16 and set(np.unique(out)) <= {-100, 3}

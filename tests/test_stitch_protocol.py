@@ -104,6 +104,28 @@ def test_same_seed_gives_the_same_results_and_cached_training_matches_online(mod
         assert runs[other]["score_test"] == runs["a"]["score_test"]
 
 
+def test_augmented_tlt_crops_images_online_whatever_the_cache(model_dirs, tmp_path):
+    """tlt.augment trains on fresh crops of the images, so the source runs online even with a source cache: a
+    cached and an uncached sweep train the same S, and the cached one never stores train activations."""
+    base = sweep_config(model_dirs, points=[2], objectives=["tlt"], self_stitch=False, probes=False, cache_dtype="float32",
+                        tlt={**FAST, "augment": True})  # fmt: skip
+    runs, passes = {}, {}
+    for name, overrides in (("cached", {}), ("again", {}), ("online", {"cache": "none"}), ("plain", {"tlt": FAST})):
+        sweep = Sweep(validate_config(StitchRunConfig, {**base, **overrides}), tmp_path / name)
+        runs[name], passes[name] = sweep.run_all()["cells"][0], sweep.store.computed_passes
+    strip = lambda cell: {k: v for k, v in cell.items() if k != "train_seconds"}  # noqa: E731
+    assert strip(runs["cached"]) == strip(runs["again"])  # same seed, same crops
+    assert runs["online"]["final_losses"]["tlt"] == pytest.approx(runs["cached"]["final_losses"]["tlt"], rel=1e-4)
+    assert runs["plain"]["final_losses"]["tlt"] != runs["cached"]["final_losses"]["tlt"]  # other pixels, another loss
+    assert passes["cached"] == passes["plain"] - 1  # the source's train split is never stored
+
+    # Segmentation: label maps are cut with their images; the cell trains and scores as usual.
+    seg = sweep_config(model_dirs, task="segmentation", data={"image_size": 32, "train": 16, "val": 8, "test": 8},
+                       points=[1], objectives=["ffm_tlt"], self_stitch=False, tlt={**FAST, "augment": True})  # fmt: skip
+    (cell,) = Sweep(validate_config(StitchRunConfig, seg), tmp_path / "seg").run_all()["cells"]
+    assert 0 <= cell["score_test"] <= 100 and np.isfinite(cell["final_losses"]["tlt"])
+
+
 def test_segmentation_lora_and_least_squares_cells(model_dirs, tmp_path):
     cfg = sweep_config(
         model_dirs,
@@ -248,13 +270,15 @@ def test_stage_options_only_where_a_stage_can_use_them(model_dirs):
     assert (paper.tlt.epochs, paper.tlt.lr, paper.tlt.head_lr, paper.tlt.patience) == (100, 1e-4, 1e-3, 5)
     assert (paper.probe.epochs, paper.probe.patience, paper.ffm.epochs) == (100, 5, 1)
     assert paper.probe.lr_sweep == [1e-4, 3e-4, 1e-3] and paper.tlt.lr_sweep is None
-    refused = {
-        "ffm": ({"epochs": 1, "patience": 3}, "ffm.patience: FFM trains S without labels"),
-        "lfm": ({"epochs": 1, "head_lr": 1e-3}, "lfm.head_lr: LFM trains S alone"),
-        "probe": ({"epochs": 1, "head_lr": 1e-3}, "probe.head_lr: a probe is a head alone; set probe.lr"),
-        "tlt": ({"epochs": 1, "lr_sweep": [1e-4, 1e-3]}, "tlt.lr_sweep: only the linear probes of the models sweep"),
-    }
-    for stage, (optim, message) in refused.items():
+    refused = [
+        ("ffm", {"epochs": 1, "patience": 3}, "ffm.patience: FFM trains S without labels"),
+        ("lfm", {"epochs": 1, "head_lr": 1e-3}, "lfm.head_lr: LFM trains S alone"),
+        ("probe", {"epochs": 1, "head_lr": 1e-3}, "probe.head_lr: a probe is a head alone; set probe.lr"),
+        ("tlt", {"epochs": 1, "lr_sweep": [1e-4, 1e-3]}, "tlt.lr_sweep: only the linear probes of the models sweep"),
+        ("ffm", {"epochs": 1, "augment": True}, "ffm.augment: only TLT trains on augmented images"),
+        ("probe", {"epochs": 1, "augment": True}, "probe.augment: only TLT trains on augmented images"),
+    ]
+    for stage, optim, message in refused:
         with pytest.raises(ConfigError, match=message):
             validate_config(StitchRunConfig, sweep_config(model_dirs, **{stage: optim}))
     tree = {"models": model_dirs, "trunk": "dino", "branches": ["clip"], "points": [1], "probe": {"epochs": 1, "lr_sweep": [1e-3]}}
@@ -409,23 +433,29 @@ def write_mask_dataset(root: Path, n: int = 10, image_suffix: str = ".jpg", mask
     return raw
 
 
-def expected_labels(raw: np.ndarray, size: int, reduce_zero_label: bool) -> np.ndarray:
-    """The oracle: nearest-neighbour resize, then 255 (and with reduce_zero_label 0) unlabelled, the rest shifted."""
+def square(array: np.ndarray, crop: str) -> np.ndarray:
+    """A 20 x 30 image's centre 20 x 20 (crop 'center'), or all of it (crop 'squash')."""
+    return array[:, 5:25] if crop == "center" else array
+
+
+def expected_labels(raw: np.ndarray, size: int, reduce_zero_label: bool, crop: str = "center") -> np.ndarray:
+    """The oracle: the centre square (or all), nearest-neighbour resize, then 255 (and with reduce_zero_label 0)
+    unlabelled, the rest shifted."""
     from PIL import Image
 
-    resized = np.asarray(Image.fromarray(raw).resize((size, size), Image.Resampling.NEAREST)).astype(np.int64)
+    resized = np.asarray(Image.fromarray(square(raw, crop)).resize((size, size), Image.Resampling.NEAREST)).astype(np.int64)
     if not reduce_zero_label:
         return np.where(resized == 255, -100, resized)
     return np.where((resized == 255) | (resized == 0), -100, resized - 1)
 
 
-@pytest.mark.parametrize("reduce_zero_label", [False, True])
-def test_mask_folder_data_pairs_label_maps_with_their_images(tmp_path, reduce_zero_label):
+@pytest.mark.parametrize("reduce_zero_label, crop", [(False, "center"), (True, "center"), (False, "squash")])
+def test_mask_folder_data_pairs_label_maps_with_their_images(tmp_path, reduce_zero_label, crop):
     from stitchkit.stitching.data import DataConfig, load_task_data
 
     raw = write_mask_dataset(tmp_path)
     names = ["wall", "floor", "sky"] if reduce_zero_label else ["other", "wall", "floor", "sky"]
-    cfg = DataConfig(source="masks", path=str(tmp_path / "images"), image_size=16, val_fraction=0.2, test_fraction=0.2,
+    cfg = DataConfig(source="masks", path=str(tmp_path / "images"), image_size=16, val_fraction=0.2, test_fraction=0.2, crop=crop,
                      masks={"path": str(tmp_path / "annotations"), "class_names": names, "reduce_zero_label": reduce_zero_label})
     data = load_task_data("segmentation", cfg)
     assert data.class_names == names and data.task == "segmentation"
@@ -433,11 +463,14 @@ def test_mask_folder_data_pairs_label_maps_with_their_images(tmp_path, reduce_ze
     # Every split's rows are pairs from the folder: find each row's image by its pixels, check its labels.
     from PIL import Image
 
-    pixels = {path: np.asarray(Image.open(path).convert("RGB").resize((16, 16), Image.Resampling.BICUBIC)) for path in raw}
+    def pixels(path):
+        return np.asarray(Image.fromarray(square(np.asarray(Image.open(path).convert("RGB")), crop)).resize((16, 16), Image.Resampling.BICUBIC))
+
+    pixels = {path: pixels(path) for path in raw}
     for split in data.splits.values():
         for image, labels in zip(split.images, split.labels):
             (path,) = [p for p, px in pixels.items() if np.array_equal(px, image)]
-            np.testing.assert_array_equal(labels, expected_labels(raw[path], 16, reduce_zero_label))
+            np.testing.assert_array_equal(labels, expected_labels(raw[path], 16, reduce_zero_label, crop))
 
 
 def test_mask_folder_suffixes_and_class_name_files(tmp_path):
@@ -657,7 +690,7 @@ def test_ffm_data_trains_the_ffm_stage_alone_through_the_cache_or_online(model_d
     assert json.loads((tmp_path / "cached" / "results.json").read_text())["ffm_data"]["description"] == description
     assert f"FFM trained S label-free on 20 images of {description}." in report.read_text()
     manifest = json.loads((tmp_path / "cached" / "manifest.json").read_text())
-    assert manifest["config"]["ffm_data"] == {**FFM_SHAPES, "path": None, "image_root": None}
+    assert manifest["config"]["ffm_data"] == {**FFM_SHAPES, "path": None, "image_root": None, "crop": "center"}
 
 
 def test_tree_branches_train_on_ffm_data(model_dirs, tmp_path, monkeypatch):

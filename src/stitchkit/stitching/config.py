@@ -74,6 +74,12 @@ class OptimConfig(Config):
         "the best val score, the first on ties (spec §7: sweep {1e-4, 3e-4, 1e-3} on val, for fair baselines); "
         "None = train once at lr",
     )
+    augment: bool = pydantic.Field(
+        False,
+        description="TLT only: a fresh RandomResizedCrop (scale 0.5-1) and horizontal flip of every training image, "
+        "and of its label map (spec §7); the source's blocks 1..n then run online in TLT, since a cached activation "
+        "cannot be cropped",
+    )
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_fraction: float = pydantic.Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
@@ -105,17 +111,19 @@ def _unused_option(stage: str, option: str) -> str | None:
         return "a probe is a head alone; set probe.lr"
     if stage != "probe" and option == "lr_sweep":
         return "only the linear probes of the models sweep their learning rate (set probe.lr_sweep)"
+    if stage != "tlt" and option == "augment":
+        return "only TLT trains on augmented images (LFM, FFM and the probes read features cached from the images as they are)"
     return None
 
 
 def _check_stage_options(cfg: Config) -> None:
-    """Refuse early stopping, head_lr and lr_sweep in the stages (the OptimConfig fields of `cfg`) that cannot
-    use them."""
+    """Refuse early stopping, head_lr, lr_sweep and augment in the stages (the OptimConfig fields of `cfg`) that
+    cannot use them."""
     for stage, optim in cfg:
         if isinstance(optim, OptimConfig):
-            for option in ("patience", "head_lr", "lr_sweep"):
+            for option in ("patience", "head_lr", "lr_sweep", "augment"):
                 why = _unused_option(stage, option)
-                if getattr(optim, option) is not None and why:
+                if getattr(optim, option) not in (None, False) and why:
                     raise ValueError(f"{stage}.{option}: {why}")
 
 

@@ -8,8 +8,9 @@ Four sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) u
              RLE; classification: the category of each image's largest annotation)
     masks    an image folder with a folder of label maps beside it (segmentation only; mmsegmentation's
              layout, as ADE20K, Cityscapes and Pascal VOC ship)
-Folder, COCO and mask-folder images are resized (squashed, no crop) to `image_size`, so every model sees the same
-field of view; each backbone then resizes to its own resolution. Their splits are a seeded shuffle.
+Folder, COCO and mask-folder images become squares of `image_size` (`crop`: the centre square, spec §7, or the whole
+image squashed), label maps by the same crop, so every model sees the same field of view; each backbone then resizes
+to its own resolution. Their splits are a seeded shuffle. TLT's training augmentation (spec §7) is in augment.py.
 
 FFM can train on other images than the task's (`ffm_data`, spec §7 "FFM data", §1.5): the same three sources
 read without labels and taken whole as one more split, 'ffm' (`ImageSetConfig`, `load_image_set`).
@@ -44,6 +45,9 @@ class ImageSourceConfig(Config):
     path: str | None = pydantic.Field(None, description="image folder root, or COCO annotation JSON (images beside it)")
     image_root: str | None = pydantic.Field(None, description="COCO image folder; default: the JSON's folder")
     image_size: int = pydantic.Field(64, ge=8, description="every image is resized to this square size first")
+    crop: Literal["center", "squash"] = pydantic.Field(
+        "center", description="how a non-square image becomes square: its centre square (spec §7: resize + centre "
+        "crop), or the whole image squashed (nothing cut, aspect ratio changed)")  # fmt: skip
     seed: int = 0
 
     @pydantic.model_validator(mode="after")
@@ -248,8 +252,16 @@ def _split_indices(n: int, cfg: DataConfig, splits: tuple[str, ...]) -> dict[str
     return {k: np.sort(parts[k][: getattr(cfg, k) or None]) for k in splits}
 
 
-def _resized(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
-    return np.asarray(image.resize((size, size), resample))
+def _square(image: Image.Image, cfg: ImageSourceConfig, resample=Image.Resampling.BICUBIC) -> np.ndarray:
+    """`image` as a square of cfg.image_size by cfg.crop. A label map passes here too, with NEAREST, so it keeps
+    lining up with its image."""
+    width, height = image.size
+    if cfg.crop == "center" and width != height:
+        side = min(width, height)
+        # Whole-pixel offsets, so an image and its label map are cut at exactly the same pixels.
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return np.asarray(image.resize((cfg.image_size, cfg.image_size), resample))
 
 
 def _folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
@@ -258,7 +270,7 @@ def _folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
     folder = scan_image_folder(cfg.path)
     splits = {}
     for split, idx in _split_indices(len(folder), cfg, which).items():
-        images = np.stack([_resized(load_image(folder.samples[i][0]), cfg.image_size) for i in idx])
+        images = np.stack([_square(load_image(folder.samples[i][0]), cfg) for i in idx])
         labels = np.array([folder.samples[i][1] for i in idx], dtype=np.int64)
         splits[split] = Split(images, labels)
     return TaskData("classification", folder.classes, splits, f"image folder {cfg.path}, {cfg.image_size} px")
@@ -287,7 +299,7 @@ def _coco(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
         for i in idx:
             info = index.images[image_ids[i]]
             annotations = index.by_image[info.id]
-            images.append(_resized(load_image(image_root / info.file_name), cfg.image_size))
+            images.append(_square(load_image(image_root / info.file_name), cfg))
             if task == "classification":
                 labels.append(class_of[max(annotations, key=lambda a: a.area).category_id])
             else:
@@ -296,7 +308,7 @@ def _coco(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
                 for ann in sorted(annotations, key=lambda a: -a.area):
                     mask = _annotation_mask(segmentations.get(ann.id), ann.bbox, info.height, info.width, cfg.path)
                     semantic[mask] = class_of[ann.category_id]
-                labels.append(_resized(Image.fromarray(semantic), cfg.image_size, Image.Resampling.NEAREST))
+                labels.append(_square(Image.fromarray(semantic), cfg, Image.Resampling.NEAREST))
         splits[split] = Split(np.stack(images), np.stack(labels).astype(MAP_DTYPE) if task != "classification" else np.array(labels, dtype=np.int64))
     return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {cfg.image_size} px")
 
@@ -307,7 +319,7 @@ def _mask_folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskDat
     pairs = _mask_pairs(cfg)
     splits, largest = {}, -1
     for split, idx in _split_indices(len(pairs), cfg, which).items():
-        images = np.stack([_resized(load_image(pairs[i][0]), cfg.image_size) for i in idx])
+        images = np.stack([_square(load_image(pairs[i][0]), cfg) for i in idx])
         labels = np.stack([_label_map(*pairs[i], cfg) for i in idx])
         largest = max(largest, int(labels.max()))
         splits[split] = Split(images, labels)
@@ -344,7 +356,7 @@ def _mask_pairs(cfg: DataConfig) -> list[tuple[Path, Path]]:
 
 
 def _label_map(image_path: Path, mask_path: Path, cfg: DataConfig) -> np.ndarray:
-    """The label map at `image_size` (nearest neighbour), as class indices with IGNORE_INDEX where unlabelled."""
+    """The label map cut and resized as its image (nearest neighbour), as class indices with IGNORE_INDEX where unlabelled."""
     try:
         with Image.open(mask_path) as mask, Image.open(image_path) as image:
             if mask.mode not in ("L", "P", "I", "I;16"):
@@ -353,7 +365,7 @@ def _label_map(image_path: Path, mask_path: Path, cfg: DataConfig) -> np.ndarray
             if mask.size != image.size:
                 raise InputError(f"{mask_path}: label map is {mask.size[0]}x{mask.size[1]} but its image {image_path} "
                                  f"is {image.size[0]}x{image.size[1]}")
-            raw = np.asarray(mask.resize((cfg.image_size,) * 2, Image.Resampling.NEAREST)).astype(np.int64)
+            raw = _square(mask, cfg, Image.Resampling.NEAREST).astype(np.int64)
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"cannot read label map {mask_path}: {err}") from None
     unlabelled = raw == cfg.masks.ignore_label if cfg.masks.ignore_label is not None else np.zeros_like(raw, dtype=bool)
@@ -400,7 +412,7 @@ def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:
         return images, f"shapes world scenes (1-4 objects, seed {cfg.seed}), {cfg.image_size} px"
     files = image_files(cfg.path) if cfg.source == "folder" else _coco_images(cfg)
     chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(files))[: cfg.images])
-    images = np.stack([_resized(load_image(files[i]), cfg.image_size) for i in chosen])
+    images = np.stack([_square(load_image(files[i]), cfg) for i in chosen])
     what = "image folder" if cfg.source == "folder" else "COCO file"
     return images, f"{what} {cfg.path} (drawn from its {len(files)} images with seed {cfg.seed}), {cfg.image_size} px"
 

@@ -10,7 +10,8 @@ One cell:
     1. build S (seeded) and the stitched model; optionally least-squares init; learnable prefix tokens
        start at the mean of the target's own prefix tokens at the stitch point
     2. train S by the objective's stages on cached source activations (cache.py); FFM stages on the task's train
-       images, or on ffm_data's own images (the split 'ffm')
+       images, or on ffm_data's own images (the split 'ffm'); TLT with tlt.augment on fresh crops of the train
+       images (augment.py), the source prefix recomputed every step
     3. label-free objectives (LFM, FFM) fit a head on the frozen stitch; TLT stages train S and head
        (optionally at their own learning rates, and stopped early on the val score: OptimConfig)
     4. evaluate on the test split: score, D_n / D_fin / per-layer profile, prediction overlap
@@ -32,6 +33,7 @@ from stitchkit.engine.devices import pick_device
 from stitchkit.errors import ConfigError
 from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.zoo import load_frozen_backbone
+from stitchkit.stitching.augment import random_resized_crop
 from stitchkit.stitching.cache import (
     ArrayDataset,
     FeatureStore,
@@ -214,7 +216,9 @@ class Sweep:
         for cell in self.cells:
             source_layer = stitch_input_layer(cell.stitch.kind, cell.point)
             ffm_split = [self.data.ffm_split] if "ffm" in stages(cell.objective) else []
-            for split in ("train", "val", "test", *ffm_split) if self.cfg.cache_source else ():
+            # Augmented TLT crops images afresh every step, so a TLT-only cell reads no cached train activations.
+            train = [] if cell.objective == "tlt" and self.cfg.tlt.augment else ["train"]
+            for split in (*train, "val", "test", *ffm_split) if self.cfg.cache_source else ():
                 self.store.plan(cell.source, split, [layer_key(source_layer)])
             m = self.target_point(cell)
             self.store.plan(cell.target, "init", [layer_key(m)])
@@ -366,7 +370,7 @@ class Sweep:
         split (ffm_data's images, or the train split), every other stage the train split."""
         name = self.data.ffm_split if stage == "ffm" else "train"
         split = self.data.splits[name]
-        if self.source_cached:
+        if self.source_cached and not (stage == "tlt" and self.cfg.tlt.augment):
             arrays = {"hidden": self.features(cell.source, name, layer_key(model.source_layer))}
         else:
             arrays = {"images": split.images}
@@ -392,8 +396,13 @@ class Sweep:
         """The stage's loss on a batch; every term goes through model.forward (DDP-safe)."""
         token_weights = readout_token_weights(model.target)
         compiled = {}
+        augment = stage == "tlt" and self.cfg.tlt.augment
 
         def loss_fn(wrapped, batch):
+            if augment:  # a new crop and flip of each image (and its label map) every time it is drawn
+                images, labels = random_resized_crop(batch["images"].cpu().numpy(), batch["label"].cpu().numpy())
+                device = batch["images"].device
+                batch = {"images": torch.from_numpy(images).to(device), "label": torch.from_numpy(labels).to(device)}
             if self.cfg.compile:
                 # Compiled once per stage; benchmarks/bench_stitch.py measures exactly this path.
                 if "forward" not in compiled:
