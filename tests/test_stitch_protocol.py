@@ -413,6 +413,42 @@ def test_image_folder_and_coco_data(tmp_path):
 
 
 
+
+def test_coco_segmentations_compressed_or_not_give_the_annotated_pixels(tmp_path):
+    """Semantic maps from a COCO file equal a recount from the annotations (decoded by the world's own RLE
+    reader, largest object painted first), whether the file holds uncompressed or compressed RLE."""
+    from pycocotools import mask as coco_mask
+
+    from stitchkit.errors import InputError
+    from stitchkit.stitching.data import DataConfig, load_task_data
+    from stitchkit.world.coco import render_coco, rle_to_mask
+
+    annotations = render_coco(tmp_path / "coco", n_images=6, size=32, seed=3)
+    coco = json.loads(annotations.read_text())
+    classes = {c["id"]: k + 1 for k, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    expected = {}
+    for image in coco["images"]:
+        semantic = np.zeros((32, 32), dtype=np.int64)
+        for ann in sorted((a for a in coco["annotations"] if a["image_id"] == image["id"]), key=lambda a: -a["area"]):
+            semantic[rle_to_mask(ann["segmentation"])] = classes[ann["category_id"]]
+        expected[image["id"]] = semantic
+    compressed = json.loads(annotations.read_text())
+    for ann in compressed["annotations"]:
+        rle = coco_mask.encode(np.asfortranarray(rle_to_mask(ann["segmentation"]).astype(np.uint8)))
+        ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+    (tmp_path / "coco" / "compressed.json").write_text(json.dumps(compressed))
+    for name in ("annotations.json", "compressed.json"):
+        data = load_task_data("segmentation", DataConfig(source="coco", path=str(tmp_path / "coco" / name), image_size=32,
+                                                         train=0, val=0, test=0, val_fraction=0.2, test_fraction=0.2))  # fmt: skip
+        labels = np.concatenate([split.labels for split in data.splits.values()]).astype(np.int64)
+        assert sorted(map(bytes, labels)) == sorted(bytes(m) for m in expected.values())  # every image's map, in some split
+    # Runs that do not cover the image (pycocotools would fill the rest from memory) are refused, in either form.
+    for counts in ("zzzz", [10, 1014, 1]):
+        compressed["annotations"][0]["segmentation"]["counts"] = counts
+        (tmp_path / "coco" / "corrupt.json").write_text(json.dumps(compressed))
+        with pytest.raises(InputError, match="corrupt.json: cannot decode a segmentation: its RLE runs cover"):
+            load_task_data("segmentation", DataConfig(source="coco", path=str(tmp_path / "coco" / "corrupt.json"), image_size=32))
+
 def write_mask_dataset(root: Path, n: int = 10, image_suffix: str = ".jpg", mask_suffix: str = ".png") -> dict[str, np.ndarray]:
     """An ADE20K-like folder pair: images/<sub>/x<image_suffix> and annotations/<sub>/x<mask_suffix>, 30 x 20 px
     label maps with values 0..3 and 255; plus one image without a label map. Returns the raw maps by image path."""

@@ -4,8 +4,8 @@ Four sources, one shape (`TaskData`: train / val / test splits of (N, S, S, 3) u
     shapes   the procedural shapes world (classification: one object, labelled by category/colour;
              segmentation: several objects, semantic maps)
     folder   an image folder with one sub-folder per class (classification only)
-    coco     a COCO-format annotation file (segmentation: semantic maps from polygons or uncompressed
-             RLE; classification: the category of each image's largest annotation)
+    coco     a COCO-format annotation file (segmentation: semantic maps from polygons or RLE, read by pycocotools;
+             classification: the category of each image's largest annotation)
     masks    an image folder with a folder of label maps beside it (segmentation only; mmsegmentation's
              layout, as ADE20K, Cityscapes and Pascal VOC ship)
 Folder, COCO and mask-folder images become squares of `image_size` (`crop`: the centre square, spec §7, or the whole
@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import pydantic
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from stitchkit.config import Config
 from stitchkit.errors import InputError
@@ -434,21 +434,52 @@ def _raw_segmentations(path: Path) -> dict[int, object]:
 
 
 def _annotation_mask(segmentation, bbox, height: int, width: int, path) -> np.ndarray:
-    """An annotation's pixels: polygons, uncompressed RLE, or (no segmentation) its box."""
-    if segmentation is None or segmentation == []:
+    """An annotation's pixels as COCO's own API reads them (pycocotools, as `COCO.annToMask`): polygons,
+    uncompressed or compressed RLE; with no segmentation (or only degenerate polygons), its box."""
+    from pycocotools import mask as coco_mask
+
+    polygons = [p for p in segmentation if len(p) >= 6] if isinstance(segmentation, list) else None
+    if segmentation is None or polygons == []:
         x, y, w, h = bbox
         mask = np.zeros((height, width), dtype=bool)
         mask[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = True
         return mask
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation.get("counts"), str):
-            raise InputError(f"{path}: compressed RLE segmentations are not supported; export polygons or uncompressed RLE")
-        from stitchkit.world.coco import rle_to_mask
+    if polygons:  # flat [x0, y0, x1, y1, ...] lists, parts of one object
+        rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+    else:
+        size = segmentation.get("size") if isinstance(segmentation, dict) else None
+        if size is None or list(size) != [height, width]:
+            raise InputError(f"{path}: a segmentation is neither polygons nor an RLE of its image's size "
+                             f"[{height}, {width}] (got size {size})")  # fmt: skip
+        counts = _rle_counts(segmentation.get("counts"))
+        # pycocotools does not check run lengths: too few leave pixels of whatever memory held, too many are cut.
+        if counts is None or sum(counts) != height * width or min(counts, default=0) < 0:
+            total = "unreadable" if counts is None else f"{sum(counts)} pixels"
+            raise InputError(f"{path}: cannot decode a segmentation: its RLE runs cover {total}, not {height} x {width}")
+        compressed = isinstance(segmentation["counts"], str)
+        rle = segmentation if compressed else coco_mask.frPyObjects(segmentation, height, width)
+    return coco_mask.decode(rle).astype(bool)
 
-        return rle_to_mask(segmentation)
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for polygon in segmentation:
-        if len(polygon) >= 6:
-            draw.polygon([float(v) for v in polygon], fill=1)
-    return np.asarray(canvas, dtype=bool)
+
+def _rle_counts(counts) -> list[int] | None:
+    """The run lengths of an RLE's counts: a list as it is, a compressed string decoded as pycocotools' rleFrString
+    (6-bit groups offset by 48, 5 value bits, sign-extended; runs after the second stored as differences to the
+    run two before). None when it is neither."""
+    if isinstance(counts, list):
+        return counts if all(isinstance(c, int) for c in counts) else None
+    if not isinstance(counts, str):
+        return None
+    runs, position = [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                return None  # the string ends inside a number
+            chunk = ord(counts[position]) - 48
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
