@@ -579,6 +579,13 @@ def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "S9" in err and "Traceback" not in err
+    del cfg["branches"]["broken"]
+    cfg["optim"]["warmup_steps"] = cfg["stages"]["S2"]["steps"]  # a warm-up as long as a stage never ends
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "run", str(config), "--out", str(tmp_path / "out")])
+    assert done.value.code == 2
+    assert "stages.S2: warmup_steps" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as done:
         main(["binding", "analyze", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "an")])
     assert done.value.code == 2

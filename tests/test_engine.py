@@ -586,3 +586,12 @@ def test_a_seed_numpy_cannot_take_is_a_config_error():
     for bad in (-1, 2**32):
         with pytest.raises(ConfigError, match=f"seed {bad} is out of range"):
             seed_everything(bad)
+
+
+def test_a_warmup_as_long_as_the_training_is_refused():
+    from stitchkit.config import validate_config
+    from stitchkit.errors import ConfigError
+
+    assert validate_config(TrainConfig, {"steps": 10, "batch_size": 2, "warmup_steps": 9}).warmup_steps == 9
+    with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be fewer than the training's 10 steps"):
+        validate_config(TrainConfig, {"steps": 10, "batch_size": 2, "warmup_steps": 10})

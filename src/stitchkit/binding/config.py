@@ -16,7 +16,7 @@ from stitchkit.binding.model import ModelSettings
 from stitchkit.binding.render import Placement, glyph_set
 from stitchkit.binding.task import Vocabulary
 from stitchkit.config import Config
-from stitchkit.engine.loop import AdamBetas
+from stitchkit.engine.loop import AdamBetas, warmup_error
 
 
 class VocabSettings(Config):
@@ -176,6 +176,9 @@ class BindingConfig(Config):
         limit = self.vocab.vocabulary.max_objects
         if max(hi, self.eval.max_objects) > limit:
             raise ValueError(f"contexts of up to {max(hi, self.eval.max_objects)} objects need that many distinct colours, shapes and items; the vocabulary allows {limit}")
+        for name, stage in self.stages.items():  # every stage warms up anew (the engine's schedule)
+            if self.optim.warmup_steps and self.optim.warmup_steps >= stage.steps:
+                raise ValueError(f"stages.{name}: {warmup_error(self.optim.warmup_steps, stage.steps)}")
         for branch, stages in self.branches.items():
             unknown = [s for s in stages if s not in self.stages]
             if unknown or not stages:

@@ -149,7 +149,15 @@ class TrainConfig(Config):
     def _epoch_batches_alone(self) -> "TrainConfig":
         if self.epoch_batches and self.grad_accum != 1:
             raise ValueError("epoch_batches needs grad_accum = 1 (a partial last batch cannot be split evenly)")
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise ValueError(warmup_error(self.warmup_steps, self.steps))
         return self
+
+
+def warmup_error(warmup_steps: int, steps: int) -> str:
+    """Why a warm-up of warmup_steps cannot precede a training of `steps` (the suites check it before they start)."""
+    return (f"warmup_steps ({warmup_steps}) must be fewer than the training's {steps} steps: the learning rate "
+            "would still be rising when the training ends")  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from stitchkit.engine import TrainConfig, train
-from stitchkit.errors import IncompatibleError
+from stitchkit.engine.loop import warmup_error
+from stitchkit.errors import ConfigError, IncompatibleError
 from stitchkit.patches.config import TrainSettings
 from stitchkit.patches.evaluate import summarize
 from stitchkit.runs import RunDir, atomic_write_json
@@ -95,6 +96,8 @@ def finetune_with_curve(
     """
     out_dir = Path(out_dir)
     steps = settings.steps_for(split, len(samples))
+    if settings.warmup_steps and settings.warmup_steps >= steps:  # steps depend on the data: checked once it is built
+        raise ConfigError(f"train: at split factor {split}, {warmup_error(settings.warmup_steps, steps)}")
     every, schedule = eval_schedule(steps, settings.eval_points)
 
     def eval_path(step: int) -> Path:

@@ -12,6 +12,7 @@ every training forward. Full fine-tuning trains every language-model parameter (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,10 @@ def prepare(vlm: VLM, cfg: FinetuneConfig) -> None:
         target_modules=targets,
         modules_to_save=[name.split(".")[-1] for name in projectors] or None,
     )
-    vlm.model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers 5's deprecated `is_gradient_checkpointing`: a warning for them, not our users.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        vlm.model = get_peft_model(model, config)
 
 
 def merge_lora(vlm: VLM) -> None:
