@@ -71,6 +71,10 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     # image i depends only on (seed, i): a shorter render is a prefix of a longer one
     d = files(render_coco(tmp_path / "d", 2, 40, seed=5).parent)
     assert d["images/000001.png"] == a["images/000001.png"]
+    # A smaller render into the folder of a larger one leaves exactly its own images (and the user's other files).
+    (tmp_path / "a" / "images" / "notes.png").write_bytes(b"mine")
+    smaller = files(render_coco(tmp_path / "a", 2, 40, seed=5).parent)
+    assert smaller == {**d, "images/notes.png": b"mine"}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

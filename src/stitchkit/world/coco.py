@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,4 +110,9 @@ def render_coco(
     }
     path = out_dir / "annotations.json"
     atomic_write_text(path, json.dumps(coco))  # compact: RLE count lists one number per line would be huge
+    # A larger render here before left images beyond this one's: remove them (only files named as ours), so the
+    # folder holds exactly what annotations.json lists.
+    for stale in (out_dir / "images").glob("*.png"):
+        if re.fullmatch(r"\d{6}", stale.stem) and int(stale.stem) >= n_images:
+            stale.unlink()
     return path
