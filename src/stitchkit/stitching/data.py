@@ -438,14 +438,17 @@ def _annotation_mask(segmentation, bbox, height: int, width: int, path) -> np.nd
     uncompressed or compressed RLE; with no segmentation (or only degenerate polygons), its box."""
     from pycocotools import mask as coco_mask
 
-    polygons = [p for p in segmentation if len(p) >= 6] if isinstance(segmentation, list) else None
+    polygons = [p for p in segmentation if not isinstance(p, list) or len(p) >= 6] if isinstance(segmentation, list) else None
     if segmentation is None or polygons == []:
         x, y, w, h = bbox
         mask = np.zeros((height, width), dtype=bool)
         mask[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = True
         return mask
     if polygons:  # flat [x0, y0, x1, y1, ...] lists, parts of one object
-        rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+        try:
+            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{path}: cannot decode a segmentation: polygons are lists of x, y numbers ({err})") from None
     else:
         size = segmentation.get("size") if isinstance(segmentation, dict) else None
         if size is None or list(size) != [height, width]:
