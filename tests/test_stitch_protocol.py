@@ -577,6 +577,10 @@ def test_a_test_split_of_its_own_files(tmp_path):
     assert {k: len(v) for k, v in uncapped.splits.items()} == {"train": 8, "val": 2, "test": 4}  # 0: all
     with pytest.raises(ConfigError, match="0 = all is for file sources"):
         validate_config(DataConfig, {"source": "shapes", "train": 0})
+    # A missing test folder is named by the test_split field that gave it, not by the data field it stood in for.
+    for field, missing in (("path", {"path": str(tmp_path / "nowhere")}), ("masks", {"masks": str(tmp_path / "nowhere")})):
+        with pytest.raises(InputError, match=f"^data.test_split.{field}: folder not found: .*nowhere$"):
+            load_task_data("segmentation", validate_config(DataConfig, {**masks, "test_split": {**masks["test_split"], **missing}}))
 
     rng = np.random.default_rng(0)
     for split, classes in (("train", ("cats", "dogs")), ("val", ("cats", "dogs")), ("odd", ("cats", "owls"))):

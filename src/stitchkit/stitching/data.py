@@ -202,8 +202,20 @@ def _labelled_splits(task: Task, cfg: DataConfig) -> TaskData:
     try:
         test = load(task, cfg.for_test_split(), ("test",))
     except InputError as err:  # two places hold images: say which one is wrong
-        raise InputError(f"data.test_split: {err}") from None
+        raise InputError(_in_test_split(str(err))) from None
     return _with_test(load(task, cfg, ("train", "val")), test)
+
+
+# The fields of `data` that for_test_split fills from test_split's, as loader messages name them.
+_TEST_SPLIT_FIELDS = {"data.masks.path": "data.test_split.masks", "data.masks": "data.test_split.masks", "data.path": "data.test_split.path"}
+
+
+def _in_test_split(message: str) -> str:
+    """A loader's message about the test split's files, naming test_split's fields (it read them as data's)."""
+    for field, own in _TEST_SPLIT_FIELDS.items():
+        if message.startswith(f"{field}:"):
+            return own + message[len(field) :]
+    return f"data.test_split: {message}"
 
 
 def _with_test(data: TaskData, test: TaskData) -> TaskData:
