@@ -107,12 +107,17 @@ def test_same_seed_gives_the_same_results_and_cached_training_matches_online(mod
 def test_augmented_tlt_crops_images_online_whatever_the_cache(model_dirs, tmp_path):
     """tlt.augment trains on fresh crops of the images, so the source runs online even with a source cache: a
     cached and an uncached sweep train the same S, and the cached one never stores train activations."""
+    from stitchkit.stitching.report import write_sweep_outputs
+
     base = sweep_config(model_dirs, points=[2], objectives=["tlt"], self_stitch=False, probes=False, cache_dtype="float32",
                         tlt={**FAST, "augment": True})  # fmt: skip
-    runs, passes = {}, {}
+    runs, passes, reports = {}, {}, {}
     for name, overrides in (("cached", {}), ("again", {}), ("online", {"cache": "none"}), ("plain", {"tlt": FAST})):
         sweep = Sweep(validate_config(StitchRunConfig, {**base, **overrides}), tmp_path / name)
-        runs[name], passes[name] = sweep.run_all()["cells"][0], sweep.store.computed_passes
+        results = sweep.run_all()
+        runs[name], passes[name] = results["cells"][0], sweep.store.computed_passes
+        reports[name] = write_sweep_outputs(tmp_path / name, sweep.cfg, sweep.data.description, results).read_text()
+    assert "TLT trained on augmented images" in reports["cached"] and "augmented" not in reports["plain"]
     strip = lambda cell: {k: v for k, v in cell.items() if k != "train_seconds"}  # noqa: E731
     assert strip(runs["cached"]) == strip(runs["again"])  # same seed, same crops
     assert runs["online"]["final_losses"]["tlt"] == pytest.approx(runs["cached"]["final_losses"]["tlt"], rel=1e-4)
@@ -787,7 +792,7 @@ def test_ffm_data_reads_images_without_labels(tmp_path):
 
     images, description = load_image_set(ImageSetConfig(source="folder", path=str(root), image_size=16, images=10))
     assert rows(images) == rows(saved[n] for n in ("a.png", "sub/b.jpg", "sub/deeper/c.png"))
-    assert description == f"image folder {root} (drawn from its 3 images with seed 0), 16 px"
+    assert description == f"image folder {root} (drawn from its 3 images with seed 0), centre squares at 16 px"
     capped = [load_image_set(ImageSetConfig(source="folder", path=str(root), image_size=16, images=2, seed=s))[0] for s in (0, 0, 1, 2)]
     assert all(len(c) == 2 and set(rows(c)) <= set(rows(images)) for c in capped)
     assert rows(capped[0]) == rows(capped[1]) and len({tuple(rows(c)) for c in capped}) > 1  # seeded, and the seed matters

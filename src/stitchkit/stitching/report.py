@@ -170,7 +170,9 @@ def write_sweep_outputs(out: Path, cfg, data_description: str, results: dict) ->
         "# Model stitching sweep\n",
         f"Task: {cfg.task} on {data_description}; test {metric_name}, mean ± sample std over seeds {cfg.seeds}. "
         f"Models: {', '.join(f'{k} = `{v}`' for k, v in cfg.models.items())}. Stitch points are source blocks n "
-        "(1-indexed); 'none' = S from random init, 'FFM→TLT' = the paper's recipe." + ffm_data_sentence(results) + "\n",
+        "(1-indexed); 'none' = S from random init, 'FFM→TLT' = the paper's recipe." + ffm_data_sentence(results)
+        + (" TLT trained on augmented images (a fresh RandomResizedCrop 0.5–1 and flip per draw)." if cfg.tlt.augment else "")
+        + "\n",
         f"## {metric_name} (rows: pair and initialisation; columns: stitch points)\n",
         paper_table(cells, cfg.points),
     ]
