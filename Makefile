@@ -6,11 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench device-wheels clean
 
-# CPU torch first, from the local wheel, so pip never resolves a multi-GB CUDA build.
+# CPU torch first, so pip never resolves a multi-GB CUDA build: PyTorch's CPU index (its 2.13.0+cpu outranks PyPI's
+# 2.13.0), or a local wheel where pip is configured with one. --retries 0: where that index cannot be reached, pip
+# moves on at once instead of backing off for a minute and a half.
+CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 --extra-index-url $(CPU_TORCH_INDEX) --retries 0
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
