@@ -381,3 +381,11 @@ def test_a_config_typo_names_its_path(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  learning_rate: 1.0\n")
     with pytest.raises(ConfigError, match="train.learning_rate"):
         load_config(PatchesConfig, tmp_path / "bad.yaml")
+
+
+def test_a_partial_moderation_train_block_keeps_the_official_moderation_settings():
+    from stitchkit.patches.config import ModerationStudy
+
+    train = ModerationStudy(train={"lr": 2e-5}).train
+    assert train.lr == 2e-5  # the field it names changes
+    assert train.loss_on == "text" and train.epochs_for(2) == 15 and train.epochs_for(4) == 5  # the rest stay official

@@ -225,6 +225,15 @@ class ModerationStudy(Config):
     unsafe_label: str = "unsafe"
     train: TrainSettings = pydantic.Field(default_factory=_moderation_training)
 
+    @pydantic.field_validator("train", mode="before")
+    @classmethod
+    def _over_moderation_defaults(cls, train):
+        # A partial `train:` block changes only the fields it names: the rest stay the official moderation
+        # launcher's (not TrainSettings' own defaults, which would switch the loss to ID tokens and f=2 to 5 epochs).
+        if isinstance(train, dict):
+            return {**_moderation_training().model_dump(), **train}
+        return train
+
     @pydantic.model_validator(mode="after")
     def _splits_fit(self) -> "ModerationStudy":
         # The images are rendered in the run (after the model is loaded): refuse a factor they cannot take now.
