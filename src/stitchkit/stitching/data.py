@@ -276,8 +276,8 @@ def _square(image: Image.Image, cfg: ImageSourceConfig, resample=Image.Resamplin
     return np.asarray(image.resize((cfg.image_size, cfg.image_size), resample))
 
 
-def _squares(cfg: ImageSourceConfig) -> str:
-    """How _square made the images, for descriptions (reports name what the models saw)."""
+def _square_description(cfg: ImageSourceConfig) -> str:
+    """How _square made the images square, for descriptions (reports name what the models saw)."""
     return f"centre squares at {cfg.image_size} px" if cfg.crop == "center" else f"squashed to {cfg.image_size} px"
 
 
@@ -290,7 +290,7 @@ def _folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
         images = np.stack([_square(load_image(folder.samples[i][0]), cfg) for i in idx])
         labels = np.array([folder.samples[i][1] for i in idx], dtype=np.int64)
         splits[split] = Split(images, labels)
-    return TaskData("classification", folder.classes, splits, f"image folder {cfg.path}, {_squares(cfg)}")
+    return TaskData("classification", folder.classes, splits, f"image folder {cfg.path}, {_square_description(cfg)}")
 
 
 def _coco(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
@@ -327,7 +327,7 @@ def _coco(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
                     semantic[mask] = class_of[ann.category_id]
                 labels.append(_square(Image.fromarray(semantic), cfg, Image.Resampling.NEAREST))
         splits[split] = Split(np.stack(images), np.stack(labels).astype(MAP_DTYPE) if task != "classification" else np.array(labels, dtype=np.int64))
-    return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {_squares(cfg)}")
+    return TaskData(task, class_names, splits, f"COCO file {cfg.path}, {_square_description(cfg)}")
 
 
 def _mask_folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
@@ -343,7 +343,7 @@ def _mask_folder(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskDat
     names = _class_names(cfg.masks, largest)
     if largest >= len(names):
         raise InputError(f"data.masks: a label map holds label {largest}, but class_names lists {len(names)} classes")
-    description = f"label maps {cfg.masks.path} of images {cfg.path} ({len(pairs)} pairs), {_squares(cfg)}"
+    description = f"label maps {cfg.masks.path} of images {cfg.path} ({len(pairs)} pairs), {_square_description(cfg)}"
     return TaskData("segmentation", names, splits, description)
 
 
@@ -431,7 +431,7 @@ def load_image_set(cfg: ImageSetConfig) -> tuple[np.ndarray, str]:
     chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(files))[: cfg.images])
     images = np.stack([_square(load_image(files[i]), cfg) for i in chosen])
     what = "image folder" if cfg.source == "folder" else "COCO file"
-    return images, f"{what} {cfg.path} (drawn from its {len(files)} images with seed {cfg.seed}), {_squares(cfg)}"
+    return images, f"{what} {cfg.path} (drawn from its {len(files)} images with seed {cfg.seed}), {_square_description(cfg)}"
 
 
 def _coco_images(cfg: ImageSetConfig) -> list[Path]:
