@@ -189,6 +189,38 @@ def test_lr_groups_give_parameters_their_own_learning_rate_under_the_common_sche
             train(tiny.build_model(), tiny.loss_fn, data, cfg.model_copy(update={"lr_groups": {prefix: 1e-2}}), None)
 
 
+def test_a_module_exempts_its_own_matrices_from_weight_decay_by_name():
+    """A module names parameters in `no_weight_decay` (a collection, or timm's method returning one), relative to
+    itself and at any depth; they train undecayed, other matrices keep the decay. Oracle: with a zero gradient
+    AdamW moves a parameter by its decay alone, p <- p (1 - lr wd) per step."""
+
+    class Tokens(nn.Module):
+        no_weight_decay = ("tokens",)
+
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.other = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.ones(2, 3))
+
+    class TimmLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token, self.weight, self.inner = nn.Parameter(torch.ones(1, 3)), nn.Parameter(torch.ones(3, 3)), Tokens()
+
+        def no_weight_decay(self):
+            return {"cls_token"}
+
+        def forward(self, x):
+            return x.sum() * sum(p.sum() for p in self.parameters()) * 0.0  # every gradient exactly 0
+
+    cfg = TrainConfig(steps=3, batch_size=2, lr=0.1, weight_decay=0.5, schedule="constant", mixed_precision="no")
+    model = TimmLike()
+    train(model, lambda m, batch: m(batch["x"]), [{"x": torch.ones(1)}] * 2, cfg, None)
+    for exempt in (model.cls_token, model.inner.tokens):
+        assert torch.equal(exempt.detach(), torch.ones_like(exempt))
+    for decayed in (model.weight, model.inner.other):
+        torch.testing.assert_close(decayed.detach(), torch.full_like(decayed, (1 - 0.1 * 0.5) ** 3))
+
+
 def test_a_second_stage_carries_the_optimizer_moments_over_by_name(tmp_path):
     """Stage 2 (optimizer_from = stage 1's folder) equals ONE hand-written AdamW that keeps going, including a
     parameter that only starts training in stage 2 (fresh moments, as binding's projector)."""

@@ -153,6 +153,35 @@ def test_out_of_range_point_and_unknown_names_are_clear_errors(models):
     assert resolve_match_layer(-2, 24) == (23, False)  # LLaVA's hidden_states[-2]
 
 
+def test_ffm_weighs_patches_and_cls_at_the_normed_last_layer_and_patches_alone_at_a_raw_block(models):
+    """Spec §4.4, §7: a classifier reads the normed last layer (patches and CLS; registers weigh 0), an MLLM a raw
+    block (LLaVA: hidden_states[-2][:, 1:]), so FFM there weighs patch tokens only."""
+    src, tgt = models["clip"], models["dinov2_registers"]  # target: CLS + 4 registers + a 4x4 grid
+    patches_and_cls = torch.tensor([1.0, 0, 0, 0, 0] + [1.0] * 16)
+    patches = torch.tensor([0.0] * 5 + [1.0] * 16)
+    for match_layer, expected in (("last_normed", patches_and_cls), (-2, patches), ("last_raw", patches), (3, patches)):
+        stitched = StitchedModel(src, tgt, 2, build_stitch("linear", 32, 32), match_layer=match_layer)
+        assert torch.equal(stitched.match_token_weights(), expected), match_layer
+    assert torch.equal(readout_token_weights(tgt), patches_and_cls)  # the default keeps the weights it had
+    no_prefix = StitchedModel(src, models["siglip"], 2, build_stitch("linear", 32, 32), match_layer=-2)
+    assert torch.equal(no_prefix.match_token_weights(), torch.ones(16))
+
+
+def test_learnable_prefix_tokens_train_without_weight_decay(models):
+    """Spec §7 (no decay on biases or norms) and timm's rule for cls/reg tokens: the learnable prefix tokens start
+    at the target's mean, so AdamW's groups leave them undecayed; S's and the head's matrices keep the decay."""
+    from stitchkit.engine.loop import _parameter_groups
+
+    stitched = StitchedModel(models["siglip"], models["dinov3"], 2, build_stitch("mlp", 32, 32))  # 5 learnable slots
+    stitched.head = build_head("classification", models["dinov3"], 3)
+    cfg = TrainConfig(steps=1, batch_size=1, weight_decay=0.05, lr_groups={"head": 1e-2})
+    decay = {id(p): group["weight_decay"] for group in _parameter_groups(stitched, cfg) for p in group["params"]}
+    by_name = {name: decay[id(p)] for name, p in stitched.named_parameters() if p.requires_grad}
+    assert stitched.prefix.tokens.ndim == 2 and by_name["prefix.tokens"] == 0.0
+    matrices = [name for name, p in stitched.named_parameters() if p.requires_grad and p.ndim >= 2 and name != "prefix.tokens"]
+    assert matrices and all(by_name[name] == 0.05 for name in matrices)  # stitch.*.weight, head.linear.weight
+
+
 # ---- training touches only S, prefix tokens and head --------------------------------------------
 
 

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from stitchkit.backbones import save_backbone
 from stitchkit.config import load_config, validate_config
-from stitchkit.engine import EarlyStopping
+from stitchkit.engine import EarlyStopping, seed_everything
 from stitchkit.errors import ConfigError
 from stitchkit.stitching import protocol
 from stitchkit.stitching.commands import app
 from stitchkit.stitching.config import OptimConfig, StitchLayerConfig, StitchRunConfig, TreeConfig
 from stitchkit.stitching.experiment import run_sweep, run_tree
-from stitchkit.stitching.model import readout_token_weights
+from stitchkit.stitching.model import build_head, readout_token_weights
 from stitchkit.stitching.objectives import feature_distance
 from stitchkit.stitching.protocol import Sweep, train_config
 
@@ -217,6 +217,66 @@ def test_reported_stitch_distance_is_the_lfm_loss_on_a_target_with_registers(mod
         ).item()
     assert distances["distance_stitch"] == pytest.approx(lfm, rel=1e-5)
     assert abs(patches_and_cls - lfm) > 0.05 * lfm  # the registers matter: the token set is what is tested
+
+
+def test_ffm_at_a_raw_block_matches_patch_tokens_alone_in_the_loss_and_in_d_fin(model_dirs, tmp_path):
+    """Spec §4.4, §7: at match_layer -2 (block N-1, raw: what an MLLM reads) FFM's loss and the reported D_fin cover
+    the patch tokens alone; at the default (the normed last layer) the patches and the CLS. Oracle: the squared
+    distance per token, averaged by hand over those tokens."""
+    prefix = 3  # the tiny DINOv2 with registers: CLS + 2 registers, then 16 patches
+    kept_by_layer = {"last_normed": [0, *range(prefix, prefix + 16)], -2: list(range(prefix, prefix + 16))}
+    for match_layer, kept in kept_by_layer.items():
+        cfg = sweep_config(model_dirs, pairs=[["clip", "dino"]], points=[1], objectives=["ffm"], self_stitch=False,
+                           probes=False, cache_dtype="float32", match_layer=match_layer)  # fmt: skip
+        sweep = Sweep(validate_config(StitchRunConfig, cfg), tmp_path / str(match_layer))
+        (cell,) = sweep.cells
+        model = sweep.build_model(cell)
+        batch = {
+            "hidden": torch.from_numpy(sweep.features("clip", "test", "h1")),
+            "reference": torch.from_numpy(sweep.features("dino", "test", sweep.match_key("dino"))),
+        }
+        with torch.no_grad():
+            ffm = sweep.loss_function(model, "ffm")(model, batch).item()
+            per_token = (model(batch["hidden"], output="match") - batch["reference"]).pow(2).mean(-1)  # (B, T)
+        _, distances = sweep._predict(model, "clip", "test", with_distances=True)
+        assert ffm == pytest.approx(per_token[:, kept].mean().item(), rel=1e-5), match_layer
+        assert distances["distance_final"] == pytest.approx(ffm, rel=1e-4), match_layer
+        others = [0, *kept] if 0 not in kept else kept[1:]  # the CLS added or taken away
+        assert abs(per_token[:, others].mean().item() - ffm) > 1e-3 * ffm  # the CLS matters: the token set is tested
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_heads_on_label_free_stitches_train_from_float16_features_as_from_float32(model_dirs, tmp_path, task):
+    """The features a head is fitted on after LFM/FFM are stored like cached activations (float16), filled batch by
+    batch (12, 12, 8 rows here): they equal the stitched model's float32 readout of the whole split at once (the
+    oracle), and a head trained on them ends where one trained on the float32 features does, scoring the same."""
+    cfg = sweep_config(model_dirs, task=task, points=[2], objectives=["ffm"], self_stitch=False, probes=False,
+                       eval_batch_size=12, probe={"epochs": 3, "batch_size": 16})  # fmt: skip
+    sweep = Sweep(validate_config(StitchRunConfig, cfg), tmp_path / "run")
+    (cell,) = sweep.cells
+    model = sweep.build_model(cell)
+    stored = {split: sweep.stitched_features(model, "dino", split) for split in ("train", "test")}
+    with torch.no_grad():
+        oracle = {
+            split: model(torch.from_numpy(np.asarray(sweep.features("dino", split, "h2"), dtype=np.float32)), output="features").numpy()
+            for split in ("train", "test")
+        }
+    assert stored["train"].dtype == np.float16 and stored["train"].shape == oracle["train"].shape
+    assert oracle["train"].shape == ((32, 48) if task == "classification" else (32, 16, 48))
+    np.testing.assert_allclose(stored["train"].astype(np.float32), oracle["train"], rtol=1e-3, atol=1e-4)  # fp16 rounding
+
+    def fit(features):
+        seed_everything(1)
+        head = build_head(task, model.target, sweep.data.num_classes, 32)
+        sweep._fit_head(head, features["train"], None, tmp_path / str(features["train"].dtype), seed=0)
+        return head
+
+    half, full = fit(stored), fit(oracle)
+    for name, value in full.state_dict().items():
+        # measured: 3e-5 at most; a head trained on rows shifted by one image is 6e-3 away
+        torch.testing.assert_close(half.state_dict()[name].float(), value.float(), rtol=1e-3, atol=1e-4)
+    scores = [sweep.score(sweep._head_predictions(head, oracle["test"]), "test") for head in (half, full)]
+    assert scores[0] == pytest.approx(scores[1], abs=1.0)  # top-1 or mIoU, %
 
 
 def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):

@@ -488,16 +488,29 @@ def _global_batch_indices(step: int, batch_size: int, dataset_size: int, seed: i
     return np.array([_epoch_permutation(seed, int(e), dataset_size)[o] for e, o in zip(epochs, offsets)])
 
 
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters their modules exempt from weight decay. A module lists its own in
+    `no_weight_decay` (names, or timm's method returning them): learned tokens (timm's cls/reg tokens, a stitch's
+    learnable prefix tokens) are matrices, but decay would pull them to 0 rather than keep them near their init."""
+    exempt = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "no_weight_decay", ())
+        exempt.update(f"{prefix}.{name}" if prefix else name for name in (names() if callable(names) else names))
+    return exempt
+
+
 def _parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups by (learning rate, decayed): decay matrices (weights, embeddings) only, not biases, norm
-    scales and other 1-D tensors; a parameter under an `lr_groups` prefix gets that group's learning rate
-    (the longest prefix wins). The two base groups (lr = cfg.lr) come first, so get_last_lr()[0] is theirs."""
+    scales and other 1-D tensors, nor what a module exempts (_no_weight_decay); a parameter under an `lr_groups`
+    prefix gets that group's learning rate (the longest prefix wins). The two base groups (lr = cfg.lr) come
+    first, so get_last_lr()[0] is theirs."""
     longest_first = sorted(cfg.lr_groups, key=len, reverse=True)
+    exempt = _no_weight_decay(model)
     groups: dict[tuple[str | None, bool], list[nn.Parameter]] = {(None, True): [], (None, False): []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             prefix = next((q for q in longest_first if name == q or name.startswith(q + ".")), None)
-            groups.setdefault((prefix, parameter.ndim >= 2), []).append(parameter)
+            groups.setdefault((prefix, parameter.ndim >= 2 and name not in exempt), []).append(parameter)
     unmatched = set(cfg.lr_groups) - {prefix for prefix, _ in groups}
     if unmatched:
         trainable = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad})

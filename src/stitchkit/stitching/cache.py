@@ -44,17 +44,26 @@ def inference_autocast(device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-class _Output:
-    """One output array, filled batch by batch: in memory, or a .npy memory map written to a temporary file."""
+class FeatureArray:
+    """One output array in the storage dtype, filled batch by batch: in memory, or a .npy memory map written to a
+    temporary file. Filled in place, so a set of features never exists in float32 as a whole (nor twice)."""
 
-    def __init__(self, path: Path | None, length: int, row_shape: tuple[int, ...], dtype: np.dtype):
-        self.path = path
+    def __init__(self, path: Path | None, length: int, row_shape: tuple[int, ...], dtype: np.dtype, what: str):
+        self.path, self.what = path, what
         if path is None:
             self.array = np.empty((length, *row_shape), dtype=dtype)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = path.with_name(f".{path.name}.partial")
             self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(length, *row_shape))
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Store one batch of rows at `start`, cast to the storage dtype."""
+        stored = rows.float().cpu().numpy().astype(self.array.dtype)
+        if not np.isfinite(stored).all():
+            # float16 tops out at 65504; a few ViTs have activations beyond that.
+            raise InputError(f"{self.what} overflow {self.array.dtype}; set cache_dtype: float32")
+        self.array[start : start + len(stored)] = stored
 
     def finish(self) -> np.ndarray:
         if self.path is None:
@@ -108,23 +117,18 @@ def compute_features(
     `paths` (key -> .npy path) writes memory maps instead of keeping arrays in memory.
     """
     device = torch.device(device or backbone.device)
-    outputs: dict[str, _Output] = {}
-    for start in track(range(0, len(images), batch_size), f"features of {backbone.model.config.model_type}"):
+    outputs: dict[str, FeatureArray] = {}
+    model_type = backbone.model.config.model_type
+    for start in track(range(0, len(images), batch_size), f"features of {model_type}"):
         px = backbone.preprocess(images[start : start + batch_size]).to(device)
         with inference_autocast(device):
             values = batch_features(backbone, px, keys, task)
         for key, value in values.items():
-            value = value.float().cpu().numpy()
             if key not in outputs:
                 path = paths.get(key) if paths else None
-                outputs[key] = _Output(path, len(images), value.shape[1:], np.dtype(dtype))
-            stored = value.astype(outputs[key].array.dtype)
-            if not np.isfinite(stored).all():
-                # float16 tops out at 65504; a few ViTs have activations beyond that.
-                raise InputError(
-                    f"{backbone.model.config.model_type} features at {key} overflow {dtype}; set cache_dtype: float32"
-                )
-            outputs[key].array[start : start + len(value)] = stored
+                what = f"{model_type} features at {key}"
+                outputs[key] = FeatureArray(path, len(images), tuple(value.shape[1:]), np.dtype(dtype), what)
+            outputs[key].write(start, value)
     return {key: output.finish() for key, output in outputs.items()}
 
 

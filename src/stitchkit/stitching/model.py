@@ -115,12 +115,32 @@ def match_features(backbone, tokens: torch.Tensor, normed: bool) -> torch.Tensor
     return backbone.final_norm(tokens) if normed else tokens
 
 
-def readout_token_weights(backbone) -> torch.Tensor:
-    """FFM token weights (spec §5): patch tokens and the CLS token the target reads out; registers weigh 0."""
+def sequence_length(backbone) -> int:
+    """Tokens a backbone's blocks see at its own resolution: prefix tokens, then the patch grid."""
     grid = native_grid(backbone)
-    weights = torch.ones(backbone.num_prefix_tokens + grid[0] * grid[1])
+    return backbone.num_prefix_tokens + grid[0] * grid[1]
+
+
+def readout_token_weights(backbone) -> torch.Tensor:
+    """Token weights at the normed last layer (spec §5): patch tokens and the CLS token the target reads out;
+    registers weigh 0."""
+    weights = torch.ones(sequence_length(backbone))
     weights[1 : backbone.num_prefix_tokens] = 0.0
     return weights
+
+
+def patch_token_weights(backbone) -> torch.Tensor:
+    """Token weights at a raw block: patch tokens only, every prefix token 0. What a multi-encoder MLLM reads
+    (LLaVA: `hidden_states[-2][:, 1:]`, spec §4.4), so a prefix token there has no consumer to match for."""
+    weights = torch.ones(sequence_length(backbone))
+    weights[: backbone.num_prefix_tokens] = 0.0
+    return weights
+
+
+def match_token_weights(backbone, normed: bool) -> torch.Tensor:
+    """FFM's token weights at a match layer (spec §7): the last normed output is what a classifier reads (patches
+    and CLS, readout_token_weights); a raw block is what an MLLM or the stitch tree reads (patches only)."""
+    return readout_token_weights(backbone) if normed else patch_token_weights(backbone)
 
 
 class StitchedModel(nn.Module):
@@ -210,6 +230,10 @@ class StitchedModel(nn.Module):
         """rho'(T_tgt(S(h))): the stitched model's features at the FFM match layer, all tokens."""
         tokens = self.target_blocks(self.bridge(hidden), end=self.match_end)
         return match_features(self.target, tokens, self.match_normed)
+
+    def match_token_weights(self) -> torch.Tensor:
+        """The tokens FFM weighs at this model's match layer (T,): the loss, D_fin and the profile all use them."""
+        return match_token_weights(self.target, self.match_normed)
 
     def forward(self, hidden: torch.Tensor, output: str = "logits") -> torch.Tensor:
         """output: 'logits' (the head's; features without a head), 'features', 'match' (FFM), 'bridge' (LFM).

@@ -36,6 +36,7 @@ from stitchkit.zoo import load_frozen_backbone
 from stitchkit.stitching.augment import random_resized_crop
 from stitchkit.stitching.cache import (
     ArrayDataset,
+    FeatureArray,
     FeatureStore,
     batch_features,
     float_tensor,
@@ -47,7 +48,7 @@ from stitchkit.stitching.config import OptimConfig, StitchLayerConfig, StitchRun
 from stitchkit.stitching.data import TaskData, load_task_data
 from stitchkit.stitching.diagnostics import DistanceMeter, prediction_overlap
 from stitchkit.stitching.layers import build_stitch, least_squares_init, stitch_input_layer
-from stitchkit.stitching.model import StitchedModel, build_head, check_point, map_depth, match_features, readout_token_weights
+from stitchkit.stitching.model import StitchedModel, build_head, check_point, map_depth, match_features
 from stitchkit.stitching.objectives import (
     IGNORE_INDEX,
     LABEL_FREE,
@@ -394,7 +395,7 @@ class Sweep:
 
     def loss_function(self, model: StitchedModel, stage: str):
         """The stage's loss on a batch; every term goes through model.forward (DDP-safe)."""
-        token_weights = readout_token_weights(model.target)
+        token_weights = model.match_token_weights()
         compiled = {}
         augment = stage == "tlt" and self.cfg.tlt.augment
 
@@ -480,10 +481,21 @@ class Sweep:
 
     @torch.no_grad()
     def stitched_features(self, model: StitchedModel, source: str, split: str) -> np.ndarray:
+        """What a head fitted on the frozen stitch reads, for a whole split: stored like cached activations
+        (cache_dtype, float16 by default) and filled batch by batch, since a segmentation split's patch tokens
+        are the size of a cached layer (8000 images at a 32x32 grid: 17 GB in float16, twice that in float32)."""
         model.to(self.device).eval()
+        length = len(self.data.splits[split].images)
+        features, start = None, 0
         with inference_autocast(self.device):
-            outputs = [model(hidden, output="features").float().cpu() for hidden in self._hidden_batches(model, source, split)]
-        return torch.cat(outputs).numpy()
+            for hidden in self._hidden_batches(model, source, split):
+                rows = model(hidden, output="features")
+                if features is None:
+                    shape = tuple(rows.shape[1:])
+                    features = FeatureArray(None, length, shape, np.dtype(self.cfg.cache_dtype), "stitched features")
+                features.write(start, rows)
+                start += len(rows)
+        return features.finish()
 
     def _hidden_batches(self, model: StitchedModel, source: str, split: str):
         """Source activations at the stitch point for a split, batch by batch, on the model's device."""
@@ -529,13 +541,13 @@ class Sweep:
         """Predictions on a split and, if asked, distances to the target's own features on the same images.
 
         Each distance covers the tokens of the objective it reports (spec §2): D_n (the LFM objective) every token
-        target block m+1 receives, registers included, as LFM trains; D_fin (the FFM objective) the patches and
-        CLS at the match layer, FFM's token weights. The profile D_k after every target block m..N also covers the
-        patches and CLS, the tokens the target reads out (FFM leaves registers free, so they would swamp it); its
-        first entry is D_n only for targets without registers.
+        target block m+1 receives, registers included, as LFM trains; D_fin (the FFM objective) the tokens FFM
+        weighs at the match layer (patches and CLS at the normed last layer, patches alone at a raw block). The
+        profile D_k after every target block m..N covers the same tokens (FFM leaves the others free, so they
+        would swamp it); its first entry is D_n only when FFM weighs every token the target receives.
         """
         target = model.target
-        keep = readout_token_weights(target).bool()
+        keep = model.match_token_weights().bool()
         images = self.data.splits[split].images
         predictions, profile, stitch, final, start = [], None, DistanceMeter(), DistanceMeter(), 0
         for hidden in self._hidden_batches(model, source, split):

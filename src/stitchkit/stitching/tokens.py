@@ -30,6 +30,10 @@ GridPolicy = Literal["identity", "bilinear", "avgpool"]
 class PrefixBridge(nn.Module):
     """Builds the target's prefix tokens from the (already stitched) source prefix tokens and learnable slots."""
 
+    # The learnable tokens start at the mean of the target's own (init_learnable); weight decay would pull them
+    # toward 0 instead (the engine reads this; timm exempts its cls/reg tokens alike).
+    no_weight_decay = ("tokens",)
+
     def __init__(self, source_prefix: int, target_prefix: int, dim: int, policy: PrefixPolicy = "map"):
         super().__init__()
         if policy not in ("map", "learnable", "drop"):

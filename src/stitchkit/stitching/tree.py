@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stitchkit.stitching.layers import IdentityStitch
-from stitchkit.stitching.model import StitchedModel, native_grid
+from stitchkit.stitching.model import StitchedModel, sequence_length
 
 
 def vst_blocks(point: int, feature_layer: int, branches: int) -> int:
@@ -43,11 +43,6 @@ def block_flops(backbone, tokens: int) -> float:
     linear = 4 * width * width + 2 * width * mlp  # q, k, v, o and the two MLP matrices
     attention = 2 * tokens * width  # q k^T and attention x v
     return 2.0 * tokens * (linear + attention)
-
-
-def sequence_length(backbone) -> int:
-    grid = native_grid(backbone)
-    return backbone.num_prefix_tokens + grid[0] * grid[1]
 
 
 def feature_layer_of(backbone, feature_layer: int) -> int:

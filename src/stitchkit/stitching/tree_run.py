@@ -119,8 +119,7 @@ class TreeExperiment:
         if model.prefix.tokens is not None:
             reference = np.asarray(self.features(name, split, layer_key(model.target_point))[:, : target.num_prefix_tokens], dtype=np.float32)
             model.prefix.init_learnable(torch.as_tensor(reference.mean(0)))
-        weights = torch.zeros(sequence_length(target))
-        weights[target.num_prefix_tokens :] = 1.0  # the consumer reads patch tokens only
+        weights = model.match_token_weights()  # a raw block: patch tokens only, what the consumer reads
         dataset = ArrayDataset(
             hidden=self.features(self.cfg.trunk, split, layer_key(point)),
             reference=self.features(name, split, layer_key(self.layers[name])),
