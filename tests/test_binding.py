@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -212,6 +213,96 @@ def test_uniform_placement_is_the_specs():
     assert len({int(o) for o in offsets}) == 16  # centres fall anywhere within a 16 px patch
     with pytest.raises(ValueError, match="do not fit"):
         render_context(list(range(20)), list(range(20)), glyphs, 224, rng, placement)
+
+
+def glyph_coverage(outline: np.ndarray, side: int) -> np.ndarray:
+    """An outline filled inside a side x side box, drawn at 4x and box-downsampled: ink per pixel in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    big = side * 4
+    canvas = Image.new("L", (big, big), 0)
+    ImageDraw.Draw(canvas).polygon((outline * big / 2 + big / 2).ravel().tolist(), fill=255)
+    return np.asarray(canvas.resize((side, side), Image.Resampling.BOX), dtype=np.float64).ravel() / 255
+
+
+def ink_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The share of two glyphs' ink that differs, sum |a - b| / sum max(a, b), of `a` against each row of `b`."""
+    return np.abs(a - b).sum(-1) / np.maximum(a, b).sum(-1)
+
+
+def test_parametric_silhouettes_are_all_distinct():
+    """All 216 silhouettes, on the spec's mid box side (34 px), differ pairwise in more than 3% of their ink.
+    Measured: the spec's stars that draw their polygon (k = 3 at .5, k = 5 at .8) differed from it by 0.4-1.8%;
+    after their substitution the closest pair is two octagons 7.5 degrees apart (4.3%); triangle vs square 42%."""
+    from stitchkit.world.render import regular_outline, star_outline
+
+    ink = np.stack([glyph_coverage(outer, 34) for outer, _ in glyph_set("parametric").outlines])
+    closest = min(ink_difference(ink[i], ink[i + 1 :]).min() for i in range(len(ink) - 1))
+    assert closest > 0.03
+    assert ink_difference(ink[0], ink[1:2])[0] > 0.3  # shape 0 is the triangle, 1 the square
+    triangle_star = glyph_coverage(star_outline(3, 0.5, start_deg=-90.0), 34)  # what the spec's list would draw
+    assert ink_difference(triangle_star, glyph_coverage(regular_outline(3), 34)[None])[0] < 0.03
+
+
+class PixelPatchEncoder:
+    """A stand-in encoder: each 4 x 4 pixel patch, flattened, is a token, after one prefix token far from any
+    pixel value; it records the batches it is given and how many images had been rendered by then."""
+
+    image_size, patch, num_prefix_tokens = 16, 4, 1
+
+    def __init__(self, rendered: list):
+        self.rendered, self.batches = rendered, []
+
+    def preprocess(self, images) -> torch.Tensor:
+        self.batches.append((len(images), len(self.rendered)))
+        return torch.tensor(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images]))
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, grid, p = len(pixels), self.image_size // self.patch, self.patch
+        tokens = pixels.reshape(b, grid, p, grid, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, grid * grid, p * p * 3)
+        out = tokens.new_full((b, 1 + grid * grid, p * p * 3), 1000.0)
+        out[:, 1:] = tokens
+        return out
+
+
+def test_the_separability_gate_pools_batch_by_batch(monkeypatch):
+    """F1: single-object images are rendered as the encoder takes them and mean-pooled per batch, so no token
+    tensor of more than one batch is ever joined; the pooled features equal each image's own patch mean."""
+    from stitchkit.binding import experiment
+
+    cfg = BindingConfig.model_validate({"vocab": {"colours": 3, "shapes": 2, "items": 8}, "train_objects": [1, 2],
+                                        "eval": {"max_objects": 2}, "images": {"gate_images": 3}})  # fmt: skip
+    rendered, real_render = [], experiment.render_context
+
+    def render(*args, **kwargs):
+        rendered.append(args[:2])
+        return real_render(*args, **kwargs)
+
+    real_cat, real_stack = torch.cat, torch.stack
+
+    def joined(real):
+        def guarded(tensors, *args, **kwargs):
+            assert all(t.dim() < 3 for t in tensors), "token tensors (B, T, D) were joined"
+            return real(tensors, *args, **kwargs)
+
+        return guarded
+
+    monkeypatch.setattr(experiment, "render_context", render)
+    monkeypatch.setattr(torch, "cat", joined(real_cat))
+    monkeypatch.setattr(torch, "stack", joined(real_stack))
+    encoder = PixelPatchEncoder(rendered)
+    pooled, labels = experiment.gate_features(encoder, cfg.vocab.vocabulary, cfg, seed=5, batch_size=4)
+    assert [size for size, _ in encoder.batches] == [4, 4, 4, 4, 2]
+    assert [seen for _, seen in encoder.batches] == [4, 8, 12, 16, 18]  # rendered just before their batch
+    assert labels.tolist() == [[c, s] for c in range(3) for s in range(2) for _ in range(3)]
+    expected = []  # each image alone: the mean over its 4 x 4 grid of patches, in (row, column, channel) order
+    for c, s, k in itertools.product(range(3), range(2), range(3)):
+        image, _ = real_render([c], [s], glyph_set("world"), 16, example_rng(5, "gate", c * 2 + s, k), cfg.images.layout)
+        expected.append(np.asarray(image, dtype=np.float64).reshape(4, 4, 4, 4, 3).mean(axis=(0, 2)).ravel() / 255)
+    np.testing.assert_allclose(pooled.numpy(), np.stack(expected), atol=1e-5)
+    gate = experiment.separability_gate(encoder, cfg.vocab.vocabulary, cfg, seed=5, batch_size=4)
+    assert {k: gate[k] for k in ("colours", "shapes", "images")} == {"colours": 3, "shapes": 2, "images": 18}
+    assert 0 <= gate["colour_accuracy"] <= 1 and 0 <= gate["shape_accuracy"] <= 1
 
 
 def test_image_tokens_replace_the_placeholders_in_order():
@@ -591,8 +682,8 @@ def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
     assert done.value.code == 2
 
 
-def test_analyze_runs_a_saved_vlm_on_text_prompts(tmp_path):
-    """The LLM -> VLM comparison path: a Qwen2-VL folder (model + tokenizer), analysed text-only through the CLI."""
+def save_tiny_vlm(folder: Path) -> Path:
+    """A 3-layer Qwen2-VL with a word-level tokenizer that has every prompt word, saved as a hub folder."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from stitchkit.binding.subjects import COLOUR_WORDS, ITEM_WORDS, SHAPE_WORDS
@@ -610,14 +701,52 @@ def test_analyze_runs_a_saved_vlm_on_text_prompts(tmp_path):
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )  # fmt: skip
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "vlm")
-    tokenizer.save_pretrained(tmp_path / "vlm")
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_analyze_runs_a_saved_vlm_on_text_prompts(tmp_path):
+    """The LLM -> VLM comparison path: a Qwen2-VL folder (model + tokenizer), analysed text-only through the CLI."""
+    save_tiny_vlm(tmp_path / "vlm")
     with pytest.raises(SystemExit) as done:
         main(["binding", "analyze", "--model", str(tmp_path / "vlm"), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "3", "--probe-examples", "20"])
     assert done.value.code == 0
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert analysis["layers"] == 3 and analysis["knockouts"] is None
     assert len(analysis["interventions"]["4"]["layers"]) == 4
+
+
+def test_trust_remote_code_reaches_every_from_pretrained_and_only_when_asked(tmp_path, monkeypatch):
+    """--trust-remote-code (for checkpoints whose classes transformers lacks) goes to the config's, the
+    tokenizer's and the model's from_pretrained; without it none of them is told to trust remote code."""
+    import transformers
+
+    from stitchkit.binding.subjects import load_subject
+
+    save_tiny_vlm(tmp_path / "vlm")
+    calls = []
+
+    def recording(auto_class):
+        real = auto_class.from_pretrained
+
+        def from_pretrained(source, *args, **kwargs):
+            calls.append((auto_class.__name__, kwargs.get("trust_remote_code", False)))
+            return real(source, *args, **kwargs)
+
+        return from_pretrained
+
+    for auto_class in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForImageTextToText):
+        monkeypatch.setattr(auto_class, "from_pretrained", recording(auto_class))
+    load_subject(str(tmp_path / "vlm"), "cpu")
+    assert {name for name, _ in calls} == {"AutoConfig", "AutoTokenizer", "AutoModelForImageTextToText"}
+    assert not any(trusted for _, trusted in calls)
+    calls.clear()
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(tmp_path / "vlm"), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "3",
+              "--probe-examples", "20", "--trust-remote-code"])  # fmt: skip
+    assert done.value.code == 0
+    assert set(calls) == {("AutoConfig", True), ("AutoTokenizer", True), ("AutoModelForImageTextToText", True)}  # nested loads too
 
 
 def test_image_contexts_larger_than_the_glyph_set_are_refused_before_anything_is_written(tmp_path, capsys):
@@ -637,4 +766,64 @@ def test_summary_groups_context_sizes_by_the_trained_range():
     per_n = {1: 1.0, 2: 0.5, 3: 0.25, 4: 0.0, 5: 0.1}
     # trained on N = 2..3: N = 1 was never trained, so it is neither ID nor OOD
     assert summarize(per_n, (2, 3), ood_headline=4) == {"id": 0.375, "ood": 0.0, "ood_far": 0.1}
-    assert summarize(per_n, (1, 2)) == {"id": 0.75, "ood": (0.25 + 0.0 + 0.1) / 3, "ood_far": None}
+    assert summarize(per_n, (1, 2), ood_headline=None) == {"id": 0.75, "ood": (0.25 + 0.0 + 0.1) / 3, "ood_far": None}
+
+
+def test_the_default_ood_average_is_the_specs_headline_range():
+    """§6/§10: OOD is averaged over N = 9..16 and far OOD over 17..32, unless a config says otherwise."""
+    from stitchkit.binding.evaluate import ood_ranges, summarize
+
+    per_n = {n: 1.0 if n <= 8 else 0.5 if n <= 16 else 0.1 for n in range(1, 33)}
+    cfg = BindingConfig()
+    assert summarize(per_n, cfg.train_objects, cfg.eval.ood_headline) == {"id": 1.0, "ood": 0.5, "ood_far": 0.1}
+    assert ood_ranges(cfg.train_objects, cfg.eval) == {"ood": [9, 16], "ood_far": [17, 32]}  # the report's heading
+    one_group = BindingConfig.model_validate({"eval": {"ood_headline": None}})
+    assert summarize(per_n, cfg.train_objects, one_group.eval.ood_headline) == {"id": 1.0, "ood": pytest.approx((8 * 0.5 + 16 * 0.1) / 24), "ood_far": None}
+    assert ood_ranges(one_group.train_objects, one_group.eval) == {"ood": [9, 32], "ood_far": None}
+    small = BindingConfig.model_validate({"eval": {"max_objects": 12}})  # fewer sizes than the headline range
+    assert summarize({n: per_n[n] for n in range(1, 13)}, small.train_objects, small.eval.ood_headline) == {"id": 1.0, "ood": 0.5, "ood_far": None}
+    assert ood_ranges(small.train_objects, small.eval) == {"ood": [9, 12], "ood_far": None}
+
+
+def test_analyze_takes_its_defaults_from_the_config_and_reports_a_given_layer(tmp_path, monkeypatch, capsys):
+    """`binding analyze` runs as many pairs, probe and knockout examples as a config's analysis defaults (here
+    scaled down inside the recording stand-ins), and --peak-layer adds R and the shares at that layer."""
+    from stitchkit.binding import analyze, knockouts
+    from stitchkit.report import format_cell
+
+    save_binding_model(context_model(), tmp_path / "model")
+    asked, real_inter, real_probes, real_knock = {}, analyze.run_interventions, analyze.run_probes, knockouts.run_knockouts
+
+    def interventions(subject, n, pairs, seed):
+        asked["pairs"] = pairs
+        return real_inter(subject, n, 400, seed)  # ~20 pairs right on both sides
+
+    def probes(subject, n, examples, seed):
+        asked["probe_examples"] = examples
+        return real_probes(subject, n, 20, seed)
+
+    def knocks(model, n, examples, seed, **kwargs):
+        asked["knockout_examples"] = examples
+        return real_knock(model, n, 4, seed, **{**kwargs, "pairs": 12})
+
+    monkeypatch.setattr(analyze, "run_interventions", interventions)
+    monkeypatch.setattr(analyze, "run_probes", probes)
+    monkeypatch.setattr(knockouts, "run_knockouts", knocks)
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "an"), "--n", "4", "--peak-layer", "2"])
+    assert done.value.code == 0
+    defaults = BindingConfig().analysis
+    assert asked == {"pairs": defaults.pairs, "probe_examples": defaults.probe_examples, "knockout_examples": defaults.knockout_examples}
+    assert defaults.probe_examples == 3000
+    analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    at = analysis["interventions"]["4"]["layers"][2]  # resid_post: every pair reflexive, unlike the peak (layer 1)
+    assert analysis["base_peak_layer"] == 2 and analysis["interventions"]["4"]["peak_layer"] == 1
+    header, _, row = (tmp_path / "an" / "report.md").read_text().split("\n")[2:5]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["R at 2"] == format_cell(at["ratio"], 2) != cells["R at peak"]
+    assert cells["positional % at 2"] == format_cell(100 * at["positional"], 2) != cells["positional %"]
+    assert cells["symbolic % at 2"] == format_cell(100 * at["symbolic"], 2)
+    with pytest.raises(SystemExit) as done:  # the model has layers 0..2
+        main(["binding", "analyze", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "bad"), "--peak-layer", "3"])
+    assert done.value.code == 2 and "--peak-layer 3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

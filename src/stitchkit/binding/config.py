@@ -121,7 +121,8 @@ def _default_branches() -> dict[str, list[str]]:
 class EvalSettings(Config):
     max_objects: int = pydantic.Field(32, ge=1, description="evaluate N = 1..max_objects (OOD = above the trained range; §2: 1..32)")
     ood_headline: Optional[int] = pydantic.Field(
-        None, ge=1, description="the OOD average covers N up to this (the paper's 9..16); larger N are averaged apart"
+        16, ge=1, description="the OOD average covers N above the trained range up to this (§6/§10: 9..16); larger N, "
+        "up to max_objects, are far OOD (17..32); null: one OOD average over every N above the trained range",
     )
     per_n: int = pydantic.Field(2000, ge=1)
     batch_size: int = pydantic.Field(256, ge=1)

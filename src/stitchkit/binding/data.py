@@ -10,12 +10,15 @@ dropped), in raster order.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -35,6 +38,8 @@ from stitchkit.binding.task import (
 )
 from stitchkit.progress import track
 from stitchkit.runs import atomic_path, atomic_write_json
+
+ENCODE_BATCH = 128  # images per encoder forward
 
 
 @dataclass
@@ -65,12 +70,15 @@ class ImageBank:
 
 
 @torch.no_grad()
-def patch_tokens(backbone, images, batch_size: int = 128) -> torch.Tensor:
-    """The encoder's final tokens without its prefix (CLS / register) tokens, (N, T, D) float32 on the CPU."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        tokens = backbone.forward_features(backbone.preprocess(images[start : start + batch_size]))
-        chunks.append(tokens[:, backbone.num_prefix_tokens :].float().cpu())
+def patch_tokens(backbone, images: Iterable[Image.Image], batch_size: int = ENCODE_BATCH, pool: bool = False) -> torch.Tensor:
+    """The encoder's final tokens without its prefix (CLS / register) tokens, (N, T, D) float32 on the CPU; with
+    `pool`, their mean over the tokens, (N, D). `images` may be a generator: it is consumed one batch at a time, so
+    pooling keeps only one batch of images and tokens at once. The separability gate needs that: (N, T, D) for
+    its 216 x 216 x 2 single-object images would be ~52 GiB, the pooled (N, D) 0.27 GiB."""
+    chunks, images = [], iter(images)
+    while batch := list(itertools.islice(images, batch_size)):
+        tokens = backbone.forward_features(backbone.preprocess(batch))[:, backbone.num_prefix_tokens :]
+        chunks.append((tokens.float().mean(dim=1) if pool else tokens.float()).cpu())
     return torch.cat(chunks)
 
 

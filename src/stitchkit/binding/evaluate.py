@@ -53,12 +53,19 @@ def image_accuracy(model, vocab: Vocabulary, bank: ImageBank, seed: int, batch_s
         model.train(was_training)
 
 
-def summarize(per_n: dict[int, float], train_objects: tuple[int, int], ood_headline: int | None = None) -> dict[str, float | None]:
+def ood_ranges(train_objects: tuple[int, int], settings) -> dict[str, list[int] | None]:
+    """The N ranges `summarize` averages as OOD and far OOD, [first, last] (None when empty), for the report."""
+    hi, top = train_objects[1], settings.max_objects
+    headline = top if settings.ood_headline is None else min(settings.ood_headline, top)
+    return {"ood": [hi + 1, headline] if headline > hi else None, "ood_far": [headline + 1, top] if top > headline else None}
+
+
+def summarize(per_n: dict[int, float], train_objects: tuple[int, int], ood_headline: int | None) -> dict[str, float | None]:
     """ID average (the trained range lo..hi; smaller N, when lo > 1, are neither ID nor OOD), OOD average (above
-    hi, up to `ood_headline`: the paper's headline 9..16) and far-OOD average (above the headline range);
-    unweighted over N (§6)."""
+    hi, up to `ood_headline`: the config's eval.ood_headline, the paper's headline 9..16) and far-OOD average
+    (above the headline range; None headline: every N above hi is OOD); unweighted over N (§6)."""
     lo, hi = train_objects
-    headline = ood_headline or max(per_n)
+    headline = max(per_n) if ood_headline is None else ood_headline
     groups = {
         "id": [a for n, a in per_n.items() if lo <= n <= hi],
         "ood": [a for n, a in per_n.items() if hi < n <= headline],

@@ -16,6 +16,7 @@ which starts training at the first image stage, gets a fresh state.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 from stitchkit.binding.config import BindingConfig
-from stitchkit.binding.data import ExampleStream, ImageBank, StreamSpec, build_bank, collate, patch_tokens
-from stitchkit.binding.evaluate import accuracy_of_samples, image_accuracy, summarize, text_accuracy, text_samples
+from stitchkit.binding.data import ENCODE_BATCH, ExampleStream, ImageBank, StreamSpec, build_bank, collate, patch_tokens
+from stitchkit.binding.evaluate import accuracy_of_samples, image_accuracy, ood_ranges, summarize, text_accuracy, text_samples
 from stitchkit.binding.model import BindingModel, answer_loss, load_binding_model, save_binding_model
 from stitchkit.binding.render import glyph_set, render_context
 from stitchkit.binding.task import Vocabulary, example_rng, sample_example
@@ -50,26 +51,35 @@ class Banks:
     eval: ImageBank
 
 
-def separability_gate(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int) -> dict[str, Any]:
+def gate_features(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int, batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled patch tokens (N, D) of `gate_images` single-object images per renderable colour x shape, and
+    their (colour, shape) labels (N, 2). The images are rendered as the encoder consumes them, one batch at a
+    time: at paper scale (216 x 216 glyphs) they are ~93k."""
+    glyphs = glyph_set(cfg.images.glyphs)
+    colours = min(glyphs.renderable[0], vocab.colours)
+    shapes = min(glyphs.renderable[1], vocab.shapes)
+    labels = []
+
+    def images():
+        for c, s, k in itertools.product(range(colours), range(shapes), range(cfg.images.gate_images)):
+            labels.append((c, s))
+            yield render_context([c], [s], glyphs, backbone.image_size, example_rng(seed, "gate", c * shapes + s, k), cfg.images.layout)[0]
+
+    pooled = patch_tokens(backbone, images(), batch_size, pool=True)
+    return pooled, torch.tensor(labels)
+
+
+def separability_gate(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int, batch_size: int = ENCODE_BATCH) -> dict[str, Any]:
     """§3: a linear probe on mean-pooled patch tokens of single-object images must reach >= 95% on colour and
     on shape. Reported, not enforced: a failing encoder still runs, and the report says so."""
     from stitchkit.zoo.probe import ridge_probe_accuracy
 
-    glyphs = glyph_set(cfg.images.glyphs)
-    colours = min(glyphs.renderable[0], vocab.colours)
-    shapes = min(glyphs.renderable[1], vocab.shapes)
-    images, labels = [], []
-    for c in range(colours):
-        for s in range(shapes):
-            for k in range(cfg.images.gate_images):
-                rng = example_rng(seed, "gate", c * shapes + s, k)
-                images.append(render_context([c], [s], glyphs, backbone.image_size, rng, cfg.images.layout)[0])
-                labels.append((c, s))
-    pooled = patch_tokens(backbone, images).mean(dim=1)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
-    pooled, labels = pooled[order], torch.tensor(labels)[order]
-    cut = len(images) * 4 // 5
-    result = {"colours": colours, "shapes": shapes, "images": len(images)}
+    pooled, labels = gate_features(backbone, vocab, cfg, seed, batch_size)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
+    pooled, labels = pooled[order], labels[order]
+    cut = len(labels) * 4 // 5
+    sizes = labels.max(dim=0).values + 1  # every renderable colour and shape occurs
+    result = {"colours": int(sizes[0]), "shapes": int(sizes[1]), "images": len(labels)}
     for i, what in enumerate(("colour", "shape")):
         result[f"{what}_accuracy"] = ridge_probe_accuracy(pooled[:cut], labels[:cut, i], pooled[cut:], labels[cut:, i])
     result["passed"] = min(result["colour_accuracy"], result["shape_accuracy"]) >= GATE_THRESHOLD
@@ -188,7 +198,7 @@ def evaluate_stage(model: BindingModel, cfg: BindingConfig, stage_run: StageRun,
     if banks is not None and stage_run.images_seen:
         image = image_accuracy(model, vocab, banks.eval, seed, cfg.eval.batch_size)
         result["image"] = {str(n): a for n, a in image.items()}
-        result["image_id"] = summarize(image, cfg.train_objects)["id"]
+        result["image_id"] = summarize(image, cfg.train_objects, cfg.eval.ood_headline)["id"]
     return result
 
 
@@ -292,6 +302,7 @@ def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None 
         "version": RESULTS_VERSION,
         "name": cfg.name,
         "train_objects": list(cfg.train_objects),
+        "ood_ranges": ood_ranges(cfg.train_objects, cfg.eval),
         "gates": gates,
         "table": aggregate(runs, list(cfg.branches)),
         "runs": [r for r in runs if "diverged" not in r],

@@ -5,7 +5,8 @@ Glyphs name what colour token C_i and shape token S_j look like:
                 the micro default: the micro-zoo encoders were trained on exactly these.
     parametric  the paper-scale proposal: 216 colours {0, 51, ..., 255}^3 and 216 silhouettes = k in 3..8
                 vertices x inner-radius ratio in {1, .8, .65, .5, .4, .3} (1 = regular polygon, else a star)
-                x 6 rotations j * (360 / k) / 6.
+                x 6 rotations j * (360 / k) / 6; the two stars that would draw their regular polygon (k = 3 at
+                .5, k = 5 at .8) take ratio .2 instead (`_star_inner`)
 Only the first `renderable` colours and shapes of the vocabulary have glyphs; image examples draw from those,
 text examples from the whole vocabulary.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,8 @@ SUPERSAMPLE = 4
 _LEVELS = (0, 51, 102, 153, 204, 255)
 _VERTICES = (3, 4, 5, 6, 7, 8)
 _INNER_RATIOS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)
+_POLYGON_MARGIN = 0.03  # of the radius: a dent this shallow is at most 0.6 px at the spec's 28-40 px boxes
+_SUBSTITUTE_INNER = 0.2  # the list's spacing continued below its smallest ratio
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,21 @@ class Glyphs:
         return len(self.colours), len(self.outlines)
 
 
+def _star_inner(vertices: int, inner: float) -> float:
+    """The inner ratio a star is drawn with. At inner = cos(pi / k) a star's inner vertices lie on the edges of
+    its regular k-gon, so it draws that polygon: the spec's k = 3 at .5 exactly, k = 5 at .8 within .009 of the
+    radius. Those 12 of its 216 silhouettes would duplicate 12 others (their polygons at the same rotations), so
+    a ratio within `_POLYGON_MARGIN` of cos(pi / k) takes `_SUBSTITUTE_INNER` (docs/binding.md, Deviations)."""
+    if abs(inner - math.cos(math.pi / vertices)) < _POLYGON_MARGIN:
+        return _SUBSTITUTE_INNER
+    return inner
+
+
 def _silhouette(vertices: int, inner: float, turn: int) -> np.ndarray:
     start = -90.0 + turn * (360.0 / vertices) / 6
     if inner == 1.0:
         return regular_outline(vertices, start_deg=start)
-    return star_outline(vertices, inner, start_deg=start)
+    return star_outline(vertices, _star_inner(vertices, inner), start_deg=start)
 
 
 @functools.cache

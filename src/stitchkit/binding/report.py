@@ -221,7 +221,9 @@ def analysis_rows(results: dict[str, Any], n: str) -> list[dict[str, Any]]:
 def results_markdown(results: dict[str, Any], stages: dict[str, list[str]], figures: Path, link_base: Path, heading: str = "##") -> str:
     figures.mkdir(parents=True, exist_ok=True)
     lo, hi = results["train_objects"]
-    parts = [f"{heading} Binding: indirect retrieval, ID (N = {lo}..{hi}) and OOD (N > {hi}) text accuracy\n\n"]
+    ranges = results.get("ood_ranges") or {"ood": [hi + 1, "…"], "ood_far": None}  # results from before ood_ranges
+    spans = [f"ID (N = {lo}..{hi})"] + [f"{what} (N = {r[0]}..{r[1]})" for what, r in (("OOD", ranges["ood"]), ("far OOD", ranges["ood_far"])) if r]
+    parts = [f"{heading} Binding: indirect retrieval, {', '.join(spans)} text accuracy\n\n"]
     parts.append("Final stage of each branch; mean ± sd over seeds × encoders. R = symbolic / positional share of "
                  "interchange outcomes at the last block's input (paper: < 1 text-only, > 1 after images). "
                  "The paper's OOD numbers are for its 12-layer model at full scale, shown for orientation only.\n\n")  # fmt: skip

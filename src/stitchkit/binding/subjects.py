@@ -172,9 +172,10 @@ def _single_tokens(tokenizer, words: tuple[str, ...]) -> list[str]:
     return kept
 
 
-def load_subject(spec: str, device: str | None = None, chat_template: bool = False) -> Subject:
+def load_subject(spec: str, device: str | None = None, chat_template: bool = False, trust_remote_code: bool = False) -> Subject:
     """A binding model folder (written by `stitchkit binding run`), or a hub id / folder of a causal LM or VLM
-    (`chat_template`: its prompts inside the user turn of the model's template)."""
+    (`chat_template`: its prompts inside the user turn of the model's template; `trust_remote_code`: passed to
+    every from_pretrained, for checkpoints whose config, model or tokenizer class transformers lacks)."""
     from stitchkit.binding.model import is_binding_model, load_binding_model
     from stitchkit.vlm.micro import is_micro_spec
 
@@ -191,10 +192,11 @@ def load_subject(spec: str, device: str | None = None, chat_template: bool = Fal
     from stitchkit.backbones.loading import from_hub  # cache first, then the hub; one clear error
     from stitchkit.vlm.loading import load_tokenizer
 
-    config = from_hub(spec, lambda **kw: AutoConfig.from_pretrained(spec, **kw))
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    config = from_hub(spec, lambda **kw: AutoConfig.from_pretrained(spec, **remote, **kw))
     loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    tokenizer = load_tokenizer(spec)
-    model = from_hub(spec, lambda **kw: loader.from_pretrained(spec, attn_implementation="sdpa", **kw))
+    tokenizer = load_tokenizer(spec, trust_remote_code)
+    model = from_hub(spec, lambda **kw: loader.from_pretrained(spec, attn_implementation="sdpa", **remote, **kw))
     return WordSubject(model.to(device or "cpu").eval(), tokenizer, name=spec, chat_template=chat_template)
 
 

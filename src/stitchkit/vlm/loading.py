@@ -125,13 +125,15 @@ def build_processor(processor_class: type, image_processor, tokenizer, **kwargs)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(source: str):
-    """AutoTokenizer.from_pretrained(source): the local cache first, then the hub once; one clear error."""
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """AutoTokenizer.from_pretrained(source): the local cache first, then the hub once; one clear error.
+    `trust_remote_code` runs a checkpoint's own tokenizer class, for those transformers lacks."""
     folder = Path(source).expanduser()
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFoundError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): pass a language model or "
                                  "VLM folder saved with its tokenizer")
-    return from_hub(source, lambda **kw: transformers.AutoTokenizer.from_pretrained(source, **kw))
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    return from_hub(source, lambda **kw: transformers.AutoTokenizer.from_pretrained(source, **remote, **kw))
 
 
 def load_processor(source: str):
