@@ -106,6 +106,28 @@ def test_eval_cli_takes_the_official_quirks_and_records_them(data, tmp_path):
     assert settings["legacy_maxlen_fallback"] == 20000
 
 
+def test_eval_cli_pool_pad_reaches_the_model(data, tmp_path, monkeypatch):
+    """--pool-pad zeros: the official zero-padded pooling tail, handed to the VLM's pooling and recorded."""
+    from stitchkit.vlm import model as vlm_model
+
+    pooled, pool = [], vlm_model.pool_image_features
+
+    def spy(features, factor, trailing, pad="exclude"):
+        pooled.append((factor, pad))
+        return pool(features, factor, trailing, pad)
+
+    monkeypatch.setattr(vlm_model, "pool_image_features", spy)
+    for pad in ("zeros", "exclude"):
+        pooled.clear()
+        out = tmp_path / pad
+        result = CliRunner().invoke(app, ["mimic", "eval", "--model", str(data / "model"), "--data",
+                                          str(data / "bench"), "--out", str(out), "--pool", "2", "--pool-pad", pad,
+                                          "--max-per-task", "1", "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert pooled and set(pooled) == {(2, pad)}
+        assert json.loads((out / "results.json").read_text())["eval"]["pool_pad"] == pad
+
+
 def test_batches_group_one_task_and_image_count():
     class S:
         def __init__(self, i, task, n):
@@ -171,7 +193,7 @@ def test_policy_specs_and_user_errors(data, tmp_path, capsys):
             check_policy_spec(bad)
     base = ["mimic", "eval", "--model", str(data / "model"), "--data", str(data / "bench"), "--out", str(tmp_path / "x")]
     for extra, message in ((["--policy", "masked:middle"], "masked_layers"), (["--pool", "3"], "pool_factor"),
-                           (["--policy", "masked:9"], "do not exist")):
+                           (["--policy", "masked:9"], "do not exist"), (["--pool-pad", "mean"], "--pool-pad 'mean'")):
         with pytest.raises(SystemExit) as exit_info:
             main([*base, *extra])
         assert exit_info.value.code == 2

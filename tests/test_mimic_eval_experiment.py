@@ -51,7 +51,7 @@ def config_file(tmp_path_factory):
             "train": {"steps": 2, "batch_size": 2, "lr": 1e-2, "mixed_precision": "no"},
         },
         "flops": {"samples": 3, "n_images": [2, 4]},
-        "pooling": {"factors": [1, 2], "max_per_task": 1},
+        "pooling": {"factors": [1, 2], "max_per_task": 1, "pool_pad": "zeros"},
         "stitching": {"max_per_task": 1},
         "attention": {"n_images": [2, 3], "samples": 2},
     }
@@ -94,6 +94,13 @@ def test_run_writes_every_study_and_resumes(config_file, finished):
 
     flops = results["flops"]["measured"]["layer_sets"]
     assert set(flops) == {"second_half"} and 0 < flops["second_half"]["per_masked_layer"] < 1
+    # pooling.pool_pad reaches the model for the pooled evaluations; f = 1 pools nothing and records no pad
+    def pooling_settings(f: int) -> dict:
+        folder = out / "evals" / f"ft-second_half-masked-second_half-pool{f}-none-first1"
+        return json.loads((folder / "results.json").read_text())["eval"]
+
+    assert pooling_settings(2)["pool_pad"] == "zeros" and "pool_pad" not in pooling_settings(1)
+    assert results["pooling"]["pool_pad"] == "zeros"
     pooling = {(r["method"], r["factor"]): r for r in results["pooling"]["rows"]}
     assert pooling[("token pooling", 2)]["vision_tokens_per_image"] < pooling[("token pooling", 1)]["vision_tokens_per_image"]
     assert pooling[("pixel down/up-sampling", 2)]["vision_tokens_per_image"] == pooling[("token pooling", 1)]["vision_tokens_per_image"]
@@ -145,6 +152,7 @@ def test_bundled_configs_validate():
     assert paper.eval.batch_size == 1  # the official wrapper's
     assert "train2017" in paper.data.images and paper.diagnostics_model == "base"
     assert paper.finetune.lora_r == 128 and paper.finetune.lora_alpha == 32 and paper.finetune.train.lr == 2.5e-5
+    assert paper.pooling.pool_pad == "zeros" and quick.pooling.pool_pad == "exclude"  # the official tail for the paper
     assert isinstance(paper, ExperimentConfig)
     micro = load_experiment(CONFIGS / "mimic" / "micro.yaml")
     assert micro.model == "micro" and micro.diagnostics_model == quick.diagnostics_model == "base"

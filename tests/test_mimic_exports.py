@@ -90,6 +90,8 @@ def test_hf_save_to_disk_and_parquet_hold_the_images(exported):
         for ds in (dataset, parquet):
             assert isinstance(ds.features["images"], List) and isinstance(ds.features["images"].feature, ImageFeature)
             assert ds["id"] == [s.id for s in samples] and ds["gt"] == [s.gt for s in samples]
+            # the official scorer's fields: counting_utils.process_results reads task, idx and gt
+            assert ds["idx"] == [int(s.id.removeprefix(f"{task}-")) for s in samples]
             row = ds[len(ds) - 1]
             sample = samples[-1]
             assert row["counts_per_image"] == sample.counts_per_image and row["n_images"] == len(row["images"])
@@ -242,26 +244,44 @@ VLMEVAL_STUB = {
 }
 
 
-def test_vlmevalkit_tsv_and_dataset_class(exported, tmp_path, monkeypatch):
-    folder = exported / "export" / "vlmevalkit"
+def load_vlmevalkit_class(folder: Path, root: Path, monkeypatch):
+    """The exported MIMICDataset as VLMEvalKit imports it: the files of `folder` (an export's vlmevalkit/) in the
+    stub's vlmeval/dataset/ under `root`, MIMIC.tsv in $LMUData."""
     for name, text in VLMEVAL_STUB.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(textwrap.dedent(text))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text))
     for name in ("mimic.py", "mimic_protocol.py", "mimic_vocabulary.json"):
-        shutil.copy(folder / name, tmp_path / "vlmeval" / "dataset" / name)
-    lmu = tmp_path / "LMUData"
+        shutil.copy(folder / name, root / "vlmeval" / "dataset" / name)
+    lmu = root / "LMUData"
     lmu.mkdir()
     for tsv in folder.glob("*.tsv"):
         shutil.copy(tsv, lmu / tsv.name)
     monkeypatch.setenv("LMUData", str(lmu))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(root))
     for name in [m for m in sys.modules if m == "vlmeval" or m.startswith("vlmeval.")]:
         monkeypatch.delitem(sys.modules, name)
-    MIMICDataset = importlib.import_module("vlmeval.dataset.mimic").MIMICDataset
+    return importlib.import_module("vlmeval.dataset.mimic").MIMICDataset
+
+
+def vlmevalkit_predictions(dataset, predictions: dict[str, str], path: Path) -> str:
+    """A VLMEvalKit prediction file: the dataset's table without the images, plus a `prediction` column."""
+    table = dataset.data.drop(columns=["image"]).copy()
+    table["prediction"] = [predictions.get(i, "") for i in table["id"]]
+    table.to_csv(path, sep="\t", index=False)
+    return str(path)
+
+
+def test_vlmevalkit_tsv_and_dataset_class(exported, tmp_path, monkeypatch):
+    import hashlib
+
+    folder = exported / "export" / "vlmevalkit"
+    MIMICDataset = load_vlmevalkit_class(folder, tmp_path, monkeypatch)
 
     bench = load_benchmark(exported / "bench")
-    assert set(MIMICDataset.supported_datasets()) == set(MIMICDataset.DATASET_MD5) == {
-        "MIMIC", "MIMIC_Counting", "MIMIC_Common", "MIMIC_OddOne", "MIMIC_Listing"}
+    names = {"MIMIC", "MIMIC_Counting", "MIMIC_Common", "MIMIC_OddOne", "MIMIC_Listing"}
+    legacy_names = {name.replace("MIMIC", "MIMIC_Legacy", 1) for name in names}
+    assert set(MIMICDataset.supported_datasets()) == set(MIMICDataset.DATASET_MD5) == names | legacy_names
+    assert set(MIMICDataset.DATASET_MD5.values()) == {hashlib.md5((folder / "MIMIC.tsv").read_bytes()).hexdigest()}
     dataset = MIMICDataset("MIMIC")
     assert len(dataset.data) == len(bench.samples)
     positions = [0, len(bench.samples) - 1, next(p for p, s in enumerate(bench.samples) if s.n_images > 2)]
@@ -277,24 +297,26 @@ def test_vlmevalkit_tsv_and_dataset_class(exported, tmp_path, monkeypatch):
                 assert np.abs(shown - source).mean() < 12
             else:
                 np.testing.assert_array_equal(shown, source)
-    counting = MIMICDataset("MIMIC_Counting")
-    assert len(counting.data) == sum(s.task == "counting" for s in bench.samples)
+    for name in ("MIMIC_Counting", "MIMIC_Legacy_Counting"):
+        assert len(MIMICDataset(name).data) == sum(s.task == "counting" for s in bench.samples)
+    legacy_dataset = MIMICDataset("MIMIC_Legacy")
+    for position in positions:  # the official prompt (identical to the clean one for stitchkit's templates)
+        assert legacy_dataset.build_prompt(position)[-1]["value"] == bench.samples[position].prompt(legacy=True)
 
     predictions = noisy_predictions(bench)
-    table = dataset.data.drop(columns=["image"]).copy()
-    table["prediction"] = [predictions[i] for i in table["id"]]
-    for legacy in (False, True):
-        eval_file = tmp_path / f"model_MIMIC_{legacy}.tsv"
-        table.to_csv(eval_file, sep="\t", index=False)
-        result = dataset.evaluate(str(eval_file), legacy_official=legacy)
-        _, expected = score_predictions(bench, predictions, "legacy_official" if legacy else "clean")
+    # clean; the official scorer by judge kwarg; the official scorer by the legacy name
+    runs = (("clean", dataset, {}), ("legacy_official", dataset, {"legacy_official": True}),
+            ("legacy_official", legacy_dataset, {}))
+    for n, (mode, scored, judge_kwargs) in enumerate(runs):
+        eval_file = vlmevalkit_predictions(dataset, predictions, tmp_path / f"model_MIMIC_{n}.tsv")
+        result = scored.evaluate(eval_file, **judge_kwargs)
+        _, expected = score_predictions(bench, predictions, mode)
         overall = result[result["variable"] == "all"].set_index("task")["score"]
         for task, metrics in expected["tasks"].items():
             assert overall[task] == pytest.approx(metrics["score"])
         assert overall["MIMIC Avg"] == pytest.approx(expected["mimic_avg"])
         assert set(result["variable"]) >= {"all", "n_images", "spread", "n_distractors"}
-        assert pd.read_csv(str(eval_file).rsplit(".", 1)[0] + "_score.csv")["mode"].iloc[0] == (
-            "legacy_official" if legacy else "clean")
+        assert pd.read_csv(eval_file.rsplit(".", 1)[0] + "_score.csv")["mode"].iloc[0] == mode
 
 
 def test_export_rejects_unknown_formats(exported, tmp_path):

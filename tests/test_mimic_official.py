@@ -228,19 +228,82 @@ def test_reimport_and_other_layouts_give_the_same_bytes(released, tmp_path):
         {k: v for k, v in before.items() if k not in ("benchmark.json", "summary.md")}
 
 
-def test_exports_carry_the_released_rows(released, tmp_path):
+def test_exports_carry_the_released_rows(released, tmp_path, monkeypatch):
     from datasets import load_from_disk
+    from test_mimic_exports import load_vlmevalkit_class, vlmevalkit_predictions
 
     from stitchkit.multiimage.exports import export_benchmark
 
-    written = export_benchmark(load_benchmark(released / "bench"), tmp_path / "export", ["hf", "vlmevalkit"])
+    bench = load_benchmark(released / "bench")
+    written = export_benchmark(bench, tmp_path / "export", ["hf", "vlmevalkit"])
     counting = load_from_disk(str(written["hf/counting"]))["test"]
     assert counting["gt"] == [str(r["gt"]) for r in ROWS["counting"]]
     assert counting["id"] == [f"counting-{r['idx']}" for r in ROWS["counting"]]
+    # what the official counting_utils.process_results reads: the released idx, the task key, gt
+    assert counting["idx"] == [r["idx"] for r in ROWS["counting"]] and set(counting.column_names) >= {"task", "gt"}
     first = counting[0]["images"][0]
     assert np.array_equal(np.asarray(first), np.asarray(ROWS["counting"][0]["images"][0].convert("RGB")))
     tsv = (written["vlmevalkit"] / "MIMIC.tsv").read_text().splitlines()
     assert len(tsv) == 1 + sum(len(rows) for rows in ROWS.values())
+
+    # VLMEvalKit: its empty classes / counts cells read back as NaN; the legacy names send the official prompt
+    # and score with the official scorer; clean scoring is refused with the reason
+    MIMICDataset = load_vlmevalkit_class(written["vlmevalkit"], tmp_path / "vlmevalkit", monkeypatch)
+    dataset, legacy = MIMICDataset("MIMIC"), MIMICDataset("MIMIC_Legacy")
+    position = [s.id for s in bench.samples].index("listing-0")  # "Which animals appear?"
+    assert legacy.build_prompt(position)[-1]["value"] == bench.samples[position].prompt(legacy=True)
+    assert "appear?. Please" in legacy.build_prompt(position)[-1]["value"]
+    assert dataset.build_prompt(position)[-1]["value"] == bench.samples[position].prompt()
+    eval_file = vlmevalkit_predictions(dataset, PREDICTIONS, tmp_path / "model_MIMIC.tsv")
+    for scored, judge_kwargs in ((dataset, {"legacy_official": True}), (legacy, {})):
+        result = scored.evaluate(eval_file, **judge_kwargs)
+        overall = result[result["variable"] == "all"].set_index("task")["score"]
+        for task, expected in EXPECTED.items():
+            assert overall[task] == pytest.approx(expected), task
+        assert overall["MIMIC Avg"] == pytest.approx(sum(EXPECTED.values()) / 4)
+    with pytest.raises(ValueError, match="cannot be scored in clean mode.*Evaluate the dataset MIMIC_Legacy"):
+        dataset.evaluate(eval_file)
+
+
+def test_finetuning_data_never_shows_a_released_picture(tmp_path):
+    """`mimic run`'s data step with the released data as the evaluation benchmark, and fine-tuning data from a
+    COCO-format source that holds the release's pictures (as COCO train2017 would: the release's rows carry the
+    same file bytes). The import renames them (<pixel hash>.png), so only their content can match: a built training
+    benchmark leaves them out, a given one that shows them is refused."""
+    from stitchkit.data import load_coco
+    from stitchkit.multiimage import MimicConfig, build_benchmark
+    from stitchkit.multiimage.experiment import Experiment, ExperimentConfig, benchmark_images
+    from stitchkit.runs import RunDir
+    from stitchkit.world import WorldConfig, render_coco
+
+    world = tmp_path / "world"
+    render_coco(world, n_images=80, size=48, seed=3, cfg=WorldConfig(min_size=0.25, max_size=0.45, max_overlap=0.0,
+                                                                     max_objects=4))
+    files = sorted(world / image.file_name for image in load_coco(world / "annotations.json").images.values())
+    shown = files[::2]  # the release: every other picture of the source, two per common query
+    rows = {"common": [{"id": i, "question": "Which object is in every image?", "gt": "circle", "task": "n2",
+                        "images": [{"bytes": path.read_bytes(), "path": None} for path in shown[2 * i : 2 * i + 2]]}
+                       for i in range(len(shown) // 2)]}
+    release = import_official(write_saved_layout(tmp_path / "saved", rows), tmp_path / "release", tasks=["common"])
+    build = {"seed": 1, "filter": {"mode": "off"}, "min_images_per_class": 2,
+             "counting": {"n_samples": 8, "splits": ["unbalanced"], "k": [1], "spread": [1, 2], "distractors": [0, 1]},
+             "listing": {"n_samples": 0}, "common": {"n_samples": 8, "n_images": [2]},
+             "oddone": {"n_samples": 0}}
+
+    def data_step(train_source: dict, name: str) -> dict:
+        cfg = ExperimentConfig.model_validate({"model": "hand", "data": {"benchmark_dir": str(release)}, "finetune": {
+            "data": train_source, "train": {"steps": 1, "batch_size": 1}}})
+        return Experiment(cfg, RunDir(tmp_path / name, config=cfg)).data_step()
+
+    # the oracle: without the exclusion this source's training data shows released pictures
+    plain = build_benchmark(world / "annotations.json", world, tmp_path / "plain", MimicConfig.model_validate(build))
+    assert set(benchmark_images(load_benchmark(plain))) & set(shown)
+    built = data_step({"annotations": str(world / "annotations.json"), "images": str(world), "build": build}, "built")
+    train = load_benchmark(built["train_benchmark"])
+    assert benchmark_images(train) and not set(benchmark_images(train)) & set(shown)
+    assert train.meta["excluded_copies"] == len(shown)  # filter off: every released picture was a candidate
+    with pytest.raises(InputError, match=f"shows [0-9]+ pictures of the released evaluation data {release}"):
+        data_step({"benchmark_dir": str(plain)}, "given")
 
 
 def test_tasks_and_limit(released, tmp_path):

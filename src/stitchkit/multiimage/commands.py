@@ -163,6 +163,10 @@ def eval_(
     legacy_maxlen_fallback: Optional[int] = typer.Option(
         None, "--legacy-maxlen-fallback", min=1, help="The official code's quirk: prompts longer than N tokens run without the mask (official: 20000)."
     ),
+    pool_pad: str = typer.Option(
+        "exclude", "--pool-pad",
+        help="A short last pooling group: exclude (average its real tokens) or zeros (the official zero-padded tail).",
+    ),
 ) -> None:
     """Evaluate a VLM on a MIMIC benchmark: batched greedy generation (resumable), scores, report, figures."""
     from stitchkit.multiimage.benchmark import load_benchmark
@@ -172,7 +176,7 @@ def eval_(
     legacy = scoring_mode(load_benchmark(data), legacy_official) == "legacy_official"  # before the model loads
     root = eval_command(model, data, out, policy, pool, batch_size, max_per_task, legacy, device, dtype,
                         threads, max_images_per_batch, command=command_line(), legacy_layer_loop=legacy_layer_loop,
-                        legacy_maxlen_fallback=legacy_maxlen_fallback)
+                        legacy_maxlen_fallback=legacy_maxlen_fallback, pool_pad=pool_pad)
     typer.echo(f"wrote {root / 'results.json'} and {root / 'report.md'}")
 
 

@@ -304,9 +304,11 @@ def eval_command(
     command: str | None = None,
     legacy_layer_loop: bool = False,
     legacy_maxlen_fallback: int | None = None,
+    pool_pad: str = "exclude",
 ) -> Path:
     """`stitchkit mimic eval`. One pooling factor: OUT holds the evaluation. Several: OUT/pool<F>/ each, and
-    OUT/results.json + report.md + figures/score_vs_pool_factor.png across them."""
+    OUT/results.json + report.md + figures/score_vs_pool_factor.png across them. pool_pad: VLM.pool_pad, how a
+    short last pooling group is averaged ("zeros": the official code's zero-padded tail)."""
     from stitchkit.engine.devices import torch_threads
     from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.runs import RunDir
@@ -316,14 +318,18 @@ def eval_command(
     pools = list(dict.fromkeys(pools or [1]))
     for f in pools:
         check_pool_factor(f)
+    check_pool_pad(pool_pad)
     bench = load_benchmark(data)
     samples = first_per_task(bench.samples, max_per_task)
     threads = threads if threads is not None else default_threads(model, device)
     with torch_threads(threads):
         vlm, identity = load_model(model, device, dtype)
         vlm.policy = attention_policy(policy, vlm.num_layers, legacy_layer_loop, legacy_maxlen_fallback)
+        vlm.pool_pad = pool_pad
         # the quirks enter the settings only when on, so folders evaluated before they existed still resume
-        quirks = {k: v for k, v in (("legacy_layer_loop", legacy_layer_loop), ("legacy_maxlen_fallback", legacy_maxlen_fallback)) if v}
+        quirks = {"legacy_layer_loop": legacy_layer_loop, "legacy_maxlen_fallback": legacy_maxlen_fallback,
+                  "pool_pad": pool_pad if pool_pad != "exclude" else None}
+        quirks = {k: v for k, v in quirks.items() if v}
         shared = {"model": identity, "data": str(Path(data).resolve()), "policy": policy, "max_per_task": max_per_task, **quirks}
         if len(pools) > 1:  # OUT is a run folder of its own (manifest, config); more factors may join it later
             RunDir(out, config=shared, command=command)
@@ -339,6 +345,17 @@ def eval_command(
     if len(pools) > 1:
         write_pool_summary(Path(out), runs, identity, policy)
     return Path(out)
+
+
+def check_pool_pad(pool_pad: str) -> str:
+    """A --pool-pad typo fails before the model loads (VLM.pool_pad itself takes any string)."""
+    from typing import get_args
+
+    from stitchkit.vlm.pooling import PoolPad
+
+    if pool_pad not in get_args(PoolPad):
+        raise ConfigError(f"--pool-pad {pool_pad!r}: choose {' or '.join(get_args(PoolPad))}")
+    return pool_pad
 
 
 def write_pool_summary(out: Path, runs: dict[int, dict], model: str, policy: str) -> None:

@@ -53,6 +53,7 @@ from stitchkit.multiimage.evaluate import (
 from stitchkit.multiimage.protocol import TASKS
 from stitchkit.paths import REPO_ROOT
 from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
+from stitchkit.vlm.pooling import PoolPad
 from stitchkit.world import WorldConfig
 
 # ---- config -------------------------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class EvalOptions(Config):
 
 class PoolingStudy(Config):
     factors: list[int] = [1, 2, 4, 8, 16]
+    # a short last group: "exclude" averages its real tokens, "zeros" the official code's zero-padded tail (mimic.md 8)
+    pool_pad: PoolPad = "exclude"
     pixel_control: bool = True
     max_per_task: Optional[int] = Field(None, ge=1)  # None: eval.max_per_task
 
@@ -199,8 +202,9 @@ def find_path(value: str) -> Path:
 
 
 def prepare_benchmark(source: DataSource, folder: Path, exclude: list[Path] | None = None,
-                      command: str | None = None) -> Path:
-    """The benchmark folder of `source`: given, or built into `folder`/benchmark (a world rendered first)."""
+                      command: str | None = None, exclude_pictures: frozenset[str] = frozenset()) -> Path:
+    """The benchmark folder of `source`: given, or built into `folder`/benchmark (a world rendered first) without
+    the image files `exclude` and the pictures `exclude_pictures` (generator.build_benchmark)."""
     from stitchkit.multiimage.generator import build_benchmark
     from stitchkit.world import render_coco
 
@@ -216,7 +220,7 @@ def prepare_benchmark(source: DataSource, folder: Path, exclude: list[Path] | No
     else:
         annotations, images = find_path(source.annotations), find_path(source.images)
     return build_benchmark(annotations, images, folder / "benchmark", build_config(source), command=command,
-                           exclude_images=exclude or [])
+                           exclude_images=exclude or [], exclude_pictures=exclude_pictures)
 
 
 def build_config(source: DataSource) -> MimicConfig:
@@ -241,6 +245,26 @@ def check_micro_held_out(cfg: ExperimentConfig) -> None:
 
 def benchmark_images(bench: Benchmark) -> list[Path]:
     return sorted({path for sample in bench.samples for path in bench.image_paths(sample)})
+
+
+def check_disjoint(train: Benchmark, evaluation: Benchmark, pictures: frozenset[str]) -> None:
+    """Training data never shows an evaluation image: no shared file, and, against the released data (whose
+    files are renamed copies, official.ImageStore), no file holding one of its `pictures`. Built with the
+    exclusions this holds already; a given training benchmark_dir is where it can fail."""
+    from stitchkit.multiimage.official import picture_digests
+
+    train_images = benchmark_images(train)
+    shared = set(benchmark_images(evaluation)) & set(train_images)
+    if shared:
+        raise InputError(f"the training benchmark {train.root} shares {len(shared)} images with the evaluation "
+                         f"benchmark, e.g. {sorted(shared)[0]}; build it from other images")
+    if not pictures:
+        return
+    copies = [path for path, digest in zip(train_images, picture_digests(train_images)) if digest in pictures]
+    if copies:
+        raise InputError(f"the training benchmark {train.root} shows {len(copies)} pictures of the released evaluation "
+                         f"data {evaluation.root}, e.g. {copies[0]}; give finetune.data as annotations + images "
+                         "(`mimic run` then builds it without them) or build it from other images")
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -325,6 +349,8 @@ class Experiment:
         if options.legacy_maxlen_fallback is not None:  # only when set: evaluations made before it stay resumable
             vlm.policy = vlm.policy.model_copy(update={"legacy_maxlen_fallback": options.legacy_maxlen_fallback})
             settings["legacy_maxlen_fallback"] = options.legacy_maxlen_fallback
+        if pool > 1 and vlm.pool_pad != "exclude":  # likewise; and f = 1 pools nothing, so it stays shared
+            settings["pool_pad"] = vlm.pool_pad
         samples = first_per_task(self.bench.samples, per_task)
         return evaluate(vlm, self.bench, folder, settings=settings, samples=samples, batch_size=options.batch_size,
                         max_images_per_batch=options.max_images_per_batch, transform=transform_fn,
@@ -345,12 +371,15 @@ class Experiment:
         bench_dir = prepare_benchmark(cfg.data, root / "data" / "eval", command=self.run.manifest.get("command"))
         out = {"benchmark": str(bench_dir)}
         if cfg.finetune:
-            eval_images = benchmark_images(load_benchmark(bench_dir))
-            train_dir = prepare_benchmark(cfg.finetune.data, root / "data" / "train", exclude=eval_images)
-            shared = set(eval_images) & set(benchmark_images(load_benchmark(train_dir)))
-            if shared:
-                raise InputError(f"the training benchmark {train_dir} shares {len(shared)} images with the evaluation "
-                                 f"benchmark, e.g. {sorted(shared)[0]}; build it from other images")
+            from stitchkit.multiimage.official import released_pictures
+
+            evaluation = load_benchmark(bench_dir)
+            pictures = released_pictures(evaluation)
+            train_dir = prepare_benchmark(cfg.finetune.data, root / "data" / "train",
+                                          exclude=benchmark_images(evaluation), exclude_pictures=pictures)
+            # a built one left the pictures out already: only a given benchmark_dir needs its images decoded
+            given = cfg.finetune.data.benchmark_dir is not None
+            check_disjoint(load_benchmark(train_dir), evaluation, pictures if given else frozenset())
             out["train_benchmark"] = str(train_dir)
         return out
 
@@ -383,7 +412,7 @@ class Experiment:
         study = self.cfg.pooling
         vlm, tag, policy = self.diagnostics_model()
         result = pooling_study(vlm, self.bench, self.evaluate, tag, policy, study.factors, study.pixel_control,
-                               study.max_per_task or self.cfg.eval.max_per_task, self.figures)
+                               study.max_per_task or self.cfg.eval.max_per_task, self.figures, study.pool_pad)
         atomic_write_json(self.run.path("pooling", "pooling.json"), {"model": tag, **result})
 
     def stitching_step(self) -> None:

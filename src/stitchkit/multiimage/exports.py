@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -26,17 +27,18 @@ from stitchkit.runs import atomic_path, atomic_replace_dir, atomic_write_text, p
 
 FORMATS = ("hf", "parquet", "lmms-eval", "vlmevalkit")
 ADAPTERS = Path(__file__).parent / "adapters"
-VLMEVALKIT_NAMES = {"counting": "MIMIC_Counting", "common": "MIMIC_Common", "oddone": "MIMIC_OddOne",
-                    "listing": "MIMIC_Listing"}
 
 
 def hf_features():
     from datasets import Features, Image, List, Value
 
     int32, string = Value("int32"), Value("string")
+    # the official scorer's fields (question, images, gt, task, idx/id) and every record field; `task` is the task
+    # name (the official sub-key is `cell`), `idx` the number in the id (the released row's own key, if imported)
     return Features({
-        "id": string, "task": string, "cell": string, "question": string, "template_id": int32, "gt": string,
-        "images": List(Image()), "image_files": List(string), "image_ids": List(Value("int64")),
+        "id": string, "idx": Value("int64"), "task": string, "cell": string, "question": string,
+        "template_id": int32, "gt": string, "images": List(Image()), "image_files": List(string),
+        "image_ids": List(Value("int64")),
         "n_images": int32, "spread": int32, "n_distractors": int32, "k": int32, "classes": List(string),
         "counts_per_image": List(List(int32)), "target_positions": List(int32), "balanced": Value("bool"),
         "total_count": int32, "category": string, "odd_images": int32, "filter_mode": string,
@@ -52,9 +54,19 @@ def _read_image(bench: Benchmark, name: str) -> bytes:
         raise InputError(f"cannot read image {path}: {err.strerror}") from None
 
 
+def official_idx(sample: Sample) -> int:
+    """The number in a sample id "<task>-<number>": the official `idx` / `id` of an imported released row
+    (official.row_to_sample), the sample's number in a built benchmark."""
+    number = sample.id.rpartition("-")[2]
+    if not number.isdigit():
+        raise InputError(f"sample {sample.id!r}: the id does not end in a number, which the official `idx` field needs")
+    return int(number)
+
+
 def _hf_rows(bench: Benchmark, samples: list[Sample]):
     for sample in samples:
         row = sample.to_dict()
+        row["idx"] = official_idx(sample)
         row["image_files"] = row.pop("images")
         row["images"] = [{"bytes": _read_image(bench, n), "path": Path(n).name} for n in sample.images]
         yield row
@@ -182,8 +194,11 @@ VLMEVALKIT_README = """\
    `MIMICDataset` to the image-dataset class list (`IMAGE_DATASET`). Unregistered names silently fall back to
    the generic custom-VQA class, which computes the wrong metrics.
 3. Copy `MIMIC.tsv` into `$LMUData` (default `~/LMUData`); every dataset name reads it, filtered by task.
-4. `python run.py --data MIMIC --model <model>` (or MIMIC_Counting, MIMIC_Common, MIMIC_OddOne, MIMIC_Listing).
-   Scores use the clean scorer; pass `legacy_official=True` in the judge kwargs for the official one.
+4. `python run.py --data MIMIC --model <model>` (or MIMIC_Counting, MIMIC_Common, MIMIC_OddOne, MIMIC_Listing):
+   the clean prompt and scorer (`legacy_official=True` in the judge kwargs scores with the official scorer).
+   `--data MIMIC_Legacy` (or MIMIC_Legacy_Counting, ...) sends the official prompt -- a Listing question ending in
+   "?" keeps it before ". Please ..." -- and scores with the official scorer: use these names for the released
+   MIMIC data, which supports no other scoring, and to compare with the paper.
 
 VLMEvalKit's base class dumps the images of a one-image row as `<index>.jpg` (re-encoded as JPEG); rows with
 several images keep their original encoding under the names in `image_path`.
@@ -196,6 +211,14 @@ VLMEvalKit models apply their own chat templates and preprocessing, so record th
 def _tsv_cell(value) -> str:
     text = "" if value is None else str(value)
     return text.replace("\t", " ").replace("\r", " ").replace("\n", "\\n")
+
+
+def _fill_in(source: str, name: str, value) -> str:
+    """The adapter's module-level `NAME = ...` line set to this export's value (a str or a tuple of them)."""
+    line = re.compile(rf"^{name} = .*$", re.MULTILINE)
+    if len(line.findall(source)) != 1:
+        raise RuntimeError(f"the VLMEvalKit adapter has no single `{name} = ...` line to fill in")
+    return line.sub(lambda _: f"{name} = {value!r}", source)
 
 
 def export_vlmevalkit(bench: Benchmark, out: Path) -> Path:
@@ -224,10 +247,9 @@ def export_vlmevalkit(bench: Benchmark, out: Path) -> Path:
             line = "\t".join(_tsv_cell(row[c]) for c in TSV_COLUMNS) + "\n"
             tsv.write(line)
             md5.update(line.encode("utf-8"))
-    digest = md5.hexdigest()
-    table = "".join(f'        "{name}": "{digest}",\n' for name in ("MIMIC", *VLMEVALKIT_NAMES.values()))
     source = (ADAPTERS / "vlmevalkit_mimic.py").read_text()
-    source = source.replace("    DATASET_MD5 = {}\n", "    DATASET_MD5 = {\n" + table + "    }\n")
+    source = _fill_in(source, "TSV_MD5", md5.hexdigest())
+    source = _fill_in(source, "SCORING_MODES", tuple(bench.scoring_modes))
     atomic_write_text(folder / "mimic.py", source)
     atomic_write_text(folder / "mimic_protocol.py", Path(protocol.__file__).read_text())
     atomic_write_text(folder / "mimic_vocabulary.json", json.dumps(bench.meta["class_names"]) + "\n")

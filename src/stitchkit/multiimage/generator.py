@@ -408,11 +408,14 @@ def build_benchmark(
     config: MimicConfig | None = None,
     command: str | None = None,
     exclude_images: Collection[str | os.PathLike] = (),
+    exclude_pictures: Collection[str] = (),
 ) -> Path:
     """Load the COCO file, index it once, generate every task, check the used images exist, write DIR.
 
     `exclude_images`: image files (paths) that must not be used, e.g. every image of an evaluation benchmark
-    when this one is its training data; matched by normalised absolute path, so any source file works."""
+    when this one is its training data; matched by normalised absolute path, so any source file works.
+    `exclude_pictures`: pixel digests (official.picture_digest) of pictures that must not be used whatever their
+    file, e.g. those of the imported released data, whose files are renamed copies (see copies_of)."""
     from stitchkit.data import check_images, load_coco
     from stitchkit.progress import make_progress
     from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
@@ -428,6 +431,9 @@ def build_benchmark(
     excluded_files = {os.path.normpath(os.path.abspath(p)) for p in exclude_images}
     excluded = [i for i, im in coco.images.items() if os.path.normpath(images_root / im.file_name) in excluded_files]
     index = MimicIndex.build(coco, config.filter, exclude=excluded)
+    copies = copies_of(index, images_root, exclude_pictures) if exclude_pictures else []
+    if copies:
+        index = MimicIndex.build(coco, config.filter, exclude=[*excluded, *copies])
     with make_progress() as progress:
         samples, stats = generate(index, config, progress)
     missing = sorted({name for s in samples for name in s.images if not (images_root / name).is_file()})
@@ -448,6 +454,7 @@ def build_benchmark(
         "config": config.model_dump(mode="json"),
         "n_samples": {t: sum(s.task == t for s in samples) for t in TASKS},
         "excluded_images": len(excluded),
+        **({"excluded_copies": len(copies)} if exclude_pictures else {}),
         **stats,
     }
     write_samples(run.path(SAMPLES_FILE), samples)
@@ -455,6 +462,20 @@ def build_benchmark(
     atomic_write_text(run.path("summary.md"), summary_markdown(samples, meta))
     run.finish("build", samples=len(samples))
     return run.root
+
+
+def copies_of(index: MimicIndex, images_root: Path, pictures: Collection[str]) -> list[int]:
+    """COCO ids of the images a query could use (eligible, and present under images_root) whose decoded pixels
+    are one of `pictures`. Every candidate is decoded once, which takes minutes for COCO train2017; it runs only
+    when pictures are given."""
+    from stitchkit.multiimage.official import picture_digests
+
+    candidates = [(image_id, images_root / name) for image_id, name, eligible
+                  in zip(index.image_ids, index.file_names, index.image_eligible) if eligible]
+    candidates = [(image_id, path) for image_id, path in candidates if path.is_file()]
+    digests = picture_digests([path for _, path in candidates])
+    pictures = frozenset(pictures)
+    return [image_id for (image_id, _), digest in zip(candidates, digests) if digest in pictures]
 
 
 def summary_markdown(samples: list[Sample], meta: dict) -> str:

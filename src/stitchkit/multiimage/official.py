@@ -143,8 +143,48 @@ def check_columns(data, task: str, where: str) -> None:
 # ---- rows -> samples -----------------------------------------------------------------------------------------
 
 
+def pixel_digest(rgb) -> str:
+    """The identity of a picture by content: a hash of an RGB PIL image's size and pixels. An imported image is
+    stored as <pixel_digest>.png, and a training image is matched against the released pictures with it
+    (picture_digest), so a copy is recognised whatever its file name or lossless encoding."""
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:24]
+
+
+def picture_digest(path: str | os.PathLike) -> str:
+    """pixel_digest of an image file decoded as the released rows were: by the datasets Image feature (which
+    applies EXIF orientation), then the official doc_to_visual's plain convert("RGB"). A file whose bytes are
+    those of a released picture -- the release built from COCO train2017 files, say -- gets that picture's
+    name; a re-encoded copy (other pixels) does not."""
+    from datasets import Image
+
+    try:
+        image = Image().decode_example({"path": None, "bytes": Path(path).read_bytes()})
+        return pixel_digest(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"cannot read image {path}: {first_line(err)}") from None
+
+
+def picture_digests(paths: Sequence[Path]) -> list[str]:
+    """picture_digest of every file, in order, on a few threads (decoding and hashing release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stitchkit.progress import track
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(picture_digest, paths)
+        return list(track(digests, "matching images to the released pictures", total=len(paths)))
+
+
+def released_pictures(bench) -> frozenset[str]:
+    """The pixel digests of an imported benchmark's pictures (its file names, as ImageStore wrote them); empty
+    for a benchmark built here, whose images are files of their source and are matched by path instead."""
+    if not bench.meta.get("released_data"):
+        return frozenset()
+    return frozenset(Path(name).stem for sample in bench.samples for name in sample.images)
+
+
 class ImageStore:
-    """DIR/images/: every distinct image (by its RGB pixels) written once as PNG, named by the pixels' hash, so
+    """DIR/images/: every distinct image (by its RGB pixels) written once as PNG, named by its pixel_digest, so
     the same data gives the same files wherever it is imported; image ids count distinct images in import order."""
 
     def __init__(self, root: Path):
@@ -156,7 +196,7 @@ class ImageStore:
         # The official doc_to_visual's plain convert("RGB") (not data.to_rgb's compositing on white): the model
         # sees what the paper's evaluation gave it, and load_image reads the stored RGB PNG back unchanged.
         rgb = image.convert("RGB")
-        digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:24]
+        digest = pixel_digest(rgb)
         name = f"{IMAGES_DIR}/{digest}.png"
         if digest not in self.ids:
             from stitchkit.runs import atomic_write_bytes

@@ -161,15 +161,17 @@ def flops_study(vlm, bench: Benchmark, layer_sets: dict[str, list[int]], n_sampl
 
 
 def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: str, factors: Sequence[int],
-                  pixel_control: bool, per_task: int | None, figures: Path) -> dict:
+                  pixel_control: bool, per_task: int | None, figures: Path, pool_pad: str = "exclude") -> dict:
     """Zero-shot 1-D average pooling of every image's vision tokens by f, and the control that removes the
-    same information in pixel space but keeps every token (f = 1 is shared by both)."""
+    same information in pixel space but keeps every token (f = 1 is shared by both). pool_pad: how a short last
+    group is averaged (VLM.pool_pad; "zeros" is the official code's)."""
     from stitchkit.report import line_plot
 
     samples = first_per_task(bench.samples, per_task)
     probes = probe_samples(samples)
     side = encoder_side(vlm)
     rows = []
+    saved_pad, vlm.pool_pad = vlm.pool_pad, pool_pad
     try:
         for f in factors:
             vlm.pool_factor = f
@@ -177,7 +179,7 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
             rows.append({"method": "token pooling", "factor": f, **sequence_stats(vlm, bench, probes),
                          **task_scores(results)})
     finally:
-        vlm.pool_factor = 1
+        vlm.pool_factor, vlm.pool_pad = 1, saved_pad
     if pixel_control:
         for f in factors:
             if f == 1:
@@ -199,8 +201,8 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
                        for t in TASKS if t in pooled[0]}
     figure_tasks = line_plot(figures / "pooling_tasks.png", per_task_series, xlabel=LOG2_FACTOR,
                              ylabel="score x100", title="1-D token pooling, per task")
-    return {"samples": len(samples), "encoder_side": side, "rows": rows, "best_factor": best["factor"],
-            "unpooled_avg": pooled[0]["avg"], "best_avg": best["avg"],
+    return {"samples": len(samples), "encoder_side": side, "pool_pad": pool_pad, "rows": rows,
+            "best_factor": best["factor"], "unpooled_avg": pooled[0]["avg"], "best_avg": best["avg"],
             "figures": {"avg": figure_avg.name, "tasks": figure_tasks.name}}
 
 
