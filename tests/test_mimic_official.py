@@ -235,7 +235,11 @@ def test_exports_carry_the_released_rows(released, tmp_path, monkeypatch):
     from stitchkit.multiimage.exports import export_benchmark
 
     bench = load_benchmark(released / "bench")
-    written = export_benchmark(bench, tmp_path / "export", ["hf", "vlmevalkit"])
+    written = export_benchmark(bench, tmp_path / "export", ["hf", "lmms-eval", "vlmevalkit"])
+    # lmms-eval: only the legacy group, the one scoring this data supports
+    lmms = {p.name for p in written["lmms-eval"].iterdir()}
+    assert "mimic_legacy.yaml" in lmms and "mimic_legacy_counting.yaml" in lmms
+    assert not {name for name in lmms if name.startswith("mimic") and not name.startswith("mimic_legacy") and name.endswith(".yaml")}
     counting = load_from_disk(str(written["hf/counting"]))["test"]
     assert counting["gt"] == [str(r["gt"]) for r in ROWS["counting"]]
     assert counting["id"] == [f"counting-{r['idx']}" for r in ROWS["counting"]]

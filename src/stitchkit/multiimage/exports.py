@@ -160,22 +160,24 @@ def _group_yaml(group: str, tasks: list[str]) -> str:
 
 
 def export_lmms_eval(bench: Benchmark, out: Path, hf_root: Path) -> Path:
-    """The task folder for `lmms-eval --include_path OUT/lmms_eval/mimic --tasks mimic` (needs export_hf)."""
+    """The task folder for `lmms-eval --include_path OUT/lmms_eval/mimic --tasks mimic` (needs export_hf): the
+    groups of the scoring modes the benchmark supports (the released data: only `mimic_legacy`, since its rows
+    lack what clean scoring reads)."""
     folder = out / "lmms_eval" / "mimic"
     folder.mkdir(parents=True, exist_ok=True)
     tasks = bench.tasks()
     files = {
         "_default_template_yaml": DEFAULT_TEMPLATE,
-        "mimic.yaml": _group_yaml("mimic", [f"mimic_{t}" for t in tasks]),
-        "mimic_legacy.yaml": _group_yaml("mimic_legacy", [f"mimic_legacy_{t}" for t in tasks]),
         "utils.py": (ADAPTERS / "lmms_eval_utils.py").read_text(),
         "mimic_protocol.py": Path(protocol.__file__).read_text(),
         "mimic_vocabulary.json": json.dumps(bench.meta["class_names"]) + "\n",
     }
-    for task in tasks:
-        dataset_path = (hf_root / task).resolve()
-        files[f"mimic_{task}.yaml"] = _task_yaml(task, dataset_path, legacy=False)
-        files[f"mimic_legacy_{task}.yaml"] = _task_yaml(task, dataset_path, legacy=True)
+    for group, legacy in (("mimic", False), ("mimic_legacy", True)):
+        if ("legacy_official" if legacy else "clean") not in bench.scoring_modes:
+            continue
+        files[f"{group}.yaml"] = _group_yaml(group, [f"{group}_{t}" for t in tasks])
+        for task in tasks:
+            files[f"{group}_{task}.yaml"] = _task_yaml(task, (hf_root / task).resolve(), legacy=legacy)
     for name, text in files.items():
         atomic_write_text(folder / name, text)
     return folder
