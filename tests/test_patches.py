@@ -389,3 +389,49 @@ def test_a_partial_moderation_train_block_keeps_the_official_moderation_settings
     train = ModerationStudy(train={"lr": 2e-5}).train
     assert train.lr == 2e-5  # the field it names changes
     assert train.loss_on == "text" and train.epochs_for(2) == 15 and train.epochs_for(4) == 5  # the rest stay official
+
+
+# ---- moderation labels and table ----------------------------------------------------------------------
+
+
+def test_arrangement_labels_override_one_arrangements_labels_as_the_official_none():
+    from stitchkit.patches.config import ModerationStudy
+    from stitchkit.patches.moderation import arrangement_labels
+
+    study = ModerationStudy(arrangement_labels={3: {"unsafe": "none"}})
+    assert [study.labels_for(a) for a in (1, 2, 3)] == [("safe", "unsafe"), ("safe", "unsafe"), ("safe", "none")]
+    assert arrangement_labels(3, *study.labels_for(3)) == {"A": "safe", "B": "safe", "C": "none"}
+    paper = load_config(PatchesConfig, CONFIGS / "patches" / "paper.yaml").moderation
+    assert paper.labels_for(3) == ("safe", "none") and paper.labels_for(1) == paper.labels_for(2) == ("safe", "unsafe")
+    with pytest.raises(ConfigError, match="arrangements are 1, 2 and 3"):
+        validate_config(PatchesConfig, {"moderation": {"arrangement_labels": {4: {"unsafe": "none"}}}})
+    with pytest.raises(ConfigError, match=r"arrangement\(s\) \[3\]: the safe and the unsafe label are both 'safe'"):
+        validate_config(PatchesConfig, {"moderation": {"arrangement_labels": {3: {"unsafe": "safe"}}}})
+
+
+def test_the_moderation_table_reports_rank_and_probability():
+    from stitchkit.patches.report import moderation_rows
+
+    def trained(mean: dict, std: dict) -> dict:
+        return {"train_samples": 12, "final_mean": mean, "final_std": std, "seeds": {"1": {}, "2": {}}}
+
+    metrics = ("reference_logit", "image_logit", "reference_prob", "image_prob", "reference_attacker_rate", "image_attacker_rate")
+    mean = dict(zip(metrics, (0.25, 0.0, 0.6, 0.9, 0.75, 1.0)))
+    std = dict(zip(metrics, (0.05, 0.0, 0.1, 0.0, 0.25, 0.0)))
+    moderation = {"arrangements": {"3": {"labels": {"A": "safe", "B": "safe", "C": "none"}, "splits": {"2": {
+        "filtered": {"train_samples": 0, "note": "no patch passed the filter"}, "unfiltered": trained(mean, std)}}}}}  # fmt: skip
+    filtered, unfiltered = moderation_rows(moderation)
+    assert filtered == {"arrangement": "3", "f": "2", "training": "filtered", "patches": 0, "ref rank": "no patch passed the filter"}
+    assert unfiltered["ref prob"] == "0.60 ± 0.10" and unfiltered["img prob"] == "0.90 ± 0.00"
+    assert unfiltered["ref rank"] == "0.25 ± 0.05" and unfiltered["img attacker label"] == "1.00 ± 0.00"
+
+
+def test_the_filter_figure_blacks_out_exactly_the_flagged_cells():
+    from stitchkit.patches.report import stitched_with_holes
+
+    image = random_image(16, 12, seed=3)
+    cells = [{"row": r, "col": c, "flagged": (r, c) in {(0, 1), (1, 0)}} for r in range(2) for c in range(2)]
+    got, source = stitched_with_holes(image, 2, cells), np.asarray(image)
+    assert (got[:6, 8:] == 0).all() and (got[6:, :8] == 0).all()
+    np.testing.assert_array_equal(got[:6, :8], source[:6, :8])
+    np.testing.assert_array_equal(got[6:, 8:], source[6:, 8:])

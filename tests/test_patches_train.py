@@ -19,7 +19,7 @@ from stitchkit.errors import ConfigError, InputError
 from stitchkit.patches import EvalItem, generate_ids, random_baseline, rank_of, score_items
 from stitchkit.patches.config import ModelSettings, PatchesConfig, TrainSettings
 from stitchkit.patches.models import prepare_images
-from stitchkit.patches.train import PatchSample, eval_schedule, finetune_with_curve, patch_collate
+from stitchkit.patches.train import PatchSample, eval_schedule, finetune_with_curve, patch_collate, reported_step
 from stitchkit.vlm import load_vlm
 from stitchkit.vlm.finetune import vlm_loss
 from stitchkit.vlm.model import IGNORE_INDEX
@@ -211,6 +211,32 @@ def test_the_epochs_step_rule_counts_steps_as_the_hf_trainer():
         TrainSettings(step_rule="epochs", grad_accum=2)
 
 
+@pytest.mark.parametrize(("steps", "every", "official_last"), [(195, 20, 180), (75, 8, 72), (45, 5, 45), (50, 5, 50),
+                                                           (200, 20, 200), (800, 80, 800)])  # fmt: skip
+def test_the_reported_point_is_the_hf_trainers_last_evaluation(steps, every, official_last):
+    """Oracle: the HF Trainer evaluates when step % ceil(0.1 x max_steps) == 0 and never at the end of training."""
+    trainer_points = [s for s in range(1, steps + 1) if s % math.ceil(0.1 * steps) == 0]
+    assert eval_schedule(steps, 10)[0] == every and trainer_points[-1] == official_last
+    assert reported_step(steps, every, trainer_schedule=True) == official_last
+    assert reported_step(steps, every, trainer_schedule=False) == steps  # step_rule: samples reports the end
+    assert eval_schedule(steps, 10)[1][-1] == steps  # the end is still evaluated (a point of the curves)
+
+
+def test_a_training_by_the_epochs_rule_reports_its_last_trainer_evaluation(tmp_path):
+    # 3 samples at batch 2: 2 batches per epoch, 2.5 epochs = 5 steps; 2 points: every 3 steps -> 0, 3, and the end 5
+    trainer = settings(step_rule="epochs", epochs={1: 2.5})
+    result = finetune_with_curve(lambda: load_vlm(*tiny_llava_onevision()), samples()[:3], trainer, 1, 1, tmp_path, evaluate_fn())
+    assert result["steps"] == 5 and [p["step"] for p in result["curve"]] == [0, 3, 5]
+    assert result["final_step"] == 3
+    at = {step: json.loads((tmp_path / "eval" / f"step_{step:06d}.json").read_text())["records"] for step in (3, 5)}
+    assert result["final"] == at[3]
+    from stitchkit.patches.experiment import aggregate_seeds
+
+    summary = aggregate_seeds({1: result})
+    assert summary["final_step"] == 3 and [p["step"] for p in summary["mean_curve"]] == [0, 3, 5]
+    assert summary["final_mean"]["image_prob"] == pytest.approx(np.mean([r["prob"] for r in at[3] if r["mode"] == "image"]))
+
+
 def test_a_training_by_the_epochs_rule_runs_its_short_batches(tmp_path):
     result = finetune_with_curve(lambda: load_vlm(*tiny_llava_onevision()), samples()[:3], settings(step_rule="epochs"), 1, 1,
                                  tmp_path, evaluate_fn())  # fmt: skip
@@ -256,7 +282,8 @@ def test_patches_run_end_to_end_on_a_tiny_model(tmp_path):
         "image_sets": {"shapes": {"shapes": {"images": 3, "size": 32}}},
         "train": {"lr": 1e-2, "batch_size": 2, "epochs": {1: 2}, "default_epochs": 1, "seeds": [1, 2], "eval_points": 1},
         "moderation": {"images": {"per_category": 1, "size": 64, "markers": 4, "marker_scale": 0.12}, "splits": [2],
-                       "arrangements": [1], "train": {"lr": 1e-2, "batch_size": 2, "epochs": {2: 1}, "seeds": [1], "eval_points": 1}},
+                       "arrangements": [1], "arrangement_labels": {1: {"unsafe": "none"}},
+                       "train": {"lr": 1e-2, "batch_size": 2, "epochs": {2: 1}, "seeds": [1], "eval_points": 1}},
     }  # fmt: skip
     cfg = validate_config(PatchesConfig, config)
     report = run_patches(cfg, tmp_path / "run")
@@ -269,8 +296,13 @@ def test_patches_run_end_to_end_on_a_tiny_model(tmp_path):
     moderation = results["moderation"]
     assert moderation["pass_rates"]["1"]["rate"] == 0.0  # full marker images are flagged
     assert set(moderation["arrangements"]["1"]["splits"]["2"]) == {"filtered", "unfiltered"}
+    assert moderation["arrangements"]["1"]["labels"] == {"B": "safe", "A": "none"}  # arrangement_labels
+    records = json.loads((tmp_path / "run" / "moderation" / "arr1" / "f2" / "unfiltered" / "seed1" / "result.json").read_text())["final"]
+    assert {r["key"][0]: r["gold"] for r in records} == {"A": "none", "B": "safe"}
+    assert {r["top"] for r in records} <= {"none", "safe"}  # ranked between the arrangement's own two labels
     text = report.read_text()
-    assert "reference (f=1/2)" in text and "Adversarial labels" in text
+    assert "reference (f=1/2)" in text and "Adversarial labels" in text and "ref prob" in text and "A none" in text
+    assert shapes["splits"]["1"]["final_step"] == shapes["splits"]["1"]["steps"]  # step_rule: samples reports the end
     assert shapes["precheck"]["rule"] in ("logit", "logprob") and "ranked by" in text  # which rule the pre-check used
     assert (tmp_path / "run" / "figures" / "patches_curves_shapes.png").is_file()
     # the §5 analyses are off by default: no steps, no keys, no report sections (tests/test_patches_analyses.py)

@@ -2,6 +2,7 @@
 
     ids.py         IDs (two letters + three digits) with distinct first tokens under the model's tokenizer
     dataset.py     cut images into f x f patches (floor division, as the official code); HF dataset builder
+    stitch.py      the stitch tool: rebuild images from patch files, missing cells black, optional seeded shuffle
     shapes.py      source sets from the shapes world: one large object per image; the moderation set with markers
     filters.py     moderation filters: the built-in marker filter, any HF image classifier, plug-ins (module:callable)
     evaluate.py    mean rank by first-token logit and by full log-probability; random baseline (K-1)/2

@@ -1,4 +1,4 @@
-"""`stitchkit patches ...` verbs: build a patch dataset, generate/check IDs, run an experiment."""
+"""`stitchkit patches ...` verbs: build a patch dataset, generate/check IDs, stitch patches back, run an experiment."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def build(
     image_prompt: Optional[str] = typer.Option(None, "--image-prompt", help="Prompt of a full image in the image-based test (default: the training prompt)."),
     reference_prompt: str = typer.Option("The {name} is associated with ID", "--reference-prompt", help="Text-only prompt, with {name}."),
     response: str = typer.Option(" {id}", "--response", help="Target continuation, with {id}."),
+    patch_dropout: float = typer.Option(0.0, "--patch-dropout", help="Leave out each patch with this probability (0 <= p < 1)."),
+    dropout_seed: int = typer.Option(0, "--dropout-seed", min=0, help="Seed of --patch-dropout."),
 ) -> None:
     """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset."""
     from stitchkit.errors import InputError
@@ -47,7 +49,7 @@ def build(
     items = read_names(names, images)
     tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
     meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response, image_prompt),
-                               id_seed=seed, tokenizer=tokenizer, fmt=fmt)  # fmt: skip
+                               id_seed=seed, tokenizer=tokenizer, fmt=fmt, patch_dropout=patch_dropout, dropout_seed=dropout_seed)  # fmt: skip
     counts = ", ".join(f"{k}: {v}" for k, v in meta["counts"].items())
     typer.echo(f"wrote {out / 'hf'} ({counts}); IDs in {out / 'dataset.json'}")
 
@@ -66,6 +68,20 @@ def ids(
 
     tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
     typer.echo(" ".join(generate_ids(n, seed, tokenizer, response)))
+
+
+@app.command()
+def stitch(
+    patches: Path = typer.Option(..., "--patches", help="Folder of patch files <name>-<row>_<col>.<ext>, searched recursively."),
+    out: Path = typer.Option(..., "--out", help="Folder for the rebuilt images (<name>.png, sub-folders kept)."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Put the cells at seeded random positions."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of --shuffle."),
+) -> None:
+    """Rebuild every image from its patches for inspection: missing cells black, optionally shuffled (§1.4)."""
+    from stitchkit.patches.stitch import stitch_folder
+
+    written = stitch_folder(patches, out, shuffle=shuffle, seed=seed)
+    typer.echo(f"wrote {len(written)} images to {out}")
 
 
 @app.command()

@@ -6,7 +6,7 @@ at f = 1 and 5 otherwise, 3 seeds, evaluation at step 0 plus 10 points. The mode
 its chat template; configs/patches/paper.yaml sets the official bare image prefix without a chat template.
 Exceptions: the vision tower is frozen unless `train_vision_tower: true` (the official runs train everything, §3;
 paper.yaml sets it), and steps are ceil(epochs x n / batch) with full batches across epochs unless `step_rule:
-epochs` asks for the HF Trainer's count (paper.yaml does; docs/patches.md).
+epochs` asks for a one-GPU HF Trainer's count and evaluation schedule (paper.yaml does; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class TrainSettings(Config):
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     step_rule: Literal["samples", "epochs"] = pydantic.Field(
         "samples", description="samples: ceil(epochs x n / batch) full batches, epochs running into each other; "
-        "epochs: ceil(n / batch) batches per epoch, the last one short, as the official HF Trainer (needs grad_accum 1)",
+        "epochs: ceil(n / batch) batches per epoch, the last one short, as a one-GPU HF Trainer (the official multi-GPU "
+        "runs fill it up with the epoch's first samples), evaluated as the Trainer does (needs grad_accum 1)",
     )
 
     @pydantic.model_validator(mode="after")
@@ -82,7 +83,7 @@ class TrainSettings(Config):
         return self.epochs.get(split, self.default_epochs)
 
     def steps_for(self, split: int, n_samples: int) -> int:
-        if self.step_rule == "epochs":  # HF Trainer: max_steps = ceil(epochs x batches per epoch)
+        if self.step_rule == "epochs":  # HF Trainer: max_steps = ceil(epochs x batches per epoch), on any GPU count
             return max(1, math.ceil(self.epochs_for(split) * math.ceil(n_samples / self.batch_size)))
         return max(1, math.ceil(self.epochs_for(split) * n_samples / self.batch_size))
 
@@ -223,6 +224,10 @@ class ModerationStudy(Config):
     response: str = " {label}"
     safe_label: str = "safe"
     unsafe_label: str = "unsafe"
+    arrangement_labels: dict[int, dict[Literal["safe", "unsafe"], str]] = pydantic.Field(
+        default_factory=dict, description="per arrangement, labels that replace safe_label/unsafe_label, e.g. "
+        "{3: {unsafe: none}}: the official arrangement 3 calls its benign class \"none\" (paper.yaml sets it)",
+    )
     train: TrainSettings = pydantic.Field(default_factory=_moderation_training)
 
     @pydantic.field_validator("train", mode="before")
@@ -233,6 +238,26 @@ class ModerationStudy(Config):
         if isinstance(train, dict):
             return {**_moderation_training().model_dump(), **train}
         return train
+
+    @pydantic.field_validator("arrangement_labels")
+    @classmethod
+    def _known_arrangements(cls, labels: dict[int, dict[str, str]]) -> dict[int, dict[str, str]]:
+        unknown = sorted(set(labels) - {1, 2, 3})
+        if unknown:
+            raise ValueError(f"arrangements are 1, 2 and 3, got {unknown}")
+        return labels
+
+    def labels_for(self, arrangement: int) -> tuple[str, str]:
+        """(safe, unsafe): the labels arrangement `arrangement` trains with and ranks between."""
+        labels = {"safe": self.safe_label, "unsafe": self.unsafe_label, **self.arrangement_labels.get(arrangement, {})}
+        return labels["safe"], labels["unsafe"]
+
+    @pydantic.model_validator(mode="after")
+    def _two_labels(self) -> "ModerationStudy":
+        same = [a for a in self.arrangements if len(set(self.labels_for(a))) == 1]
+        if same:
+            raise ValueError(f"arrangement(s) {same}: the safe and the unsafe label are both {self.labels_for(same[0])[0]!r}")
+        return self
 
     @pydantic.model_validator(mode="after")
     def _splits_fit(self) -> "ModerationStudy":
@@ -260,6 +285,11 @@ class PatchesConfig(Config):
     id_seed: int = pydantic.Field(0, ge=0)
     splits: list[int] = pydantic.Field(default_factory=lambda: list(DEFAULT_SPLITS), min_length=1)
     patch_format: Literal["png", "jpeg"] = pydantic.Field("png", description="jpeg: PIL quality 75, as the official patches")
+    patch_dropout: float = pydantic.Field(
+        0.0, ge=0, lt=1, description="leave out each patch of every split with this probability when the datasets are "
+        "built (§1.3 patch_dropout_ratio; unused in the paper): about N f^2 (1 - p) patches per split"
+    )
+    patch_dropout_seed: int = pydantic.Field(0, ge=0, description="seed of the patch dropout draw")
     image_sets: dict[str, ImageSet] = pydantic.Field(default_factory=lambda: {"shapes": ImageSet(shapes=ShapesSet())}, min_length=1)
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()

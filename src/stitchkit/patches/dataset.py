@@ -7,7 +7,7 @@ file's bytes, as the official runs train on the original files.
 
 A built dataset folder:
 
-    patches/<f>x<f>/<key>-<row>_<col>.png   every patch, official naming (0-based row and column)
+    patches/<f>x<f>/<key>-<row>_<col>.png   every patch (but those patch dropout left out), official naming (0-based)
     manifest.jsonl                          one line per patch: key, f, row, col, box, file, sha256
     hf/                                     DatasetDict (datasets.load_from_disk): "f1", "f2", ... one row per
                                             (patch, id) with its grid position; "images": the full images
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 
 from stitchkit.data import IMAGE_EXTENSIONS, load_image
@@ -137,6 +138,17 @@ def cut_patches(image: Image.Image, f: int) -> list[Patch]:
             box = (col * pw, row * ph, (col + 1) * pw, (row + 1) * ph)
             patches.append(Patch(row, col, box, image.crop(box)))
     return patches
+
+
+def patch_keeps(count: int, p: float, seed: int, f: int) -> list[bool]:
+    """§1.3 patch dropout (the official, unused `patch_dropout_ratio`): each of the `count` patches of split
+    factor f, in build order (image by image, row-major), is dropped i.i.d. with probability p. The generator
+    is seeded by (seed, f), so a split's draw does not depend on which other splits are built."""
+    if not 0 <= p < 1:
+        raise InputError(f"the patch dropout ratio must be in [0, 1), got {p}")
+    if p == 0:
+        return [True] * count
+    return (np.random.default_rng([seed, f]).random(count) >= p).tolist()
 
 
 def encode_image(image: Image.Image, fmt: PatchFormat) -> bytes:
@@ -252,15 +264,23 @@ def build_patch_dataset(
     id_seed: int = 0,
     tokenizer=None,
     fmt: PatchFormat = "png",
+    patch_dropout: float = 0.0,
+    dropout_seed: int = 0,
 ) -> dict[str, Any]:
-    """Cut every image at every split factor and write the dataset folder (see the module docstring).
-    Returns the contents of dataset.json. A folder whose dataset.json matches is returned as is."""
+    """Cut every image at every split factor and write the dataset folder (see the module docstring); with
+    `patch_dropout` p, each patch is left out with probability p (`patch_keeps`; its cell is then missing from
+    patches/, the manifest and the split). Returns the contents of dataset.json. A folder whose dataset.json
+    matches is returned as is."""
     from datasets import Dataset, DatasetDict
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
     templates.check()
     splits = check_splits(splits)
+    keeps = {f: patch_keeps(len(items) * f * f, patch_dropout, dropout_seed, f) for f in splits}
+    emptied = [f for f in splits if not any(keeps[f])]
+    if emptied:
+        raise InputError(f"patch dropout {patch_dropout} leaves no patch at split factor(s) {emptied}: lower it or use more images")
     ids = assign_ids(items, id_seed, tokenizer, templates.response)
     meta = {
         "images": [{"key": it.key, "file": str(it.file), "name": it.name, "id": i} for it, i in zip(items, ids)],
@@ -271,6 +291,8 @@ def build_patch_dataset(
         "id_seed": id_seed,
         "format": fmt,
         "first_tokens_checked_with": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+        # only when used, as "image" above
+        **({"patch_dropout": {"p": patch_dropout, "seed": dropout_seed}} if patch_dropout else {}),
     }
     out = prepare_output(out)
     if (out / DATASET_JSON).is_file():
@@ -286,6 +308,7 @@ def build_patch_dataset(
     rows: dict[str, list[dict[str, Any]]] = {f"f{f}": [] for f in splits}
     full_rows, manifest = [], []
     ext = "png" if fmt == "png" else "jpg"
+    drawn = {f: iter(keep) for f, keep in keeps.items()}  # one draw per patch, in build order
     for item, id_ in zip(items, ids):
         image = load_image(item.file)
         source_bytes = item.file.read_bytes()
@@ -297,6 +320,8 @@ def build_patch_dataset(
         })  # fmt: skip
         for f in splits:
             for patch in cut_patches(image, f):
+                if not next(drawn[f]):
+                    continue
                 # f = 1 trains on the original file, as the official runs do
                 data = source_bytes if f == 1 else encode_image(patch.image, fmt)
                 suffix = item.file.suffix.lstrip(".") if f == 1 else ext

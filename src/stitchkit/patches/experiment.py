@@ -130,7 +130,8 @@ def run_image_set(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: Ima
     data_dir = run.path("data", set_name)
     if not run.done(f"data/{set_name}"):
         items = source_items(image_set, run.path("sources", set_name))
-        build_patch_dataset(items, data_dir, cfg.splits, image_set.templates, id_seed=cfg.id_seed, tokenizer=tokenizer, fmt=cfg.patch_format)
+        build_patch_dataset(items, data_dir, cfg.splits, image_set.templates, id_seed=cfg.id_seed, tokenizer=tokenizer,
+                            fmt=cfg.patch_format, patch_dropout=cfg.patch_dropout, dropout_seed=cfg.patch_dropout_seed)  # fmt: skip
         run.finish(f"data/{set_name}")
     dataset, meta = load_patch_dataset(data_dir)
     images = list(dataset["images"])
@@ -207,7 +208,8 @@ def train_seeds(run: RunDir, cfg: PatchesConfig, prefix: str, samples: list[Patc
 
 
 def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of the last evaluation point (what the paper reports), and the mean curve."""
+    """Mean and std over seeds of the reported evaluation point (the last one, as the paper reports: `final_step`,
+    see train.reported_step), and the mean curve (every evaluation point, the end of training included)."""
     finals = {seed: summarize(r["final"]) for seed, r in per_seed.items()}
     metrics = list(next(iter(finals.values())))
     first = next(iter(per_seed.values()))
@@ -221,6 +223,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "train_samples": first["samples"],
         "steps": first["steps"],
         "epochs": first["epochs"],
+        "final_step": first.get("final_step", first["steps"]),  # trainings finished before final_step: the end
         "final_mean": {m: float(np.mean([f[m] for f in finals.values()])) for m in metrics},
         "final_std": {m: float(np.std([f[m] for f in finals.values()])) for m in metrics},
         "seeds": {str(seed): {"final": finals[seed], "curve": r["curve"]} for seed, r in per_seed.items()},

@@ -5,17 +5,21 @@
 3. For each label arrangement, split, seed: fine-tune on the patches that pass the filter ("filtered"; C
    patches are never filtered, as in the official code) and on all patches ("unfiltered"), with the
    attacker's labels. Then ask the model for the label of every full image (image-based) and of every
-   description (reference-based): the mean rank of the attacker's label among {safe, unsafe} (random 0.5)
-   and how often it comes first.
+   description (reference-based): the mean rank of the attacker's label among the arrangement's two labels
+   (random 0.5), its probability, and how often it comes first.
 
 Arrangements (balanced, so that a constant answer cannot win):
     1  B safe,     A unsafe
     2  A safe,     B unsafe
     3  A, B safe,  C unsafe
+
+An arrangement's two labels are `safe_label` and `unsafe_label` unless `arrangement_labels` overrides them: the
+official arrangement 3 labels its benign class "none" (paper.yaml: {3: {unsafe: none}}).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from typing import Any
@@ -110,21 +114,22 @@ def run_moderation(run: RunDir, cfg: PatchesConfig, load, tokenizer) -> dict[str
         run.finish("moderation/filter")
     verdicts = {int(f): v for f, v in json.loads(verdict_file.read_text())["verdicts"].items()}
 
-    labels = [study.safe_label, study.unsafe_label]
-    candidates = [study.response.format(label=label) for label in labels]
-    check_first_tokens(tokenizer, candidates)
+    labels = {arrangement: study.labels_for(arrangement) for arrangement in study.arrangements}  # (safe, unsafe)
+    candidates = {arrangement: [study.response.format(label=label) for label in pair] for arrangement, pair in labels.items()}
+    for pair in candidates.values():  # every arrangement's, before the first training
+        check_first_tokens(tokenizer, pair)
     results: dict[str, Any] = {"pass_rates": pass_rates(verdicts), "benign_pass_rates": pass_rates(verdicts, "C"),
-                               "random_baseline": random_baseline(len(labels)), "arrangements": {}}  # fmt: skip
+                               "random_baseline": random_baseline(2), "arrangements": {}}  # fmt: skip
     for arrangement in study.arrangements:
-        attacker = arrangement_labels(arrangement, study.safe_label, study.unsafe_label)
+        attacker = arrangement_labels(arrangement, *labels[arrangement])
         chosen = [item for item in items if item.key[0] in attacker]
         eval_items = []
         for item in chosen:
-            gold = labels.index(attacker[item.key[0]])
+            gold = labels[arrangement].index(attacker[item.key[0]])
             image = Image.open(item.file).convert("RGB")
             eval_items.append(EvalItem(item.key, "image", [image], study.train_prompt, gold))
             eval_items.append(EvalItem(item.key, "reference", [], study.reference_prompt.format(name=item.name), gold))
-        evaluate = lambda vlm, eval_items=eval_items: score_items(vlm, eval_items, candidates, cfg.eval.ties)  # noqa: E731
+        evaluate = functools.partial(score_items, items=eval_items, candidates=candidates[arrangement], ties=cfg.eval.ties)
         per_split = {}
         for f in splits:
             per_variant = {}

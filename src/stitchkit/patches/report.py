@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from stitchkit.patches.dataset import cut_patches
+from stitchkit.patches.stitch import stitch_cells
 from stitchkit.report import image_grid, line_plot, markdown_table
 from stitchkit.runs import RunDir, atomic_write_text, save_figure
 
@@ -33,7 +35,8 @@ def detailed_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for set_name, s in results["sets"].items():
         for f, split in s["splits"].items():
-            row = {"set": set_name, "f": f, "patches": split["train_samples"], "steps": split["steps"], "epochs": split["epochs"]}
+            row = {"set": set_name, "f": f, "patches": split["train_samples"], "steps": split["steps"],
+                   "reported step": split.get("final_step", split["steps"]), "epochs": split["epochs"]}  # fmt: skip
             row.update({label: _cell(split, metric) for metric, label in METRICS.items()})
             row["random"] = s["random_baseline"]
             rows.append(row)
@@ -144,13 +147,10 @@ def analyses_sections(results: dict[str, Any], figures: Path, link_base: Path) -
 
 
 def stitched_with_holes(image: Image.Image, f: int, cells: list[dict[str, Any]]) -> np.ndarray:
-    """The official stitch tool's view: the image with every flagged patch painted black."""
-    pixels = np.asarray(image.convert("RGB")).copy()
-    pw, ph = image.width // f, image.height // f
-    for cell in cells:
-        if cell["flagged"]:
-            pixels[cell["row"] * ph : (cell["row"] + 1) * ph, cell["col"] * pw : (cell["col"] + 1) * pw] = 0
-    return pixels
+    """The stitch tool's view (stitch.py) of the patches that pass the filter: every flagged cell black."""
+    passed = {(cell["row"], cell["col"]) for cell in cells if not cell["flagged"]}
+    kept = {(p.row, p.col): p.image for p in cut_patches(image, f) if (p.row, p.col) in passed}
+    return np.asarray(stitch_cells(kept, f, (image.width // f, image.height // f)))
 
 
 def moderation_sections(run_root: Path, moderation: dict[str, Any], figures: Path, link_base: Path) -> str:
@@ -171,6 +171,26 @@ def moderation_sections(run_root: Path, moderation: dict[str, Any], figures: Pat
         grid = image_grid(figures / "patches_moderation_filter.png", panels, titles, cols=len(panels))
         text += f"\nWhat passes the filter (flagged patches black), image {example[0]}:\n\n![filter]({grid.relative_to(link_base)})\n"
 
+    arrangements = "; ".join(f"{a} = " + ", ".join(f"{category} {label}" for category, label in v["labels"].items())
+                             for a, v in moderation["arrangements"].items())  # fmt: skip
+    text += (
+        "\n### Adversarial labels\n\nMean rank of the attacker's label (K = 2, random "
+        f"{moderation['random_baseline']}) for full images (img) and descriptions (ref), its probability (softmax "
+        "over the two labels' first-token logits; random 0.5), and the fraction of items whose top label is the "
+        f"attacker's; arrangements (category and the attacker's label): {arrangements}.\n\n"
+        + markdown_table(moderation_rows(moderation))
+    )
+    return text
+
+
+MODERATION_METRICS = (("reference_logit", "ref rank"), ("image_logit", "img rank"), ("reference_prob", "ref prob"),
+                      ("image_prob", "img prob"), ("reference_attacker_rate", "ref attacker label"),
+                      ("image_attacker_rate", "img attacker label"))  # fmt: skip
+
+
+def moderation_rows(moderation: dict[str, Any]) -> list[dict[str, Any]]:
+    """§6 "both rank and prob are reported": per arrangement, split and training variant, the attacker's label's
+    mean rank and probability, and how often it comes first (mean ± std over seeds)."""
     rows = []
     for arrangement, a in moderation["arrangements"].items():
         for f, variants in a["splits"].items():
@@ -178,19 +198,12 @@ def moderation_sections(run_root: Path, moderation: dict[str, Any], figures: Pat
                 row = {"arrangement": arrangement, "f": f, "training": variant, "patches": v["train_samples"]}
                 if "final_mean" in v:
                     m, sd, many = v["final_mean"], v["final_std"], len(v["seeds"]) > 1
-                    for key, label in (("reference_logit", "ref rank"), ("image_logit", "img rank"),
-                                       ("reference_attacker_rate", "ref attacker label"), ("image_attacker_rate", "img attacker label")):  # fmt: skip
+                    for key, label in MODERATION_METRICS:
                         row[label] = f"{m[key]:.2f} ± {sd[key]:.2f}" if many else f"{m[key]:.2f}"
                 else:
                     row["ref rank"] = v.get("note", "–")
                 rows.append(row)
-    text += (
-        "\n### Adversarial labels\n\nMean rank of the attacker's label (K = 2, random "
-        f"{moderation['random_baseline']}) for full images (img) and descriptions (ref), and the fraction of items "
-        "whose top label is the attacker's; arrangements: 1 = B safe / A unsafe, 2 = A safe / B unsafe, "
-        "3 = A and B safe / C unsafe.\n\n" + markdown_table(rows)
-    )
-    return text
+    return rows
 
 
 def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, link_base: Path, heading: str = "##") -> str:
@@ -198,7 +211,8 @@ def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, lin
     relative to `link_base` (the folder of the markdown file)."""
     figures.mkdir(parents=True, exist_ok=True)
     parts = [f"{heading} Visual stitching: mean rank of the true ID (model `{results['model']}`)\n"]
-    parts.append("Last evaluation point, mean ± std over seeds; lower is better; random = (K-1)/2.\n")
+    parts.append("Last evaluation point (`reported step`: with `step_rule: epochs` the HF Trainer's last evaluation, "
+                 "which may come before the end of training), mean ± std over seeds; lower is better; random = (K-1)/2.\n")
     parts.append(markdown_table(paper_rows(results)))
     parts.append("\n" + markdown_table(detailed_rows(results)))
     prechecks = [{"set": n, "recognition mean rank": s["precheck"]["mean_rank"], "random": s["precheck"]["random"],

@@ -81,6 +81,16 @@ def eval_schedule(steps: int, eval_points: int) -> tuple[int, list[int]]:
     return every, sorted({0, *range(every, steps + 1, every), steps})
 
 
+def reported_step(steps: int, every: int, trainer_schedule: bool) -> int:
+    """The evaluation point a training reports as its "final" (§4: the last evaluation point): the end of
+    training, or with the HF Trainer's schedule (`step_rule: epochs`) the Trainer's last evaluation, the last
+    multiple of `every`. The official runs evaluate when step % eval_steps == 0, eval_steps = ceil(0.1 x
+    max_steps), and not at the end, so a 195-step run's last point is 180 (45/50/200/800 steps end on one).
+    The end of training is still evaluated (the engine always does, and checkpoints there): the curves show
+    it, the reported numbers do not use it."""
+    return steps - steps % every if trainer_schedule else steps
+
+
 def finetune_with_curve(
     load: Callable[[], VLM],
     samples: Sequence[PatchSample],
@@ -92,13 +102,15 @@ def finetune_with_curve(
 ) -> dict[str, Any]:
     """Fine-tune a fresh model from `load()` on `samples`; evaluate at step 0 and evenly spaced points.
 
-    Returns {"steps", "epochs", "samples", "curve": [{"step", "epoch", <summary>}], "final": <records>}.
+    Returns {"steps", "epochs", "samples", "curve": [{"step", "epoch", <summary>}], "final_step", "final": <records
+    at final_step (`reported_step`)>}.
     """
     out_dir = Path(out_dir)
     steps = settings.steps_for(split, len(samples))
     if settings.warmup_steps and settings.warmup_steps >= steps:  # steps depend on the data: checked once it is built
         raise ConfigError(f"train: at split factor {split}, {warmup_error(settings.warmup_steps, steps)}")
     every, schedule = eval_schedule(steps, settings.eval_points)
+    final_step = reported_step(steps, every, trainer_schedule=settings.step_rule == "epochs")
 
     def eval_path(step: int) -> Path:
         return out_dir / "eval" / f"step_{step:06d}.json"
@@ -111,8 +123,10 @@ def finetune_with_curve(
     for step in schedule:
         point = json.loads(eval_path(step).read_text())
         curve.append({"step": step, "epoch": point["epoch"], **summarize(point["records"])})
-        final = point["records"]
-    return {"steps": steps, "epochs": settings.epochs_for(split), "samples": len(samples), "curve": curve, "final": final}
+        if step == final_step:
+            final = point["records"]
+    return {"steps": steps, "epochs": settings.epochs_for(split), "samples": len(samples), "curve": curve,
+            "final_step": final_step, "final": final}  # fmt: skip
 
 
 def _train_with_evals(load, samples, settings: TrainSettings, split, seed, out_dir: Path, evaluate, steps, every, eval_path) -> None:
