@@ -104,7 +104,7 @@ def test_run_dir_records_manifest_and_skips_finished_steps(tmp_path):
 
 def test_run_dir_refuses_a_different_config(tmp_path):
     RunDir(tmp_path / "run", config=Outer(name="x", train=Inner(steps=2)))
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(train.steps: 2 -> 3\)"):
         RunDir(tmp_path / "run", config=Outer(name="x", train=Inner(steps=3)))
 
 
@@ -114,7 +114,7 @@ def test_run_dir_accepts_its_config_after_the_config_class_gained_an_option(tmp_
 
     RunDir(tmp_path / "run", config=Outer(name="x", train=Inner(steps=2)))
     RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2)))  # the same run: no error
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(verbose: False -> True\);"):  # only what differs
         RunDir(tmp_path / "run", config=Newer(name="x", train=Inner(steps=2), verbose=True))
 
 
@@ -143,9 +143,11 @@ def test_a_user_error_takes_back_the_folders_its_command_created(tmp_path):
 def test_finished_steps_and_time_limits_keep_their_folders(tmp_path):
     with pytest.raises(InputError):
         with discard_outputs_on_user_error():
-            RunDir(tmp_path / "done", config=Outer(name="x", train=Inner(steps=1))).finish("first step")  # resumable work
+            run = RunDir(tmp_path / "done", config=Outer(name="x", train=Inner(steps=1)))
+            prepare_output(run.root / "data" / "built")  # a sub-folder a run records as a finished step of its own
+            run.finish("data/built")  # resumable work
             raise InputError("a later step's input is bad")
-    assert (tmp_path / "done" / "manifest.json").is_file()
+    assert (tmp_path / "done" / "manifest.json").is_file() and (tmp_path / "done" / "data" / "built").is_dir()
     with pytest.raises(TimeLimitReached):
         with discard_outputs_on_user_error():
             prepare_output(tmp_path / "stopped")
@@ -170,6 +172,22 @@ def test_cli_bad_input_leaves_no_output_folder(tmp_path):
 def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "STITCHKIT_PROGRESS": "0"}
     return subprocess.run([*STITCHKIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_output(tmp_path):
+    """Ctrl-C outside a checkpointed training (which stops at the end of its step, test_engine): exit 130, one
+    line saying the same command resumes, no traceback, and the output so far kept."""
+    script = (
+        "import os, signal, sys, threading\n"
+        "threading.Timer(4, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "from stitchkit.cli import main\n"
+        f"main(['world', 'render', '--out', {str(tmp_path / 'w')!r}, '--images', '1000000'])\n"
+    )
+    env = {**os.environ, "STITCHKIT_PROGRESS": "0"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    assert "interrupted: finished steps are kept; run the same command again to resume" in out.stderr
+    assert (tmp_path / "w").is_dir()
 
 
 def test_cli_help_lists_the_suites():

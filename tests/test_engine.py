@@ -360,10 +360,13 @@ def test_a_malformed_deadline_is_a_config_error_naming_it(tmp_path, monkeypatch)
         train(tiny.build_model(), tiny.loss_fn, tiny.make_dataset(), TrainConfig(steps=2, batch_size=8), tmp_path / "run")
 
 
-def test_sigterm_during_a_training_checkpoints_the_step_and_stops_then_the_same_call_resumes(tmp_path):
+@pytest.mark.parametrize("signame, reason", [("SIGTERM", "terminated"), ("SIGINT", "interrupted")])
+def test_sigterm_or_ctrl_c_during_a_training_checkpoints_the_step_and_stops_then_the_same_call_resumes(tmp_path, signame, reason):
     import signal
 
     from stitchkit.errors import TimeLimitReached
+
+    signum = getattr(signal, signame)
 
     cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=4, log_every=1)
     data = tiny.make_dataset()
@@ -373,14 +376,14 @@ def test_sigterm_during_a_training_checkpoints_the_step_and_stops_then_the_same_
     def terminated_in_step_3(model, batch):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would
+            os.kill(os.getpid(), signum)  # as `timeout`, a scheduler or Ctrl-C would
         return tiny.loss_fn(model, batch)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
     out = tmp_path / "run"
-    with pytest.raises(TimeLimitReached, match=r"terminated \(SIGTERM\): .* after step 3 of 6"):
+    with pytest.raises(TimeLimitReached, match=rf"{reason} \({signame}\): .* after step 3 of 6"):
         train(tiny.build_model(), terminated_in_step_3, data, cfg, out)
-    assert signal.getsignal(signal.SIGTERM) is before  # restored once the training is over
+    assert signal.getsignal(signum) is before  # restored once the training is over
     resumed = train(tiny.build_model(), tiny.loss_fn, data, cfg, out)
     assert resumed.resumed_from == 3 and resumed.losses == reference.losses
     assert_same_weights(tiny.trainable_weights(resumed.model), tiny.trainable_weights(reference.model))

@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from stitchkit.errors import DEADLINE_ENV, StitchkitError
+from stitchkit.errors import DEADLINE_ENV, EXIT_INTERRUPTED, StitchkitError
+from stitchkit.quickstart import SECTIONS
 
 app = typer.Typer(
     name="stitchkit",
@@ -48,7 +49,7 @@ def _root(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder for the report."),
-    suite: Optional[list[str]] = typer.Option(None, "--suite", help="Only these suites (repeatable)."),
+    suite: Optional[list[str]] = typer.Option(None, "--suite", help=f"Only these suites (repeatable): {', '.join(SECTIONS)}."),
 ) -> None:
     """Run every suite on the shapes world and the micro zoo; write one report.md."""
     from stitchkit.quickstart import run_quickstart
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with discard_outputs_on_user_error(report):
             app(args=argv, prog_name="stitchkit")  # standalone: usage errors exit 2 via click
+    except SystemExit as stop:
+        if stop.code == EXIT_INTERRUPTED:  # typer's exit for Ctrl-C outside a checkpointed training
+            err_console.print("interrupted: finished steps are kept; run the same command again to resume", style="bold")
+        raise
     except StitchkitError as err:
         if _state["debug"] or "--debug" in argv:
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_USER_ERROR = 2
 EXIT_TIME_LIMIT = 3
 EXIT_DIVERGED = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C outside a checkpointed training (128 + SIGINT, the shell's convention)
 # Unix time after which trainings stop (set by `stitchkit --time-limit`); an environment variable, so that worker
 # processes (zoo builds, accelerate launch) see the same deadline.
 DEADLINE_ENV = "STITCHKIT_DEADLINE"

@@ -101,14 +101,18 @@ def prepare_output(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _records_finished_step(manifest: Path) -> bool:
+    try:
+        return bool(json.loads(manifest.read_text()).get("steps"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _holds_finished_step(folder: Path) -> bool:
-    for manifest in folder.rglob("manifest.json"):
-        try:
-            if json.loads(manifest.read_text()).get("steps"):
-                return True
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
+    """Whether `folder` is, holds or lies inside a run folder with a finished step: resumable work. Inside counts
+    too, since a run may record a sub-folder (a built dataset, say) as a finished step of its own manifest."""
+    around = (parent / "manifest.json" for parent in [folder, *folder.parents])
+    return any(_records_finished_step(m) for m in around) or any(_records_finished_step(m) for m in folder.rglob("manifest.json"))
 
 
 @contextlib.contextmanager
@@ -213,6 +217,33 @@ def _same_config(saved: Any, config: Any) -> bool:
         return False
 
 
+def _as_today(saved: Any, config: Any) -> Any:
+    """A saved config read through today's class (options added since at their defaults), as _same_config reads
+    it, so that only real differences are named; as saved when that is not possible."""
+    if isinstance(config, pydantic.BaseModel):
+        try:
+            return type(config).model_validate(saved).model_dump(mode="json")
+        except pydantic.ValidationError:
+            pass
+    return saved
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {prefix or "(config)": value}
+
+
+def config_changes(saved: Any, config: Any, limit: int = 4) -> str:
+    """What differs between a run folder's saved config and this one, as `field: old -> new` (at most `limit`)."""
+    before, after = _flatten(saved), _flatten(config)
+    missing = object()
+    keys = [k for k in {**before, **after} if before.get(k, missing) != after.get(k, missing)]
+    shown = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:limit]]
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
 class RunDir:
     """One run folder. Create it with the effective config; steps are skipped once finished.
 
@@ -233,9 +264,11 @@ class RunDir:
         config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
         existing = self._read_manifest()
         if existing and config_dict is not None and not _same_config(existing.get("config"), config):
+            changes = config_changes(_as_today(existing.get("config"), config), config_dict)
             raise ConfigError(
-                f"{self.root} already holds a run made with a different config; "
-                "choose another --out folder or delete this one"
+                f"{self.root} already holds a run made with a different config"
+                + (f" ({changes})" if changes else "")
+                + "; choose another --out folder or delete this one"
             )
         self.manifest: dict[str, Any] = existing or {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

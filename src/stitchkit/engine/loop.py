@@ -306,7 +306,7 @@ def train(
 
     progress = make_progress()
     progress.disable = progress.disable or not accelerator.is_main_process
-    with progress, _stop_on_sigterm(out_dir is not None and state.num_processes == 1) as terminated:
+    with progress, _stop_on_signals(out_dir is not None and state.num_processes == 1) as terminated:
         bar = progress.add_task(description, total=cfg.steps, completed=start_step, status="")
         pending: list[torch.Tensor] = []  # reduced [loss, *extras] per step, not yet turned into floats
         metric_names: list[str] = []
@@ -402,7 +402,8 @@ def train(
                 progress.update(bar, total=done)
                 break
             if out_of_time:
-                reason = "terminated (SIGTERM)" if terminated["signal"] is not None else "the time limit passed"
+                signum = terminated["signal"]
+                reason = "the time limit passed" if signum is None else f"{_SIGNAL_REASONS[signum]} ({signal.Signals(signum).name})"
                 raise TimeLimitReached(
                     f"{reason}: {description} saved a checkpoint after step {done} of {final_step}; "
                     "run the same command again to resume"
@@ -430,20 +431,30 @@ def train(
     )
 
 
+_SIGNAL_REASONS = {signal.SIGTERM: "terminated", signal.SIGINT: "interrupted"}
+
+
 @contextlib.contextmanager
-def _stop_on_sigterm(enabled: bool) -> Iterator[dict[str, int | None]]:
+def _stop_on_signals(enabled: bool) -> Iterator[dict[str, int | None]]:
     """While a checkpointed one-process training runs, SIGTERM (what `timeout`, SLURM and other schedulers send
-    before they kill) asks it to stop like --time-limit: at the end of the current step, after a checkpoint.
-    Elsewhere SIGTERM keeps its usual meaning. (Several processes would have to agree on the step: not done.)"""
+    before they kill) and Ctrl-C (SIGINT) ask it to stop like --time-limit: at the end of the current step, after
+    a checkpoint, so no step is lost. A second Ctrl-C interrupts at once, as usual. Elsewhere both signals keep
+    their usual meaning. (Several processes would have to agree on the step: not done.)"""
     request: dict[str, int | None] = {"signal": None}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: request.update(signal=signum))
+
+    def stop(signum, frame) -> None:
+        request["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops now
+
+    previous = {signum: signal.signal(signum, stop) for signum in _SIGNAL_REASONS}
     try:
         yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _deadline_passed(num_processes: int) -> bool:

@@ -60,10 +60,13 @@ def line_plot(
     baseline: float | None = None,
     baseline_label: str = "chance",
 ) -> Path:
-    """One line per named series {name: (xs, ys)}; an optional dashed horizontal baseline."""
+    """One line per named series {name: (xs, ys)}, each named in the legend (a single one too: the legend says
+    which task or model it is); an optional dashed horizontal baseline. Integer x values (stitch points, split
+    factors, image counts) get ticks at exactly those values, not at fractions between them."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker="o", label=name)
+    _integer_ticks(ax, [x for xs, _ in series.values() for x in xs])
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label)
     ax.set_xlabel(xlabel)
@@ -71,9 +74,22 @@ def line_plot(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1 or baseline is not None:
+    if series or baseline is not None:
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _integer_ticks(ax, xs: Sequence[float], most: int = 12) -> None:
+    """Ticks at the x values themselves when they are few integers; integer ticks when they are many."""
+    from matplotlib.ticker import MaxNLocator
+
+    values = sorted({float(x) for x in xs})
+    if not values or any(not v.is_integer() for v in values):
+        return
+    if len(values) <= most:
+        ax.set_xticks(values, [str(int(v)) for v in values])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def bar_plot(
