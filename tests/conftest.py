@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Progress lines (printed off a terminal too, progress.py) would only clutter the captured output of tests.
+os.environ.setdefault("STITCHKIT_PROGRESS", "0")
 
 
 @pytest.fixture(scope="module")

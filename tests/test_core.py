@@ -190,6 +190,18 @@ def test_ctrl_c_says_how_to_resume_and_keeps_the_output(tmp_path):
     assert (tmp_path / "w").is_dir()
 
 
+def test_off_a_terminal_each_progress_logs_one_line_to_stderr_when_it_finishes():
+    """A batch job's log shows what a long run has done; stdout stays the command's own output."""
+    script = "from stitchkit.progress import track\nfor _ in track(range(50), 'cells of the sweep'): pass\nprint('result')\n"
+    env = {k: v for k, v in os.environ.items() if k != "STITCHKIT_PROGRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout == "result\n"
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cells of the sweep" in lines[0] and "50/50" in lines[0]
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**env, "STITCHKIT_PROGRESS": "0"}, timeout=60)
+    assert quiet.stderr == "" and quiet.stdout == "result\n"
+
+
 def test_cli_help_lists_the_suites():
     out = _run_cli("--help")
     assert out.returncode == 0

@@ -1,12 +1,14 @@
-"""Rich progress bars, one style everywhere; silent when not on a terminal or when disabled."""
+"""Rich progress bars, one style everywhere. On a terminal they are live; elsewhere (a batch job's log, a pipe)
+each prints one line when it finishes (rich draws only the final state there), so a long run logs what it has
+done; STITCHKIT_PROGRESS=0 silences them."""
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,9 +22,7 @@ T = TypeVar("T")
 
 
 def progress_enabled() -> bool:
-    if os.environ.get("STITCHKIT_PROGRESS", "").lower() in {"0", "false", "off"}:
-        return False
-    return sys.stderr.isatty() or os.environ.get("STITCHKIT_PROGRESS", "").lower() in {"1", "true", "on"}
+    return os.environ.get("STITCHKIT_PROGRESS", "").lower() not in {"0", "false", "off"}
 
 
 def make_progress() -> Progress:
@@ -33,6 +33,7 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays the command's own output (IDs, paths), fit for a pipe
         disable=not progress_enabled(),
         transient=False,
     )
