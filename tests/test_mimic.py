@@ -6,6 +6,7 @@ and recomputes every sample's answer and control variables.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -19,9 +20,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from stitchkit.config import load_config
 from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage import MimicConfig, build_benchmark, load_benchmark
-from stitchkit.multiimage.protocol import plural
+from stitchkit.multiimage.protocol import TASKS, plural
 from stitchkit.multiimage.synthetic import synthetic_coco
 from stitchkit.multiimage.scoring import read_predictions, score_benchmark_dir
 from stitchkit.multiimage.templates import TEMPLATES, question_text
@@ -224,6 +226,8 @@ def test_user_errors_are_one_clear_message(shapes, tmp_path):
     world = shapes / "world"
     with pytest.raises(InputError, match="image folder not found"):
         build_benchmark(world / "annotations.json", tmp_path / "nope", tmp_path / "o", MimicConfig())
+    with pytest.raises(InputError, match="annotations.json is not a folder"):  # --images given a file
+        build_benchmark(world / "annotations.json", world / "annotations.json", tmp_path / "o", MimicConfig())
     with pytest.raises(InputError, match="annotation file not found"):
         build_benchmark(tmp_path / "none.json", world, tmp_path / "o", MimicConfig())
     # too few images for the default COCO grid: names the task, the cell and what to change
@@ -247,10 +251,43 @@ def test_user_errors_are_one_clear_message(shapes, tmp_path):
     assert not (tmp_path / "b" / "samples.jsonl").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"counting": {"n_sampels": 3}}))
-    from stitchkit.config import load_config
-
     with pytest.raises(ConfigError, match="counting.n_sampels"):
         load_config(MimicConfig, bad)
+
+
+def test_an_unquoted_off_in_yaml_is_the_filter_mode_off(tmp_path):
+    """YAML 1.1 reads `mode: off` as the boolean false; it means the mode the docs name "off"."""
+    path = tmp_path / "off.yaml"
+    path.write_text("filter:\n  mode: off\n")
+    assert yaml.safe_load(path.read_text())["filter"]["mode"] is False  # the trap
+    assert load_config(MimicConfig, path).filter.mode == "off"
+    path.write_text("filter:\n  mode: on\n")  # true is no mode
+    with pytest.raises(ConfigError, match="filter.mode"):
+        load_config(MimicConfig, path)
+
+
+def test_class_names_are_lowercase_whatever_the_source(tmp_path):
+    """A source with capitalised names (OpenImages: "Bus") gives the questions and answers of its lowercase twin."""
+    coco = synthetic_coco(n_images=800, seed=3)
+    capitalised = {**coco, "categories": [{**c, "name": c["name"].title(), "supercategory": c["supercategory"].title()}
+                                          for c in coco["categories"]]}
+    assert any(c["name"] != c["name"].lower() for c in capitalised["categories"])
+    write_tiny_images(tmp_path / "images", coco)
+    config = MimicConfig.model_validate({
+        "filter": {"mode": "off"}, "max_image_reuse": 5,
+        "counting": {"n_samples": 20, "k": [1, 2], "spread": [1, 2], "distractors": [0, 2]},
+        "listing": {"n_samples": 10, "spread": [1, 2], "distractors": [0]},
+        "common": {"n_samples": 10, "n_images": [2, 3]}, "oddone": {"n_samples": 10, "n_images": [3]},
+    })
+    built = {}
+    for name, source in (("lower", coco), ("capitalised", capitalised)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(source))
+        built[name] = build_benchmark(path, tmp_path / "images", tmp_path / name, config)
+    assert (built["capitalised"] / "samples.jsonl").read_bytes() == (built["lower"] / "samples.jsonl").read_bytes()
+    meta = load_benchmark(built["capitalised"]).meta
+    assert meta["class_names"] == [c["name"] for c in coco["categories"]]
+    assert set(meta["supercategories"]) == {c["supercategory"] for c in coco["categories"]}
 
 
 def oracle_predictions(bench_dir: Path, path: Path, wrong: set[str] = frozenset()) -> Path:
@@ -280,10 +317,19 @@ def test_scoring_report_breakdowns_and_figures(shapes, tmp_path):
         assert (out / figure).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "clean" in report and "4 samples had no prediction" in report and "### by spread" in report
+    assert "(mae: mean absolute count error" in report  # clean counting has an mae column
     assert len((out / "per_sample.jsonl").read_text().splitlines()) == 200
+    # C, the balanced per-class total, is a control too (unbalanced samples have none)
+    totals = Counter(s.total_count for s in bench.samples if s.task == "counting")
+    assert {r["total_count"]: r["n"] for r in counting["total_count"]} == dict(totals) and len(totals) == 3
+    assert "### by total_count" in report
+    # no breakdown repeats another: common's s is its N, odd-one's D is N - m
+    assert "n_images" in results["breakdowns"]["common"] and "spread" not in results["breakdowns"]["common"]
+    assert "n_images" in results["breakdowns"]["oddone"] and "n_distractors" not in results["breakdowns"]["oddone"]
 
     legacy = score_benchmark_dir(shapes / "bench", preds, tmp_path / "legacy", legacy_official=True)
     legacy_results = json.loads((legacy / "results.json").read_text())
+    assert "(mae:" not in (legacy / "report.md").read_text()  # the official scorer has no mae column
     # the official scorer: k > 1 counting never matches; one-item listing answers never match
     k1 = [s for s in bench.samples if s.task == "counting" and s.k == 1]
     assert legacy_results["tasks"]["counting"]["score"] == pytest.approx(len(k1) / 80)
@@ -338,3 +384,110 @@ def test_a_corrupt_benchmark_names_its_file_and_line(tmp_path):
     (tmp_path / "benchmark.json").write_text("{")
     with pytest.raises(InputError, match=r"benchmark.json is not valid JSON"):
         load_benchmark(tmp_path)
+
+
+def test_max_per_task_takes_a_stratified_subset(shapes):
+    """The first N samples of a task cover only the first values of the generator's outer loops; the subset must
+    spread over every control, take one sample per cell in turn, and be the same every time."""
+    from stitchkit.multiimage.evaluate import stratified_per_task
+
+    bench = load_benchmark(shapes / "bench")
+    counting = [s for s in bench.samples if s.task == "counting"]
+    chosen = stratified_per_task(bench.samples, 8)
+    assert chosen == stratified_per_task(bench.samples, 8)
+    positions = [bench.samples.index(s) for s in chosen]
+    assert positions == sorted(positions) and Counter(s.task for s in chosen) == {t: 8 for t in TASKS}
+    subset = [s for s in chosen if s.task == "counting"]
+    assert len({s.cell for s in subset}) == 8  # no cell twice while another waits
+    controls = ("balanced", "k", "spread", "n_distractors")
+    for control in controls:  # every value of every control of the grid is in the subset
+        assert {getattr(s, control) for s in subset} == {getattr(s, control) for s in counting}, control
+    # ... which the first 8 are not (the test would pass for a prefix otherwise)
+    assert any({getattr(s, c) for s in counting[:8]} != {getattr(s, c) for s in counting} for c in controls)
+    # more per task than cells: round robin, every cell's share within one of the others'
+    cells = Counter(s.cell for s in counting)
+    larger = Counter(s.cell for s in stratified_per_task(bench.samples, len(cells) + 5) if s.task == "counting")
+    assert set(larger) == set(cells) and max(larger.values()) - min(larger.values()) <= 1
+    assert stratified_per_task(bench.samples, 10_000) == bench.samples == stratified_per_task(bench.samples, None)
+
+
+class ConstantModel:
+    """A stand-in VLM for evaluate(): "2" to every prompt (what is tested here is the prediction file)."""
+
+    def generate(self, images, prompts, max_new_tokens):
+        return ["2"] * len(prompts)
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of the real entry point."""
+    from stitchkit.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    return done.value.code, capsys.readouterr().err
+
+
+def test_predictions_made_on_another_benchmark_are_refused(shapes, tmp_path, capsys):
+    from stitchkit.multiimage.evaluate import evaluate
+
+    world = shapes / "world"
+    other = build_benchmark(world / "annotations.json", world, tmp_path / "other",
+                            MimicConfig.model_validate({**SHAPES_CONFIG, "seed": 4}))
+    bench = load_benchmark(shapes / "bench")
+    assert {s.id for s in load_benchmark(other).samples} == {s.id for s in bench.samples}  # ids alone cannot tell
+    evaluate(ConstantModel(), bench, tmp_path / "eval", settings={"model": "constant"})
+    predictions = tmp_path / "eval" / "predictions.jsonl"
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert {line["benchmark"] for line in lines} == {hashlib.sha256((shapes / "bench" / "samples.jsonl").read_bytes()).hexdigest()}
+
+    code, err = cli(["mimic", "score", "--data", str(other), "--predictions", str(predictions),
+                     "--out", str(tmp_path / "wrong")], capsys)
+    assert code == 2 and "made on another benchmark" in err and "Traceback" not in err
+    assert not (tmp_path / "wrong").exists()
+    code, err = cli(["mimic", "score", "--data", str(shapes / "bench"), "--predictions", str(predictions),
+                     "--out", str(tmp_path / "right")], capsys)
+    assert code == 0 and "note" not in err
+    # a file without fingerprints (another tool's, an older evaluation's) is scored, with a one-line note
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"id": line["id"], "prediction": line["prediction"]}) + "\n" for line in lines))
+    code, err = cli(["mimic", "score", "--data", str(other), "--predictions", str(plain), "--out", str(tmp_path / "p")],
+                    capsys)
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert code == 0 and len(notes) == 1 and "no benchmark fingerprint" in notes[0]
+    assert read_predictions(plain, "f" * 64) == ({line["id"]: "2" for line in lines}, len(lines))
+    # an evaluation folder of the benchmark before a rebuild is not resumed on the rebuilt one
+    with pytest.raises(InputError, match="predictions made on another benchmark"):
+        evaluate(ConstantModel(), load_benchmark(other), tmp_path / "eval", settings={"model": "constant"})
+
+
+def test_every_task_keeps_its_colour_in_every_figure(shapes, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from stitchkit import report
+    from stitchkit.multiimage.scoring import TASK_COLORS, score_predictions, write_score_report
+
+    drawn = {}
+
+    def drawing_spy(path, series, **labels):  # draws as line_plot does, and records the colour each line gets
+        fig, ax = plt.subplots()
+        drawn[Path(path).name] = (labels["title"], {name: to_hex(ax.plot(xs, ys)[0].get_color())
+                                                    for name, (xs, ys) in series.items()})
+        plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(report, "line_plot", drawing_spy)
+    bench = load_benchmark(shapes / "bench")
+    predictions = {s.id: s.gt for s in bench.samples[::2]}
+    write_score_report(tmp_path / "all", *score_predictions(bench, predictions))
+    tasks_per_figure = {name: set(colours) for name, (_, colours) in drawn.items()}
+    assert len({frozenset(t) for t in tasks_per_figure.values()}) > 1  # the figures hold different tasks
+    for name, (_, colours) in drawn.items():
+        assert colours == {task: to_hex(TASK_COLORS[task]) for task in colours}, name
+    # one line: no legend to name it, so the title does
+    drawn.clear()
+    counting = bench.subset([s for s in bench.samples if s.task == "counting"])
+    write_score_report(tmp_path / "one", *score_predictions(counting, {k: v for k, v in predictions.items()
+                                                                       if k.startswith("counting")}))
+    assert drawn["score_vs_spread.png"][0] == "MIMIC (clean): counting"

@@ -25,7 +25,6 @@ from stitchkit.multiimage.evaluate import (
     attention_policy,
     check_policy_spec,
     evaluate,
-    first_per_task,
     generation_batches,
     load_model,
     sample_images,
@@ -205,9 +204,9 @@ def test_policy_specs_and_user_errors(data, tmp_path, capsys):
 
 def test_several_pool_factors_masked_policy_and_max_per_task(data, tmp_path):
     out = tmp_path / "pools"
-    result = CliRunner().invoke(app, ["mimic", "eval", "--model", str(data / "model"), "--data", str(data / "bench"),
-                                      "--out", str(out), "--pool", "1", "--pool", "4", "--policy", "masked",
-                                      "--max-per-task", "2", "--threads", "1"])
+    where = ["mimic", "eval", "--model", str(data / "model"), "--data", str(data / "bench"), "--out", str(out)]
+    base = [*where, "--policy", "masked", "--max-per-task", "2", "--threads", "1"]
+    result = CliRunner().invoke(app, [*base, "--pool", "1", "--pool", "4"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "results.json").read_text())
     assert [r["pool_factor"] for r in summary["pool_factors"]] == [1, 4]
@@ -218,13 +217,31 @@ def test_several_pool_factors_masked_policy_and_max_per_task(data, tmp_path):
         run = json.loads((out / f"pool{f}" / "results.json").read_text())
         assert run["n_samples"] == 8 and run["eval"]["pool_factor"] == f
         assert run["eval"]["masked_layers"] == [2, 3]  # the tiny model has 4 decoder layers
+    # each report names what made it: model, policy and its layers, pooling, the subset
+    report = (out / "pool4" / "report.md").read_text()
+    for words in (f"model `{data / 'model'}`", "policy `masked` (masked layers 2-3)", "pool factor 4, pad exclude",
+                  "a stratified subset of at most 2 samples per task"):
+        assert words in report, words
+    assert "policy `masked` (masked layers 2-3)" in (out / "report.md").read_text()
 
-
-def test_first_per_task_takes_a_prefix_of_every_task(data):
-    bench = load_benchmark(data / "bench")
-    chosen = first_per_task(bench.samples, 2)
-    assert [s.id for s in chosen] == [s.id for t in ("counting", "listing", "common", "oddone")
-                                      for s in [x for x in bench.samples if x.task == t][:2]]
+    # a later single --pool with the same shared settings joins the folder; the summary covers every factor in it
+    result = CliRunner().invoke(app, [*base, "--pool", "2"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "predictions.jsonl").exists() and (out / "pool2" / "predictions.jsonl").is_file()
+    summary = json.loads((out / "results.json").read_text())
+    assert [r["pool_factor"] for r in summary["pool_factors"]] == [1, 2, 4]
+    pool4 = json.loads((out / "pool4" / "results.json").read_text())
+    assert summary["pool_factors"][2] == {"pool_factor": 4, **{t: m["score"] for t, m in pool4["tasks"].items()},
+                                          "avg": pool4["mimic_avg"]}
+    # a summary in the other scoring mode takes every factor's stored scores in that mode
+    result = CliRunner().invoke(app, [*base, "--pool", "1", "--legacy-official"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["mode"] == "legacy_official" and [r["pool_factor"] for r in summary["pool_factors"]] == [1, 2, 4]
+    assert summary["pool_factors"][2]["avg"] == pool4["legacy_official"]["mimic_avg"]
+    # other shared settings are still refused
+    result = CliRunner().invoke(app, [*where, "--policy", "dense", "--max-per-task", "2", "--threads", "1", "--pool", "8"])
+    assert result.exit_code != 0 and "different config" in str(result.exception)
 
 
 def test_micro_spec_loads_the_cached_micro_vlm(tmp_path, monkeypatch):

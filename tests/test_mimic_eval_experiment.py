@@ -87,8 +87,9 @@ def test_run_writes_every_study_and_resumes(config_file, finished):
     assert (out / "finetune" / "second_half" / "train" / "done.json").is_file()
     evals = {p.name for p in (out / "evals").iterdir()}
     assert {"base-dense-pool1-none-all", "ft-none-dense-pool1-none-all", "ft-second_half-masked-second_half-pool1-none-all",
-            "ft-second_half-masked-second_half-pool2-none-first1", "ft-second_half-masked-second_half-pool1-pixels2-first1",
-            "ft-second_half-masked-second_half-pool1-stitch-first1"} <= evals
+            "ft-second_half-masked-second_half-pool2-none-stratified1",
+            "ft-second_half-masked-second_half-pool1-pixels2-stratified1",
+            "ft-second_half-masked-second_half-pool1-stitch-stratified1"} <= evals
     masked_eval = json.loads((out / "evals" / "ft-second_half-masked-second_half-pool1-none-all" / "results.json").read_text())
     assert masked_eval["eval"]["masked_layers"] == [2, 3]
 
@@ -96,7 +97,7 @@ def test_run_writes_every_study_and_resumes(config_file, finished):
     assert set(flops) == {"second_half"} and 0 < flops["second_half"]["per_masked_layer"] < 1
     # pooling.pool_pad reaches the model for the pooled evaluations; f = 1 pools nothing and records no pad
     def pooling_settings(f: int) -> dict:
-        folder = out / "evals" / f"ft-second_half-masked-second_half-pool{f}-none-first1"
+        folder = out / "evals" / f"ft-second_half-masked-second_half-pool{f}-none-stratified1"
         return json.loads((folder / "results.json").read_text())["eval"]
 
     assert pooling_settings(2)["pool_pad"] == "zeros" and "pool_pad" not in pooling_settings(1)
@@ -119,6 +120,13 @@ def test_run_writes_every_study_and_resumes(config_file, finished):
     for figure in ("finetune_scores.png", "finetune_loss.png", "pooling_avg.png", "stitching.png", "attention_inter_N2.png",
                    "attention_answer_N3.png"):
         assert (out / "figures" / figure).is_file()
+    # every attention figure written is in the report (the density-corrected ones too)
+    assert set(results["attention"]["figures"]) >= {"inter_N2", "inter_density_N2", "answer_N3"}
+    for name in results["attention"]["figures"].values():
+        assert f"(figures/{name})" in report, name
+    # "best pooled" is a factor that pools (f = 1 is the unpooled run), and T of the FLOPs is explained
+    assert results["pooling"]["best_factor"] == 2 and "best pooled (f > 1) f=2" in report
+    assert "T is the mean vision tokens per image of these multi-image prompts" in report
 
     # a second run skips every finished step
     before = {name: step["finished"] for name, step in steps.items()}
@@ -133,7 +141,9 @@ def test_config_errors_are_one_clear_message(config_file, tmp_path, capsys):
     for change, message in (({"diagnostics_model": "first_half"}, "diagnostics_model"),
                             ({"pooling": {"factors": [2, 3]}}, "factors"),
                             ({"data": {"world": WORLD, "annotations": "x.json", "images": "x"}}, "exactly one"),
-                            ({"finetune": {**data["finetune"], "arms": ["middle"]}}, "masked_layers"),
+                            ({"finetune": {**data["finetune"], "arms": ["none", "secnd_half"]}},
+                             "finetune.arms: Value error, arms[1] 'secnd_half' is not a layer set: use one of none, "
+                             "all, first_half, second_half or ranges like '12-23' or '0-3,8'"),
                             ({"studies": {}}, "studies")):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**data, **change}))

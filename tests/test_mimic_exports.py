@@ -24,8 +24,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from stitchkit.multiimage import MimicConfig, build_benchmark, load_benchmark
-from stitchkit.multiimage.exports import export_benchmark
+from stitchkit.cli import main
+from stitchkit.errors import InputError
+from stitchkit.multiimage import MimicConfig, Sample, build_benchmark, load_benchmark
+from stitchkit.multiimage.exports import export_benchmark, export_hf
 from stitchkit.multiimage.protocol import mimic_average
 from stitchkit.multiimage.scoring import score_predictions
 from stitchkit.world import WorldConfig, render_coco
@@ -315,8 +317,21 @@ def test_vlmevalkit_tsv_and_dataset_class(exported, tmp_path, monkeypatch):
         for task, metrics in expected["tasks"].items():
             assert overall[task] == pytest.approx(metrics["score"])
         assert overall["MIMIC Avg"] == pytest.approx(expected["mimic_avg"])
-        assert set(result["variable"]) >= {"all", "n_images", "spread", "n_distractors"}
+        assert set(result["variable"]) >= {"all", "n_images", "spread", "n_distractors", "total_count"}
         assert pd.read_csv(eval_file.rsplit(".", 1)[0] + "_score.csv")["mode"].iloc[0] == mode
+
+
+def test_the_tsv_carries_every_record_field(exported):
+    tsv = pd.read_csv(exported / "export" / "vlmevalkit" / "MIMIC.tsv", sep="\t")
+    # gt is `answer`, the image files are `image` (base64) and `image_path`
+    assert set(Sample.__dataclass_fields__) - {"gt", "images"} <= set(tsv.columns)
+    bench = load_benchmark(exported / "bench")
+    for (_, row), sample in zip(tsv.iterrows(), bench.samples):
+        assert row["id"] == sample.id and row["answer"] == sample.gt
+        for field in ("total_count", "odd_images", "seed"):
+            assert (None if pd.isna(row[field]) else int(row[field])) == getattr(sample, field), field
+        for field in ("target_positions", "image_ids", "classes", "counts_per_image"):
+            assert json.loads(row[field]) == getattr(sample, field), field
 
 
 def test_export_rejects_unknown_formats(exported, tmp_path):
@@ -330,3 +345,66 @@ def test_export_rejects_unknown_formats(exported, tmp_path):
     source = Path(protocol.__file__).read_bytes()
     assert (exported / "export" / "lmms_eval" / "mimic" / "mimic_protocol.py").read_bytes() == source
     assert (exported / "export" / "vlmevalkit" / "mimic_protocol.py").read_bytes() == source
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of the real entry point."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    return done.value.code, capsys.readouterr().err
+
+
+def test_a_missing_or_corrupt_image_is_one_message_and_leaves_no_export(exported, tmp_path, capsys):
+    shutil.copytree(exported / "world", tmp_path / "world")  # a copy of the benchmark whose images can be spoiled
+    shutil.copytree(exported / "bench", tmp_path / "bench")
+    meta = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    (tmp_path / "bench" / "benchmark.json").write_text(json.dumps({**meta, "images_root": str(tmp_path / "world")}))
+    bench = load_benchmark(tmp_path / "bench")
+    image = bench.image_paths(bench.samples[-1])[0]
+    # corrupt (exported with exit 0 before, unreadable later), then missing (a traceback from inside datasets)
+    for spoil, formats in ((lambda: image.write_bytes(b"garbage"), "parquet"), (image.unlink, "hf"),
+                           (lambda: None, "vlmevalkit")):
+        spoil()
+        out = tmp_path / f"out_{formats}"
+        code, err = cli(["mimic", "export", "--data", str(tmp_path / "bench"), "--out", str(out), "--format", formats],
+                        capsys)
+        assert code == 2 and "Traceback" not in err and err.count("error:") == 1 and str(image) in err, err
+        assert not out.exists()
+    # an error inside datasets' generator (an image gone after the check) is ours again, not DatasetGenerationError
+    with pytest.raises(InputError, match=f"cannot read image {image}"):
+        export_hf(bench, tmp_path / "direct", parquet=False)
+
+
+def test_an_export_folder_holds_one_benchmark_and_says_when_it_is_finished(exported, tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    from stitchkit.multiimage import exports
+
+    bench_dir, out = exported / "bench", tmp_path / "export"
+    code, err = cli(["mimic", "export", "--data", str(bench_dir), "--out", str(out), "--format", "hf,vlmevalkit"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "hf", "manifest.json", "vlmevalkit"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["samples_sha256"] == hashlib.sha256((bench_dir / "samples.jsonl").read_bytes()).hexdigest()
+    assert manifest["steps"]["export"]["formats"] == ["hf", "vlmevalkit"]
+    code, err = cli(["mimic", "export", "--data", str(bench_dir), "--out", str(out), "--format", "parquet"], capsys)
+    assert code == 0 and json.loads((out / "manifest.json").read_text())["steps"]["export"]["formats"] == \
+        ["hf", "parquet", "vlmevalkit"]
+    # another benchmark into the same folder is refused, and the export there is left as it was
+    shutil.copytree(bench_dir, tmp_path / "other")
+    lines = (bench_dir / "samples.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "other" / "samples.jsonl").write_text("".join(lines[:-1]))
+    tsv = (out / "vlmevalkit" / "MIMIC.tsv").read_bytes()
+    code, err = cli(["mimic", "export", "--data", str(tmp_path / "other"), "--out", str(out), "--format", "vlmevalkit"],
+                    capsys)
+    assert code == 2 and "different config" in err and (out / "vlmevalkit" / "MIMIC.tsv").read_bytes() == tsv
+    # an export cut short is not marked finished
+    def interrupted(bench, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exports, "export_vlmevalkit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_benchmark(load_benchmark(bench_dir), tmp_path / "cut", ["parquet", "vlmevalkit"])
+    assert (tmp_path / "cut" / "parquet").is_dir()
+    assert json.loads((tmp_path / "cut" / "manifest.json").read_text())["steps"] == {}

@@ -173,11 +173,43 @@ def test_the_official_scorer_on_hand_written_predictions(released, tmp_path):
     # breakdowns only by what the data carries: the number of images and the official `task` key
     assert {"n_images", "cell"} <= set(results["breakdowns"]["counting"])
     assert "spread" not in results["breakdowns"]["counting"]
-    # `mimic score` defaults to the benchmark's mode and says the numbers compare with the paper's
+    # `mimic score` defaults to the benchmark's mode; with a prediction missing the numbers do not compare
     out = score_benchmark_dir(released / "bench", write_predictions(tmp_path / "p.jsonl", PREDICTIONS), tmp_path / "s")
     written = json.loads((out / "results.json").read_text())
     assert written["mode"] == "legacy_official" and written["mimic_avg"] == pytest.approx(results["mimic_avg"])
-    assert "on the released data: comparable with the paper's numbers" in (out / "report.md").read_text()
+    assert ("part of the released data (1 of 9 samples without a prediction): not comparable"
+            in (out / "report.md").read_text())
+
+
+def test_the_paper_comparison_only_for_the_whole_released_set(released, tmp_path):
+    """"Comparable with the paper's numbers" needs the official scorer on every released sample, each answered, the
+    images as released; a report on anything less says why it is not comparable."""
+    from stitchkit.multiimage.evaluate import evaluate, stratified_per_task
+
+    bench = load_benchmark(released / "bench")
+    every = write_predictions(tmp_path / "every.jsonl", {s.id: PREDICTIONS.get(s.id, "cat") for s in bench.samples})
+    report = (score_benchmark_dir(released / "bench", every, tmp_path / "whole") / "report.md").read_text()
+    assert "The paper's scorer on the whole released data: comparable with the paper's numbers." in report
+    # an import with a limit, of two tasks
+    part = import_official(released / "saved", tmp_path / "part", tasks=["common", "counting"], limit=1)
+    answers = write_predictions(tmp_path / "part.jsonl", {"counting-10": "4", "common-0": "dog"})
+    report = (score_benchmark_dir(part, answers, tmp_path / "scored_part") / "report.md").read_text()
+    assert ("part of the released data (imported with limit 1; no listing, oddone samples): not comparable with the "
+            "paper's table") in report and "comparable with the paper's numbers" not in report
+
+    class Cat:
+        def generate(self, images, prompts, max_new_tokens):
+            return ["cat"] * len(prompts)
+
+    # an evaluation of a max_per_task subset, and one with changed images
+    subset = evaluate(Cat(), bench, tmp_path / "subset", settings={"model": "cat", "max_per_task": 1},
+                      samples=stratified_per_task(bench.samples, 1), legacy_official=True)
+    assert subset["n_samples"] == 4
+    report = (tmp_path / "subset" / "report.md").read_text()
+    assert "(a subset of at most 1 samples per task): not comparable" in report
+    evaluate(Cat(), bench, tmp_path / "pixels", settings={"model": "cat", "transform": "pixels4"}, legacy_official=True,
+             transform=lambda images, sample: images)
+    assert "(images transformed (pixels4)): not comparable" in (tmp_path / "pixels" / "report.md").read_text()
 
 
 def test_clean_scoring_is_refused_and_never_guessed(released):

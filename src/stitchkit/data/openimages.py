@@ -9,9 +9,10 @@ Inputs are OpenImages' own files (V6/V7, https://storage.googleapis.com/openimag
                  class is a group of its own
     images       the folder of {ImageID}.jpg; box rows of images not there are skipped and counted, so a
                  downloaded subset converts as it is
-A group box (IsGroupOf = 1: "a crowd of people", uncountable) becomes an iscrowd annotation: the generator never
-uses an image for a class that has a crowd region in it, which is stricter than dropping the box (§5), since a
-dropped group box would make the image's count of that class too low.
+Class names keep OpenImages' display names ("Bus"); MIMIC lowercases them in its questions and answers
+(multiimage/index.py). A group box (IsGroupOf = 1: "a crowd of people", uncountable) becomes an iscrowd annotation:
+the generator never uses an image for a class that has a crowd region in it, which is stricter than dropping the
+box (§5), since a dropped group box would make the image's count of that class too low.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def convert_openimages(
     names = read_class_names(Path(classes))
     parents = read_parents(Path(hierarchy)) if hierarchy is not None else {}
     images = Path(images)
+    if images.exists() and not images.is_dir():
+        raise InputError(f"image folder {images} is not a folder: give the folder of the <ImageID>.jpg files")
     if not images.is_dir():
         raise InputError(f"image folder not found: {images}")
     by_image: dict[str, list[Box]] = {}

@@ -9,11 +9,13 @@
 A record carries everything a VLM evaluation needs -- the image files in order, the question, the answer --
 and every control variable, so scores can be broken down without the annotations. A benchmark imported from the
 released data (official.py) does not know the controls: those fields are None there, and benchmark.json says which
-scoring modes its records support.
+scoring modes its records support. Sample ids repeat in every build, so the sha256 of samples.jsonl (computed on
+load) is the benchmark's fingerprint: predictions (`mimic eval`) and exports record it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -27,7 +29,11 @@ SAMPLES_FILE = "samples.jsonl"
 META_FILE = "benchmark.json"
 
 # the control variables a breakdown can group by (reference section 4.2, "Reporting")
-CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "category", "template_id", "odd_images")
+CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "total_count", "category", "template_id",
+            "odd_images")
+# controls whose value a task's definition derives from the others, so a breakdown by them repeats another one:
+# common's s is N (and D is 0), odd-one's D is N - m
+DERIVED_CONTROLS = {"common": ("spread", "n_distractors"), "oddone": ("n_distractors",)}
 
 
 @dataclass
@@ -66,6 +72,12 @@ class Benchmark:
     root: Path
     samples: list[Sample]
     meta: dict[str, Any]
+    # sha256 of samples.jsonl: which benchmark predictions and exports were made on (sample ids repeat across builds)
+    fingerprint: Optional[str] = None
+
+    def subset(self, samples: list[Sample]) -> "Benchmark":
+        """The same benchmark (root, meta, fingerprint) restricted to `samples`."""
+        return Benchmark(self.root, samples, self.meta, self.fingerprint)
 
     @property
     def images_root(self) -> Path:
@@ -116,11 +128,12 @@ def load_benchmark(root: str | os.PathLike) -> Benchmark:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{meta_path} is not valid JSON ({err})") from None
+    data = samples_path.read_bytes()
     samples = []
-    for number, line in enumerate(samples_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 samples.append(Sample(**json.loads(line)))
             except (json.JSONDecodeError, TypeError) as err:
                 raise InputError(f"{samples_path}:{number}: not a MIMIC sample ({err})") from None
-    return Benchmark(root, samples, meta)
+    return Benchmark(root, samples, meta, hashlib.sha256(data).hexdigest())

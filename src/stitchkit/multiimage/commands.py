@@ -13,6 +13,10 @@ from stitchkit.runs import command_line
 app = typer.Typer(no_args_is_help=True)
 
 
+def comma_separated(items: list[str]) -> list[str]:
+    """A repeatable option's values, each of which may be a comma-separated list: ["a,b", "c"] -> [a, b, c]."""
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+
 
 @app.command()
 def build(
@@ -67,8 +71,7 @@ def import_official(
     """Import the released MIMIC data (the paper's benchmark) as a benchmark folder; scored with legacy_official."""
     from stitchkit.multiimage.official import import_official as run_import
 
-    names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
-    root = run_import(source, out, names or None, limit, command=command_line())
+    root = run_import(source, out, comma_separated(tasks) or None, limit, command=command_line())
     typer.echo(f"wrote {root / 'samples.jsonl'} (summary: {root / 'summary.md'})")
 
 
@@ -78,14 +81,14 @@ def export(
     out: Path = typer.Option(..., "--out", help="Export folder."),
     formats: list[str] = typer.Option(
         ["hf", "parquet", "lmms-eval", "vlmevalkit"], "--format",
-        help="hf | parquet | lmms-eval | vlmevalkit (repeatable; default all).",
+        help="hf | parquet | lmms-eval | vlmevalkit (repeatable or comma-separated; default all).",
     ),
 ) -> None:
     """Write HF datasets (save_to_disk, parquet), an lmms-eval task folder and VLMEvalKit TSVs."""
     from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.multiimage.exports import export_benchmark
 
-    written = export_benchmark(load_benchmark(data), out, formats)
+    written = export_benchmark(load_benchmark(data), out, comma_separated(formats), command=command_line())
     for name, path in written.items():
         typer.echo(f"{name}: {path}")
 
@@ -148,7 +151,9 @@ def eval_(
     max_images_per_batch: Optional[int] = typer.Option(
         None, "--max-images-per-batch", min=1, help="Cap on the images of one batch (long prompts get smaller batches)."
     ),
-    max_per_task: Optional[int] = typer.Option(None, "--max-per-task", min=1, help="Only the first N samples of each task."),
+    max_per_task: Optional[int] = typer.Option(
+        None, "--max-per-task", min=1, help="At most N samples of each task, spread round robin over its grid cells."
+    ),
     legacy_official: Optional[bool] = typer.Option(
         None, "--legacy-official/--clean",
         help="Headline scores from the released MIMIC scorer or the clean one (both are stored where the data "

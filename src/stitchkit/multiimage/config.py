@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stitchkit.config import Config
 
@@ -30,6 +30,12 @@ class FilterConfig(Config):
 
     min_box_area_frac: float = Field(0.05, ge=0.0, lt=1.0)
     mode: FilterMode = "image_strict"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _unquoted_off(cls, mode):
+        """YAML 1.1 reads an unquoted `off` (also `no`, `false`) as the boolean false: that is the mode "off"."""
+        return "off" if mode is False else mode
 
 
 class CountingConfig(Config):

@@ -26,7 +26,7 @@ from typing import Any
 from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage.benchmark import Benchmark, Sample
 from stitchkit.multiimage.protocol import GENERATION_MAX_NEW_TOKENS, TASKS
-from stitchkit.multiimage.scoring import score_predictions, write_score_report
+from stitchkit.multiimage.scoring import describe_evaluation, score_predictions, task_line_plot, write_score_report
 
 PREDICTIONS_FILE = "predictions.jsonl"
 # named layer sets of the masking study (mimic.md section 6; Table 5 right): what "masked:NAME" means
@@ -104,18 +104,40 @@ def default_threads(spec: str, device: str) -> int | None:
 # ---- samples and images -----------------------------------------------------------------------------------
 
 
-def first_per_task(samples: Sequence[Sample], per_task: int | None) -> list[Sample]:
-    """The first `per_task` samples of every task (all if None). The generator draws sample i of a task for
-    grid cell i mod (cells), so a prefix covers the grid evenly."""
+def stratified_per_task(samples: Sequence[Sample], per_task: int | None) -> list[Sample]:
+    """At most `per_task` samples of every task (all if None), spread over the task's grid cells: one sample of
+    each cell in turn (round robin), the cells in `spread_order`, each cell's samples in benchmark order; returned
+    in benchmark order. Deterministic. A prefix would not do: the generator walks the cells in nested-loop order,
+    so a task's first N samples hold only the first values of its outer controls (all balanced, k = 1, s <= 2)."""
     if per_task is None:
         return list(samples)
-    seen: dict[str, int] = {}
-    chosen = []
-    for sample in samples:
-        if seen.get(sample.task, 0) < per_task:
-            chosen.append(sample)
-            seen[sample.task] = seen.get(sample.task, 0) + 1
-    return chosen
+    cells: dict[str, dict[str, list[int]]] = {}
+    for position, sample in enumerate(samples):
+        cells.setdefault(sample.task, {}).setdefault(sample.cell, []).append(position)
+    chosen: list[int] = []
+    for by_cell in cells.values():
+        queues = [by_cell[cell] for cell in spread_order(list(by_cell))]
+        picked: list[int] = []
+        for depth in range(max(len(queue) for queue in queues)):
+            picked += [queue[depth] for queue in queues if depth < len(queue)]
+        chosen += picked[:per_task]
+    return [samples[position] for position in sorted(chosen)]
+
+
+def spread_order(cells: Sequence[str]) -> list[str]:
+    """Grid cells reordered so that every prefix spreads over the values of every control: the next cell is the
+    one whose values -- the "_"-separated parts of its key, e.g. "unbalanced", "k2", "s3", "d8" -- were used least
+    so far (ties: generator order)."""
+    from collections import Counter
+
+    used: Counter[str] = Counter()
+    left, order = list(cells), []
+    while left:
+        cell = min(left, key=lambda key: sum(used[part] for part in key.split("_")))
+        left.remove(cell)
+        order.append(cell)
+        used.update(cell.split("_"))
+    return order
 
 
 def generation_batches(samples: Sequence[Sample], batch_size: int, max_images: int | None = None) -> list[list[Sample]]:
@@ -160,10 +182,14 @@ class LazyImages(Sequence):
 
 
 class PredictionLog:
-    """OUT/predictions.jsonl: one {"id", "prediction"} line per sample, appended one batch per write."""
+    """OUT/predictions.jsonl: one {"id", "prediction", "benchmark"} line per sample, appended one batch per write.
+    "benchmark" is the fingerprint of the benchmark the prediction was made on (Benchmark.fingerprint): sample
+    ids repeat in every build, so it is what tells `mimic score` (and a resumed evaluation) that a file belongs to
+    another benchmark. Lines without one (written before it existed) are read as they are."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None):
         self.path = Path(path)
+        self.fingerprint = fingerprint
         self.done: dict[str, str] = {}
         if not self.path.exists():
             return
@@ -178,9 +204,15 @@ class PredictionLog:
                 self.done[str(record["id"])] = str(record["prediction"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise InputError(f"{self.path}:{number}: corrupt prediction line; delete the file to start over") from None
+            made_on = record.get("benchmark")
+            if fingerprint and made_on and made_on != fingerprint:
+                raise InputError(f"{self.path} holds predictions made on another benchmark (fingerprint "
+                                 f"{str(made_on)[:12]}, this one's {fingerprint[:12]}): the benchmark was rebuilt "
+                                 "since; choose another --out folder or delete this one")
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+        stamped = [{**r, "benchmark": self.fingerprint} if self.fingerprint else r for r in records]
+        data = "".join(json.dumps(r) + "\n" for r in stamped).encode("utf-8")
         with open(self.path, "ab") as f:
             f.write(data)
             f.flush()
@@ -223,11 +255,11 @@ def evaluate(
         raise InputError(f"{bench.root}: no samples to evaluate")
     run = RunDir(out, config=settings, command=command)
     mode = "legacy_official" if legacy_official else "clean"
+    log = PredictionLog(run.root / PREDICTIONS_FILE, bench.fingerprint)  # refuses predictions of another benchmark
     if run.done("eval") and (run.root / "results.json").is_file():
         results = json.loads((run.root / "results.json").read_text())
         if results["mode"] == mode and "answers" in results:
             return results  # else: re-score the stored predictions (other mode, older format); nothing is generated
-    log = PredictionLog(run.root / PREDICTIONS_FILE)
     todo = [s for s in samples if s.id not in log.done]
     started, generated = time.perf_counter(), 0
     with make_progress() as progress:
@@ -243,7 +275,7 @@ def evaluate(
             progress.update(bar, advance=len(batch), status=f"{batch[0].task} N={batch[0].n_images}")
     seconds = time.perf_counter() - started
 
-    subset = Benchmark(bench.root, samples, bench.meta)
+    subset = bench.subset(samples)
     predictions = {s.id: log.done[s.id] for s in samples}
     rows, results = score_predictions(subset, predictions, mode)
     other = score_predictions(subset, predictions, "clean" if legacy_official else "legacy_official")[1]
@@ -307,8 +339,10 @@ def eval_command(
     pool_pad: str = "exclude",
 ) -> Path:
     """`stitchkit mimic eval`. One pooling factor: OUT holds the evaluation. Several: OUT/pool<F>/ each, and
-    OUT/results.json + report.md + figures/score_vs_pool_factor.png across them. pool_pad: VLM.pool_pad, how a
-    short last pooling group is averaged ("zeros": the official code's zero-padded tail)."""
+    OUT/results.json + report.md + figures/score_vs_pool_factor.png across every pool<F>/ in OUT; a later call
+    with the same shared settings (one factor or several) adds its factors there. max_per_task: a stratified
+    subset (stratified_per_task). pool_pad: VLM.pool_pad, how a short last pooling group is averaged ("zeros":
+    the official code's zero-padded tail)."""
     from stitchkit.engine.devices import torch_threads
     from stitchkit.multiimage.benchmark import load_benchmark
     from stitchkit.runs import RunDir
@@ -320,7 +354,7 @@ def eval_command(
         check_pool_factor(f)
     check_pool_pad(pool_pad)
     bench = load_benchmark(data)
-    samples = first_per_task(bench.samples, max_per_task)
+    samples = stratified_per_task(bench.samples, max_per_task)
     threads = threads if threads is not None else default_threads(model, device)
     with torch_threads(threads):
         vlm, identity = load_model(model, device, dtype)
@@ -330,21 +364,34 @@ def eval_command(
         quirks = {"legacy_layer_loop": legacy_layer_loop, "legacy_maxlen_fallback": legacy_maxlen_fallback,
                   "pool_pad": pool_pad if pool_pad != "exclude" else None}
         quirks = {k: v for k, v in quirks.items() if v}
-        shared = {"model": identity, "data": str(Path(data).resolve()), "policy": policy, "max_per_task": max_per_task, **quirks}
-        if len(pools) > 1:  # OUT is a run folder of its own (manifest, config); more factors may join it later
+        # a subset says how it was drawn: a folder evaluated on a prefix (before stratified_per_task) is refused
+        subset = {"subset": "stratified"} if max_per_task is not None else {}
+        shared = {"model": identity, "data": str(Path(data).resolve()), "policy": policy, "max_per_task": max_per_task,
+                  **subset, **quirks}
+        several = len(pools) > 1 or holds_pool_factors(Path(out))
+        if several:  # OUT is a run folder of its own (manifest, config); more factors may join it later
             RunDir(out, config=shared, command=command)
-        runs = {}
         for f in pools:
             vlm.pool_factor = f
-            folder = Path(out) if len(pools) == 1 else Path(out) / f"pool{f}"
+            folder = Path(out) / f"pool{f}" if several else Path(out)
             settings = {**shared, "masked_layers": sorted(vlm.masked_layers), "pool_factor": f, "pool_pad": vlm.pool_pad,
                         "transform": "none"}
-            runs[f] = evaluate(vlm, bench, folder, settings=settings, samples=samples, batch_size=batch_size,
-                               max_images_per_batch=max_images_per_batch, legacy_official=legacy_official,
-                               description=f"MIMIC eval (pool {f})", command=command)
-    if len(pools) > 1:
-        write_pool_summary(Path(out), runs, identity, policy)
+            evaluate(vlm, bench, folder, settings=settings, samples=samples, batch_size=batch_size,
+                     max_images_per_batch=max_images_per_batch, legacy_official=legacy_official,
+                     description=f"MIMIC eval (pool {f})", command=command)
+    if several:
+        write_pool_summary(Path(out), "legacy_official" if legacy_official else "clean")
     return Path(out)
+
+
+def holds_pool_factors(out: Path) -> bool:
+    """Whether OUT is a folder of several pooling factors (its manifest holds the settings they share, no pool
+    factor), which a later call with a single --pool joins as OUT/pool<F>/."""
+    try:
+        config = json.loads((out / "manifest.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(config, dict) and "pool_factor" not in config
 
 
 def check_pool_pad(pool_pad: str) -> str:
@@ -358,22 +405,49 @@ def check_pool_pad(pool_pad: str) -> str:
     return pool_pad
 
 
-def write_pool_summary(out: Path, runs: dict[int, dict], model: str, policy: str) -> None:
-    from stitchkit.report import line_plot, markdown_table
+def pool_evaluations(out: Path) -> dict[int, dict]:
+    """{factor: results} of every scored OUT/pool<F>/, in factor order: whatever call evaluated it."""
+    runs = {}
+    for folder in out.glob("pool*"):
+        factor = folder.name.removeprefix("pool")
+        if factor.isdigit() and (folder / "results.json").is_file():
+            runs[int(factor)] = json.loads((folder / "results.json").read_text())
+    return dict(sorted(runs.items()))
+
+
+def scores_in_mode(results: dict, mode: str) -> dict[str, float | None] | None:
+    """task_scores of an evaluation in `mode`: its headline scores, or the other mode's that it stores as well."""
+    if results["mode"] == mode:
+        return task_scores(results)
+    other = results.get(mode)
+    return {**other["tasks"], "avg": other["mimic_avg"]} if other else None
+
+
+def write_pool_summary(out: Path, mode: str) -> None:
+    """OUT/results.json, report.md and figures/score_vs_pool_factor.png over every pool<F>/ in OUT, in `mode`."""
+    from stitchkit.report import markdown_table
     from stitchkit.runs import atomic_write_json, atomic_write_text
 
-    factors = sorted(runs)
-    mode = runs[factors[0]]["mode"]
-    rows = [{"pool_factor": f, **task_scores(runs[f])} for f in factors]
-    xs = [math.log2(f) for f in factors]
-    series = {name: (xs, [100 * r[name] if r[name] is not None else float("nan") for r in rows])
-              for name in [*[t for t in TASKS if t in rows[0]], "avg"]}
-    figure = line_plot(out / "figures" / "score_vs_pool_factor.png", series, xlabel="log2 of the pooling factor f",
-                       ylabel="score x100", title=f"MIMIC vs 1-D token pooling ({mode})")
-    atomic_write_json(out / "results.json", {"model": model, "policy": policy, "mode": mode, "pool_factors": rows,
-                                             "runs": {f"pool{f}": f"pool{f}/results.json" for f in factors},
+    runs = pool_evaluations(out)
+    rows = [{"pool_factor": f, **scores} for f, results in runs.items()
+            if (scores := scores_in_mode(results, mode)) is not None]
+    tasks = [t for t in TASKS if any(r.get(t) is not None for r in rows)]
+    xs = [math.log2(r["pool_factor"]) for r in rows]
+    series = {name: (xs, [100 * r[name] if r.get(name) is not None else float("nan") for r in rows])
+              for name in [*tasks, "avg"]}
+    figure = task_line_plot(out / "figures" / "score_vs_pool_factor.png", series,
+                            xlabel="log2 of the pooling factor f", ylabel="score x100",
+                            title=f"MIMIC vs 1-D token pooling ({mode})")
+    settings = next(iter(runs.values()))["eval"]
+    described = describe_evaluation(settings)
+    atomic_write_json(out / "results.json", {"model": settings["model"], "policy": settings["policy"],
+                                             "masked_layers": settings.get("masked_layers"), "mode": mode,
+                                             "pool_factors": rows,
+                                             "runs": {f"pool{r['pool_factor']}": f"pool{r['pool_factor']}/results.json"
+                                                      for r in rows},
                                              "figures": {"pool_factor": str(figure.relative_to(out))}})
     table = [{k: (100 * v if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    atomic_write_text(out / "report.md", f"# MIMIC vs pooling factor ({mode})\n\nModel `{model}`, policy `{policy}`; "
+    header = "; ".join(text for part, text in described.items() if part != "pooling")
+    atomic_write_text(out / "report.md", f"# MIMIC vs pooling factor ({mode})\n\n{header[0].upper()}{header[1:]}; "
                       "scores x100 (listing: micro F1).\n\n" + markdown_table(table, digits=1)
                       + f"\n![score vs pooling factor]({figure.relative_to(out)})\n")

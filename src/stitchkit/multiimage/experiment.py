@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from stitchkit.config import Config, load_config
 from stitchkit.engine import TrainConfig
 from stitchkit.engine.devices import check_device_name, torch_threads
-from stitchkit.errors import InputError
+from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage.benchmark import Benchmark, load_benchmark
 from stitchkit.multiimage.config import MimicConfig
 from stitchkit.multiimage.evaluate import (
@@ -45,12 +45,13 @@ from stitchkit.multiimage.evaluate import (
     check_policy_spec,
     default_threads,
     evaluate,
-    first_per_task,
     load_model,
     masked_layer_list,
+    stratified_per_task,
     task_scores,
 )
 from stitchkit.multiimage.protocol import TASKS
+from stitchkit.multiimage.scoring import layer_span
 from stitchkit.paths import REPO_ROOT
 from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 from stitchkit.vlm.pooling import PoolPad
@@ -99,7 +100,7 @@ class EvalOptions(Config):
     # headline scores from the released scorer (both modes are stored); None: the benchmark's own mode (clean, and
     # legacy_official for the released data, which supports no other)
     legacy_official: Optional[bool] = None
-    max_per_task: Optional[int] = Field(None, ge=1)  # evaluate only the first N samples of each task
+    max_per_task: Optional[int] = Field(None, ge=1)  # at most N samples of each task (evaluate.stratified_per_task)
     # the official code's quirk (mimic.md 6.1 b): prompts longer than N tokens are evaluated without the mask
     legacy_maxlen_fallback: Optional[int] = Field(None, ge=1)
 
@@ -154,8 +155,12 @@ class FinetuneStudy(Config):
     @field_validator("arms")
     @classmethod
     def _arms(cls, arms: list[str]) -> list[str]:
-        for arm in arms:
-            check_policy_spec(f"masked:{arm}")
+        for number, arm in enumerate(arms):
+            try:
+                check_policy_spec(f"masked:{arm}")
+            except ConfigError:  # a ValueError, so that pydantic names the config file and the field
+                raise ValueError(f"arms[{number}] {arm!r} is not a layer set: use one of {', '.join(LAYER_SETS)} "
+                                 "or ranges like '12-23' or '0-3,8'") from None
         if len(set(arms)) != len(arms):
             raise ValueError(f"arms repeat a layer set: {arms}")
         return arms
@@ -340,7 +345,7 @@ class Experiment:
                  description: str) -> dict:
         """One resumable evaluation in evals/<tag>-<policy>-pool<f>-<transform>-<subset>/ (reused when another
         study asks for the same one)."""
-        subset = f"first{per_task}" if per_task else "all"
+        subset = f"stratified{per_task}" if per_task else "all"  # stratified_per_task
         folder = self.run.path("evals", f"{tag}-{policy.replace(':', '-')}-pool{pool}-{transform}-{subset}")
         settings = {"model": self.identity, "model_tag": tag, "benchmark": str(self.bench.root), "policy": policy,
                     "masked_layers": sorted(vlm.masked_layers), "pool_factor": pool, "transform": transform,
@@ -351,7 +356,7 @@ class Experiment:
             settings["legacy_maxlen_fallback"] = options.legacy_maxlen_fallback
         if pool > 1 and vlm.pool_pad != "exclude":  # likewise; and f = 1 pools nothing, so it stays shared
             settings["pool_pad"] = vlm.pool_pad
-        samples = first_per_task(self.bench.samples, per_task)
+        samples = stratified_per_task(self.bench.samples, per_task)
         return evaluate(vlm, self.bench, folder, settings=settings, samples=samples, batch_size=options.batch_size,
                         max_images_per_batch=options.max_images_per_batch, transform=transform_fn,
                         legacy_official=self.legacy_official, description=description)
@@ -505,6 +510,13 @@ def collect_results(run: RunDir) -> dict:
     }
 
 
+def sample_count(study: dict) -> str:
+    """ "64 samples", or "32 samples: a stratified subset, at most 8 per task" (evaluate.stratified_per_task)."""
+    per_task = study.get("max_per_task")
+    subset = f": a stratified subset, at most {per_task} per task" if per_task else ""
+    return f"{study['samples']} samples{subset}"
+
+
 def pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -568,7 +580,8 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
 
     base = results.get("baseline")
     if base:
-        parts.append(f"\n{h} Baseline ({base['mode']} scoring, {base['n_samples']} samples)\n\n")
+        subset = {"samples": base["n_samples"], "max_per_task": base["eval"].get("max_per_task")}
+        parts.append(f"\n{h} Baseline ({base['mode']} scoring, {sample_count(subset)})\n\n")
         parts.append(markdown_table([score_row("base", base["scores"]), *constant_row(base)]))
         parts.append(answer_note({"base": base}))
         lines = []
@@ -584,10 +597,8 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
         parts.append(f"\n{h} Masked-attention fine-tuning\n\n")
         rows = [{**score_row("base (before)", base["scores"]), "same answer": same_answer(base)}]
         for arm, r in ft.items():
-            layers = r["masked_layers"]
-            contiguous = layers and layers == list(range(layers[0], layers[-1] + 1))
-            span = f"{layers[0]}-{layers[-1]}" if contiguous else str(layers) if layers else "none"
-            rows.append({**score_row(f"{arm} (layers {span})", r["scores"]), "same answer": same_answer(r),
+            rows.append({**score_row(f"{arm} (layers {layer_span(r['masked_layers'])})", r["scores"]),
+                         "same answer": same_answer(r),
                          "final loss": f"{r['final_loss']:.3f}"})
         rows += constant_row(base)
         parts.append(markdown_table(rows, columns=["model", *TASKS, "avg", "same answer", "final loss"]))
@@ -603,7 +614,10 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
         m = flops["measured"]
         parts.append(f"Measured on {m['samples']} multi-image benchmark prompts (mean {m['mean_tokens']:.0f} tokens; "
                      f"geometry P={flops['geometry']['prefix']}, T={flops['geometry']['image_tokens']}, "
-                     f"Q={flops['geometry']['suffix']}); convention: {flops['convention']}.\n\n")
+                     f"Q={flops['geometry']['suffix']}); convention: {flops['convention']}. T is the mean vision "
+                     "tokens per image of these multi-image prompts (the mask acts only there); the pooling "
+                     "table's tokens/image averages every prompt, one-image ones included, which a model may give "
+                     "more tokens (LLaVA-OneVision's anyres tiling), so it can be larger.\n\n")
         rows = [{"layer set": name, "masked layers": r["masked_layers"], "per masked layer": pct(r["per_masked_layer"]),
                  "attention core, model-wide": pct(r["attention_core_model_wide"]),
                  "whole LM forward": pct(r["whole_forward"]),
@@ -620,8 +634,9 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
                  "sequence": f"{r['sequence_length']:.0f}", **{t: pct(r.get(t)) for t in (*TASKS, "avg")}}
                 for r in pooling["rows"]]
         parts.append(markdown_table(rows))
-        parts.append(f"\nUnpooled Avg {pct(pooling['unpooled_avg'])}; best pooled f={pooling['best_factor']} "
-                     f"with {pct(pooling['best_avg'])} ({pooling['samples']} samples).\n")
+        best = (f"; best pooled (f > 1) f={pooling['best_factor']} with {pct(pooling['best_avg'])}"
+                if pooling.get("best_factor") else "")
+        parts.append(f"\nUnpooled Avg {pct(pooling['unpooled_avg'])}{best} ({sample_count(pooling)}).\n")
         parts += [f"\n![pooling]({link('figures/' + p)})\n" for p in pooling["figures"].values()]
     stitching = results.get("stitching")
     if stitching:
@@ -630,7 +645,7 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
         rows = [{**score_row(name, s), "vision tokens": f"{tokens[name]['vision_tokens']:.0f}",
                  "sequence": f"{tokens[name]['sequence_length']:.0f}"} for name, s in stitching["scores"].items()]
         tile = f"{stitching['tile']} px" if stitching["tile"] else "the largest image's size (native-resolution model)"
-        parts.append(markdown_table(rows) + f"\n({stitching['samples']} samples; canvas tiles of {tile}.)\n")
+        parts.append(markdown_table(rows) + f"\n({sample_count(stitching)}; canvas tiles of {tile}.)\n")
         parts.append(f"\n![stitching]({link('figures/' + stitching['figures']['scores'])})\n")
     attention = results.get("attention")
     if attention:
@@ -666,8 +681,7 @@ def experiment_markdown(results: dict, level: int = 2, link: Callable[[str], str
                          "answer token) pays to images, the share on the images that hold the evidence, x100, over "
                          "samples with evidence in some but not all images; uniform = their share of image tokens.\n\n"
                          + markdown_table(answer_rows))
-        parts += [f"\n![attention]({link('figures/' + p)})\n" for key, p in attention["figures"].items()
-                  if key.startswith(("inter_N", "answer_N"))]
+        parts += [f"\n![attention {key}]({link('figures/' + p)})\n" for key, p in attention["figures"].items()]
     return "".join(parts)
 
 

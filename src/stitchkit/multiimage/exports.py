@@ -5,6 +5,12 @@
     OUT/parquet/<task>/test-00000-of-00001.parquet   the same rows (datasets.load_dataset("parquet", ...))
     OUT/lmms_eval/mimic/           group `mimic` (+ `mimic_legacy`), four task YAMLs, utils.py, the scorer
     OUT/vlmevalkit/                MIMIC.tsv, mimic.py (dataset class), the scorer, README.md
+    OUT/manifest.json              which benchmark (path, sha256 of samples.jsonl); "export" is marked
+                                   finished, with the formats written, only at the end
+
+Every image is checked once before anything is written, so a missing or corrupt file is one error, not a
+traceback from inside `datasets` or an export that cannot be read later. An OUT holding another benchmark's
+export is refused (runs.RunDir), so two benchmarks never mix in one folder.
 
 The scorer module (protocol.py) is copied byte for byte into both adapter folders, so an lmms-eval or
 VLMEvalKit run scores exactly as `stitchkit mimic score` does.
@@ -20,10 +26,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from stitchkit.errors import InputError
+from stitchkit.errors import InputError, StitchkitError
 from stitchkit.multiimage import protocol
 from stitchkit.multiimage.benchmark import Benchmark, Sample
-from stitchkit.runs import atomic_path, atomic_replace_dir, atomic_write_text, prepare_output
+from stitchkit.runs import RunDir, atomic_path, atomic_replace_dir, atomic_write_text
 
 FORMATS = ("hf", "parquet", "lmms-eval", "vlmevalkit")
 ADAPTERS = Path(__file__).parent / "adapters"
@@ -34,7 +40,8 @@ def hf_features():
 
     int32, string = Value("int32"), Value("string")
     # the official scorer's fields (question, images, gt, task, idx/id) and every record field; `task` is the task
-    # name (the official sub-key is `cell`), `idx` the number in the id (the released row's own key, if imported)
+    # name (the official sub-key is `cell`), `idx` the number in the id (the released row's own key, if imported),
+    # `images` the pictures, so the record's file names move to `image_files`
     return Features({
         "id": string, "idx": Value("int64"), "task": string, "cell": string, "question": string,
         "template_id": int32, "gt": string, "images": List(Image()), "image_files": List(string),
@@ -72,9 +79,26 @@ def _hf_rows(bench: Benchmark, samples: list[Sample]):
         yield row
 
 
+def _stream_dataset(bench: Benchmark, samples: list[Sample], cache: str):
+    """from_generator streams rows to arrow files, so COCO-size exports need not fit in memory. `datasets` wraps
+    an error raised in the generator (an unreadable image) in DatasetGenerationError: ours is unwrapped."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(
+            _hf_rows, features=hf_features(), cache_dir=cache, gen_kwargs={"bench": bench, "samples": samples},
+            fingerprint=hashlib.sha256(json.dumps([s.to_dict() for s in samples]).encode()).hexdigest()[:32],
+        )
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, StitchkitError):
+            raise err.__cause__ from None
+        raise
+
+
 def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: bool = True) -> dict[str, Path]:
     """One DatasetDict per task (the official configs: counting, common, listing, oddone; split "test")."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
@@ -82,11 +106,7 @@ def export_hf(bench: Benchmark, out: Path, parquet: bool = True, save_to_disk: b
     with tempfile.TemporaryDirectory(dir=out if out.exists() else None) as cache:
         for task in bench.tasks():
             samples = [s for s in bench.samples if s.task == task]
-            # from_generator streams rows to arrow files, so COCO-size exports need not fit in memory
-            dataset = Dataset.from_generator(
-                _hf_rows, features=hf_features(), cache_dir=cache, gen_kwargs={"bench": bench, "samples": samples},
-                fingerprint=hashlib.sha256(json.dumps([s.to_dict() for s in samples]).encode()).hexdigest()[:32],
-            )
+            dataset = _stream_dataset(bench, samples, cache)
             if save_to_disk:
                 target = out / "hf" / task
                 atomic_replace_dir(target, DatasetDict({"test": dataset}).save_to_disk)
@@ -185,8 +205,11 @@ def export_lmms_eval(bench: Benchmark, out: Path, hf_root: Path) -> Path:
 
 # -- VLMEvalKit ----------------------------------------------------------------------------------------------
 
+# every record field (`image_ids`, `classes`, `counts_per_image`, `target_positions` as JSON lists), the answer as
+# `answer`, and VLMEvalKit's own columns (index, image, image_path, split)
 TSV_COLUMNS = ("index", "image", "image_path", "question", "answer", "task", "category", "n_images", "spread",
-               "n_distractors", "k", "balanced", "split", "id", "cell", "template_id", "classes", "counts_per_image")
+               "n_distractors", "k", "balanced", "total_count", "odd_images", "split", "id", "cell", "template_id",
+               "classes", "counts_per_image", "target_positions", "image_ids", "filter_mode", "seed")
 
 VLMEVALKIT_README = """\
 # MIMIC for VLMEvalKit
@@ -242,9 +265,12 @@ def export_vlmevalkit(bench: Benchmark, out: Path) -> Path:
                 "image_path": repr([f"mimic_{i}{ext}" for i, ext in zip(sample.image_ids, suffixes)]),
                 "question": sample.question, "answer": sample.gt, "task": sample.task, "category": sample.category,
                 "n_images": sample.n_images, "spread": sample.spread, "n_distractors": sample.n_distractors,
-                "k": sample.k, "balanced": sample.balanced, "split": "test", "id": sample.id, "cell": sample.cell,
+                "k": sample.k, "balanced": sample.balanced, "total_count": sample.total_count,
+                "odd_images": sample.odd_images, "split": "test", "id": sample.id, "cell": sample.cell,
                 "template_id": sample.template_id, "classes": json.dumps(sample.classes),
                 "counts_per_image": json.dumps(sample.counts_per_image),
+                "target_positions": json.dumps(sample.target_positions), "image_ids": json.dumps(sample.image_ids),
+                "filter_mode": sample.filter_mode, "seed": sample.seed,
             }
             line = "\t".join(_tsv_cell(row[c]) for c in TSV_COLUMNS) + "\n"
             tsv.write(line)
@@ -259,12 +285,24 @@ def export_vlmevalkit(bench: Benchmark, out: Path) -> Path:
     return folder
 
 
-def export_benchmark(bench: Benchmark, out: str | os.PathLike, formats: list[str] | None = None) -> dict[str, Path]:
-    formats = list(formats or FORMATS)
-    unknown = sorted(set(formats) - set(FORMATS))
+def export_formats(formats: list[str] | None) -> list[str]:
+    """The formats asked for (default all), in FORMATS order; an unknown one is an error."""
+    asked = list(formats or FORMATS)
+    unknown = sorted(set(asked) - set(FORMATS))
     if unknown:
         raise InputError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    out = prepare_output(out)
+    return [f for f in FORMATS if f in asked]
+
+
+def export_benchmark(bench: Benchmark, out: str | os.PathLike, formats: list[str] | None = None,
+                     command: str | None = None) -> dict[str, Path]:
+    from stitchkit.data import check_images
+
+    formats = export_formats(formats)
+    check_images(sorted({path for sample in bench.samples for path in bench.image_paths(sample)}))
+    run = RunDir(out, config={"benchmark": str(bench.root.resolve()), "samples_sha256": bench.fingerprint},
+                 command=command)
+    out = run.root
     written: dict[str, Path] = {}
     if "hf" in formats or "parquet" in formats or "lmms-eval" in formats:
         written.update(export_hf(bench, out, parquet="parquet" in formats,
@@ -273,4 +311,6 @@ def export_benchmark(bench: Benchmark, out: str | os.PathLike, formats: list[str
         written["lmms-eval"] = export_lmms_eval(bench, out, out / "hf")
     if "vlmevalkit" in formats:
         written["vlmevalkit"] = export_vlmevalkit(bench, out)
+    exported = {*run.manifest["steps"].get("export", {}).get("formats", []), *formats}
+    run.finish("export", formats=[f for f in FORMATS if f in exported])
     return written

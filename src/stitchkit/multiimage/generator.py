@@ -422,6 +422,8 @@ def build_benchmark(
 
     config = config or MimicConfig()
     images_root = Path(images).resolve()
+    if images_root.exists() and not images_root.is_dir():
+        raise InputError(f"image folder {images} is not a folder: give the folder the file_name entries live in")
     if not images_root.is_dir():
         raise InputError(f"image folder not found: {images}")
     coco = load_coco(annotations)

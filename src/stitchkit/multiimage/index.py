@@ -86,9 +86,11 @@ class MimicIndex:
         return cls(
             file_names=[coco.images[i].file_name for i in image_ids],
             image_ids=image_ids,
-            class_names=[coco.categories[c].name for c in class_ids],
+            # lowercase, as COCO's are: questions and answers read "buses", "car, truck" whatever the source's
+            # capitals (OpenImages: "Bus"); the annotation file keeps the original names
+            class_names=[coco.categories[c].name.lower() for c in class_ids],
             class_ids=class_ids,
-            class_group=[coco.categories[c].supercategory for c in class_ids],
+            class_group=[coco.categories[c].supercategory.lower() for c in class_ids],
             counts=counts,
             filter=filter,
             pair_image=pair_image,

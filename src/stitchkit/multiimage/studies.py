@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from stitchkit.multiimage.benchmark import Benchmark, Sample
-from stitchkit.multiimage.evaluate import LazyImages, first_per_task, sample_images, task_scores
+from stitchkit.multiimage.evaluate import LazyImages, sample_images, stratified_per_task, task_scores
 from stitchkit.multiimage.imageops import encoder_side, resample_image, stitch_images
 from stitchkit.multiimage.protocol import TASKS
+from stitchkit.multiimage.scoring import task_line_plot
 
 # Evaluate(vlm, tag, policy, pool, transform name, transform fn, max_per_task, description) -> results
 Evaluate = Callable[..., dict]
@@ -37,7 +38,7 @@ REFERENCE_GEOMETRY = {"prefix": 20, "suffix": 30, "image_tokens": 730, "layers":
 
 def probe_samples(samples: Sequence[Sample], per_task: int = 2) -> list[Sample]:
     """A few samples of every task, to measure sequence lengths without running the model."""
-    return first_per_task(samples, per_task)
+    return stratified_per_task(samples, per_task)
 
 
 def sequence_stats(vlm, bench: Benchmark, samples: Sequence[Sample], transform=None) -> dict[str, float]:
@@ -167,7 +168,7 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
     group is averaged (VLM.pool_pad; "zeros" is the official code's)."""
     from stitchkit.report import line_plot
 
-    samples = first_per_task(bench.samples, per_task)
+    samples = stratified_per_task(bench.samples, per_task)
     probes = probe_samples(samples)
     side = encoder_side(vlm)
     rows = []
@@ -189,7 +190,9 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
             rows.append({"method": "pixel down/up-sampling", "factor": f,
                          **sequence_stats(vlm, bench, probes, transform), **task_scores(results)})
     pooled = [r for r in rows if r["method"] == "token pooling"]
-    best = max(pooled, key=lambda r: -1.0 if r["avg"] is None else r["avg"])
+    # the best factor that pools at all (f = 1 is the unpooled run); None if only f = 1 was asked for
+    best = max((r for r in pooled if r["factor"] > 1), key=lambda r: -1.0 if r["avg"] is None else r["avg"],
+               default={"factor": None, "avg": None})
     # the control starts from the same unpooled point (f = 1 removes nothing)
     lines = {"token pooling": pooled,
              "pixel down/up-sampling": pooled[:1] + [r for r in rows if r["method"] != "token pooling"]}
@@ -199,9 +202,9 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
                            title="Sequence length: tokens pooled vs pixels removed")
     per_task_series = {t: ([math.log2(r["factor"]) for r in pooled], [100 * (r[t] or 0.0) for r in pooled])
                        for t in TASKS if t in pooled[0]}
-    figure_tasks = line_plot(figures / "pooling_tasks.png", per_task_series, xlabel=LOG2_FACTOR,
-                             ylabel="score x100", title="1-D token pooling, per task")
-    return {"samples": len(samples), "encoder_side": side, "pool_pad": pool_pad, "rows": rows,
+    figure_tasks = task_line_plot(figures / "pooling_tasks.png", per_task_series, xlabel=LOG2_FACTOR,
+                                  ylabel="score x100", title="1-D token pooling, per task")
+    return {"samples": len(samples), "max_per_task": per_task, "encoder_side": side, "pool_pad": pool_pad, "rows": rows,
             "best_factor": best["factor"], "unpooled_avg": pooled[0]["avg"], "best_avg": best["avg"],
             "figures": {"avg": figure_avg.name, "tasks": figure_tasks.name}}
 
@@ -227,7 +230,7 @@ def stitching_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy:
     as N images; the vision-token counts of both are measured, not assumed."""
     from stitchkit.report import bar_plot
 
-    samples = first_per_task(bench.samples, per_task)
+    samples = stratified_per_task(bench.samples, per_task)
     probes = probe_samples(samples)
     side = encoder_side(vlm)
     transform = stitch_transform(side)
@@ -244,7 +247,8 @@ def stitching_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy:
     groups = {t: {name: 100 * (scores[name][t] or 0.0) for name in scores}
               for t in [*TASKS, "avg"] if t in scores["multi-image"]}
     figure = bar_plot(figures / "stitching.png", groups, ylabel="score x100", title="N images vs one stitched canvas")
-    return {"samples": len(samples), "tile": side, "scores": scores, "tokens": tokens, "by_n_images": by_n,
+    return {"samples": len(samples), "max_per_task": per_task, "tile": side, "scores": scores, "tokens": tokens,
+            "by_n_images": by_n,
             "figures": {"scores": figure.name}}
 
 

@@ -22,7 +22,8 @@ _spec.loader.exec_module(protocol)
 with open(os.path.join(_HERE, "mimic_vocabulary.json")) as _f:
     VOCABULARY = protocol.Vocabulary(json.load(_f))
 
-CONTROLS = ("id", "task", "cell", "n_images", "spread", "n_distractors", "k", "balanced", "category", "template_id")
+CONTROLS = ("id", "task", "cell", "n_images", "spread", "n_distractors", "k", "balanced", "total_count", "category",
+            "template_id", "odd_images")
 
 
 def doc_to_visual(doc):

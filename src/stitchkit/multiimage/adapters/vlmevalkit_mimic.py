@@ -26,7 +26,8 @@ from .image_base import ImageBaseDataset
 TSV_MD5 = None
 SCORING_MODES = ("clean", "legacy_official")
 
-CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "category", "template_id")
+CONTROLS = ("n_images", "spread", "n_distractors", "k", "balanced", "total_count", "category", "template_id",
+            "odd_images")
 CLEAN_DATASETS = {"MIMIC": None, "MIMIC_Counting": "counting", "MIMIC_Common": "common", "MIMIC_OddOne": "oddone",
                   "MIMIC_Listing": "listing"}  # dataset name -> the task it keeps (None: all)
 LEGACY_NAME = {name: name.replace("MIMIC", "MIMIC_Legacy", 1) for name in CLEAN_DATASETS}
