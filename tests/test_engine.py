@@ -630,3 +630,15 @@ def test_a_warmup_as_long_as_the_training_is_refused():
     assert validate_config(TrainConfig, {"steps": 10, "batch_size": 2, "warmup_steps": 9}).warmup_steps == 9
     with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be fewer than the training's 10 steps"):
         validate_config(TrainConfig, {"steps": 10, "batch_size": 2, "warmup_steps": 10})
+
+
+def test_an_unquoted_yaml_no_is_the_precision_no():
+    """YAML 1.1 reads `mixed_precision: no` as false; every suite's optimiser block shares the type that reads it
+    back as "no" (stitchkit.config.MixedPrecision)."""
+    import pydantic
+    import yaml
+
+    cfg = TrainConfig.model_validate(yaml.safe_load("steps: 3\nbatch_size: 2\nmixed_precision: no\n"))
+    assert cfg.mixed_precision == "no"
+    with pytest.raises(pydantic.ValidationError):
+        TrainConfig.model_validate(yaml.safe_load("steps: 3\nbatch_size: 2\nmixed_precision: yes\n"))  # true: no such value

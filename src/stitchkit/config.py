@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
@@ -26,6 +26,12 @@ class Config(pydantic.BaseModel):
 
 
 C = TypeVar("C", bound=Config)
+
+# The engine's precision setting, shared by every suite's optimiser block. YAML 1.1 reads an unquoted `no` as the
+# boolean false: that is the value "no", not an error.
+MixedPrecision = Annotated[
+    Literal["auto", "no", "bf16"], pydantic.BeforeValidator(lambda value: "no" if value is False else value)
+]
 
 
 def config_hash(config: pydantic.BaseModel, version: int | str) -> str:

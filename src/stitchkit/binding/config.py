@@ -15,7 +15,7 @@ import pydantic
 from stitchkit.binding.model import ModelSettings
 from stitchkit.binding.render import Placement, glyph_set
 from stitchkit.binding.task import Vocabulary
-from stitchkit.config import Config
+from stitchkit.config import Config, MixedPrecision
 from stitchkit.engine.loop import AdamBetas, warmup_error
 
 
@@ -74,7 +74,7 @@ class OptimSettings(Config):
         (0.9, 0.95), description="AdamW's (beta1, beta2), §4; the plateau studies of results/binding/ used torch's (0.9, 0.999)"
     )
     max_grad_norm: Optional[float] = pydantic.Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     checkpoint_every: int = pydantic.Field(1000, ge=1)
     carry_state: bool = pydantic.Field(
         True, description="each stage starts from the AdamW moments the previous stage ended with (§4); a parameter "

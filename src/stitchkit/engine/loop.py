@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.data import default_collate
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from stitchkit.config import Config
+from stitchkit.config import Config, MixedPrecision
 from stitchkit.engine.checkpoint import (
     CHECKPOINT,
     carry_optimizer_state,
@@ -140,7 +140,7 @@ class TrainConfig(Config):
     checkpoint_every: int = pydantic.Field(200, ge=1)  # steps; a checkpoint is also written at the end
     log_every: int = pydantic.Field(10, ge=1)
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, no on CPU
+    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on CUDA, no on CPU
     early_stopping: EarlyStopping | None = None  # needs eval_fn and eval_every
     # Epoch-aligned batches (module docstring): ceil(n / batch_size) steps per epoch, the last batch partial.
     epoch_batches: bool = False
