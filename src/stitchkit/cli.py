@@ -79,6 +79,8 @@ _add_subapps()
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():  # a log: Hugging Face's tqdm bars would add carriage-return noise beside our lines
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from stitchkit.runs import discard_outputs_on_user_error
 
     def report(folder) -> None:
