@@ -58,6 +58,8 @@ def test_bad_config_names_the_problem(tmp_path, text, expected):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):  # e.g. `configs/stitch` for a YAML in it
+        load_config(Outer, tmp_path)
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

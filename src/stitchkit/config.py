@@ -65,6 +65,8 @@ def validate_config(model: type[C], data: Any, source: str = "(config)") -> C:
 
 def read_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file: pass a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
