@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,16 @@ def test_sweep_writes_the_paper_table_and_resumes_without_recomputing(model_dirs
     text = report.read_text()
     assert "| pair / init | L1 | L2 |" in text and "dino→clip, FFM→TLT" in text and "dino→dino (self), LFM + head" in text
     assert "Cross − self" in text and (tmp_path / "run" / "results.csv").exists()
-    assert len(list((tmp_path / "run" / "figures").glob("*.png"))) == 3 * 2
+    # The context a score needs: classes and chance, split sizes, each model's resolution and grid, the budget.
+    from stitchkit.world import ONTOLOGY
+
+    classes = len(ONTOLOGY.categories)  # data.target: category
+    assert f"labelled by category), 32 px: {classes} classes (chance {100 / classes:.2g}%); 32 train / 16 val / 16 test images" in text
+    assert f"dino = `{model_dirs['dino']}` (32 px, patch 8: 4x4 grid, 3 blocks, width 32)" in text
+    assert "Training budget: FFM 1 epoch, batch 16, lr 0.001; TLT 1 epoch, batch 16, lr 0.001; LFM 1 epoch" in text
+    # One figure per kind for the cross pair, its self-stitch controls in the same axes; a profile for its LFM cells.
+    figures = {path.name for path in (tmp_path / "run" / "figures").glob("*.png")}
+    assert figures == {f"{kind}_dino--clip--mlp-relu.png" for kind in ("score", "final_distance", "profile")}
 
     # A second run finds every cell finished: no model pass, no training, the same report.
     again = Sweep(cfg, tmp_path / "run")
@@ -300,6 +310,10 @@ def test_tree_reports_cost_and_normalised_gain(model_dirs, tmp_path):
     # L = block 2 of 3 for every model: VST-1 with 3 models runs 1 + 3 * (2 - 1) blocks against single's 2.
     assert tree["blocks"] == 4 and tree["extra_blocks"] == pytest.approx(1.0) == tree["formula_overhead"]
     assert "normalised_gain" in tree and "VST-1" in report.read_text()
+    # The table names its metric; every row is timed in turns with the trunk alone, and on the CPU marked indicative.
+    assert "| variant | top-1 accuracy (%) | extra blocks | extra FLOPs | ms / image (vs trunk alone) | extra time (CPU: indicative) |" in report.read_text()
+    low, high = tree["extra_time_range"]
+    assert low <= tree["extra_time"] <= high and tree["timed_on"] == "cpu"
     assert results["feature_blocks"] == {"dino": 2, "clip": 2, "siglip": 2} and "`dino` block 2" in report.read_text()
     for probe in ("baselines/seed0/single", "trees/n1/seed0/probe"):
         records = [json.loads(line) for line in (tmp_path / "tree" / probe / "metrics.jsonl").read_text().splitlines()]
@@ -318,6 +332,149 @@ def test_cli_errors_name_the_field(model_dirs, tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / name)])
         assert isinstance(result.exception, ConfigError) and message in str(result.exception), (name, result.exception)
+
+
+# ---- problems the config and the models' shapes decide: refused before anything runs (issue 3 walkthrough) ----
+
+
+def tree_config(model_dirs, **overrides) -> dict:
+    cfg = {
+        "data": {"image_size": 32, "train": 32, "val": 16, "test": 16},
+        "models": model_dirs,
+        "trunk": "dino",
+        "branches": ["clip"],
+        "points": [1],
+        "ffm": FAST, "probe": FAST,
+        "timing_batches": 1,
+        "eval_batch_size": 16,
+        "device": "cpu",
+    }  # fmt: skip
+    cfg.update(overrides)
+    return cfg
+
+
+def run_cli(capsys, tmp_path, verb: str, cfg: dict, name: str) -> tuple[int, str, Path]:
+    """`stitchkit stitch VERB` as a user runs it (the CLI's error handling and folder clean-up included): its
+    exit code, what it printed to stderr, and the --out folder it was given."""
+    from stitchkit.cli import main
+
+    path, out = tmp_path / f"{name}.yaml", tmp_path / f"out-{name}"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stitch", verb, str(path), "--out", str(out)])
+    return exit_info.value.code, capsys.readouterr().err, out
+
+
+def test_a_resolution_that_is_no_whole_number_of_patches_is_refused_before_any_folder(model_dirs, tmp_path, capsys):
+    """Below one patch the patch embedding cannot run (it was a traceback, exit 1, and a left-over folder that
+    blocked the corrected run); between multiples the model silently dropped pixels. Both: one message naming
+    image_size.<model>, exit code 2, and no folder."""
+    cases = {
+        "small": ("run", sweep_config(model_dirs, image_size={"dino": 4}),
+                  "error: image_size.dino: 4 px is smaller than dino's patch size (8 px)"),
+        "between": ("run", sweep_config(model_dirs, image_size={"clip": 30}),
+                    ("error: image_size.clip: 30 px is not a multiple of clip's patch size (8 px): the model would see a "
+                     "3x3 grid and drop 6 px of every image; use 24 or 32")),
+        "tree": ("tree", tree_config(model_dirs, image_size={"clip": 4}),
+                 "error: image_size.clip: 4 px is smaller than clip's patch size (8 px)"),
+    }  # fmt: skip
+    for name, (verb, cfg, message) in cases.items():
+        code, err, out = run_cli(capsys, tmp_path, verb, cfg, name)
+        assert (code, message in err, "Traceback" in err, out.exists()) == (2, True, False, False), (name, err)
+
+
+def test_joins_the_models_cannot_make_are_refused_naming_the_pair_before_any_folder(model_dirs, tmp_path, capsys):
+    """A grid or prefix policy, or an identity stitch, that cannot join a pair used to fail when the first cell
+    was built: after the probes had finished (or after many cells), keeping a folder the corrected config could
+    not resume. Now every cell (and every trunk -> branch join) is checked once the models are loaded."""
+    cases = {
+        "grid": ("run", sweep_config(model_dirs, image_size={"dino": 48}),
+                 ("error: grid_policy: 'identity' needs equal patch grids, but dino (48 px, patch 8) → clip (32 px, "
+                  "patch 8) joins a 6x6 grid to a 4x4 grid")),
+        "prefix": ("run", sweep_config(model_dirs, prefix_policy="drop"),
+                   ("error: prefix_policy: 'drop' feeds the target no prefix tokens, but clip, the target of dino → "
+                    "clip, reads 1")),
+        "tree_prefix": ("tree", tree_config(model_dirs, prefix_policy="drop"), "but clip, the target of dino → clip, reads 1"),
+        "tree_grid": ("tree", tree_config(model_dirs, branches=["siglip"]),
+                      "dino (32 px, patch 8) → siglip (48 px, patch 16) joins a 4x4 grid to a 3x3 grid"),
+        "tree_identity": ("tree", tree_config(model_dirs, stitch={"kind": "identity"}),
+                          "error: stitch: 'identity' cannot join dino → clip: dino is 32 wide, clip 48"),
+    }  # fmt: skip
+    for name, (verb, cfg, message) in cases.items():
+        code, err, out = run_cli(capsys, tmp_path, verb, cfg, name)
+        assert (code, message in err, out.exists()) == (2, True, False), (name, err)
+
+
+def test_an_identity_stitch_with_nothing_to_train_is_kept_as_the_untrained_control(model_dirs, tmp_path):
+    """An identity S where the target has no prefix slot to learn gives LFM and FFM nothing to train (the engine
+    refused, after other cells had run). The stage is skipped and the cell kept: a head fitted (or trained by
+    TLT) on the untrained stitch. Oracle: an identity self-stitch is the model itself, so both distances are 0."""
+    cfg = sweep_config(model_dirs, models={"dino": model_dirs["dino"]}, pairs=[["dino", "dino"]], points=[1],
+                       stitch_layers=[{"kind": "identity"}], objectives=["lfm", "ffm_tlt"], probes=False,
+                       cache_dtype="float32")  # fmt: skip
+    run_sweep(validate_config(StitchRunConfig, cfg), tmp_path / "run")
+    lfm, ffm_tlt = json.loads((tmp_path / "run" / "results.json").read_text())["cells"]
+    for cell in (lfm, ffm_tlt):
+        assert cell["trainable_params"] == 0 and "learnable" not in cell["prefix"]
+        assert cell["distance_stitch"] == pytest.approx(0, abs=1e-9) and cell["distance_final"] == pytest.approx(0, abs=1e-9)
+        assert 0 <= cell["score_test"] <= 100
+    assert lfm["final_losses"] == {"lfm": None} and ffm_tlt["final_losses"]["ffm"] is None
+    assert np.isfinite(ffm_tlt["final_losses"]["tlt"])  # TLT still trains the head
+    cell_folder = tmp_path / "run" / "cells" / "dino--dino" / "n1" / "identity"
+    assert (cell_folder / "lfm" / "seed0" / "head").is_dir() and not (cell_folder / "lfm" / "seed0" / "lfm").exists()
+
+    # The tree: an identity branch into SigLIP (same width, no prefix tokens) keeps its S as built.
+    tree = tree_config(model_dirs, branches=["siglip"], stitch={"kind": "identity"}, grid_policy="bilinear")
+    report = run_tree(validate_config(TreeConfig, tree), tmp_path / "tree")
+    assert "VST-1" in report.read_text() and not (tmp_path / "tree" / "branches").exists()
+
+
+def test_repeated_points_and_seeds_and_a_sweep_without_pairs_are_refused(model_dirs):
+    """A repeated point or seed was one training reported twice (a fake ± 0.0 over seeds [0, 0]); a sweep without
+    pairs ran, drew the data and reported empty tables."""
+    for field, values, message in (("points", [1, 1], "points: Value error, 1 listed more than once in [1, 1]"),
+                                   ("seeds", [0, 1, 0], "seeds: Value error, 0 listed more than once in [0, 1, 0]")):  # fmt: skip
+        for config, data in ((StitchRunConfig, sweep_config(model_dirs)), (TreeConfig, tree_config(model_dirs))):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                validate_config(config, {**data, field: values})
+    one_model = sweep_config(model_dirs, models={"dino": model_dirs["dino"]}, pairs="all")
+    with pytest.raises(ConfigError, match="pairs: the sweep has no pairs: 'all' with one model gives no cross pair"):
+        validate_config(StitchRunConfig, one_model)
+    with pytest.raises(ConfigError, match="pairs: the list is empty"):
+        validate_config(StitchRunConfig, sweep_config(model_dirs, pairs=[]))
+    assert validate_config(StitchRunConfig, {**one_model, "pairs": [["dino", "dino"]]}).all_pairs() == [("dino", "dino")]
+
+
+def test_messages_name_the_field_to_fix(model_dirs, tmp_path):
+    """The tree's point past its feature layer names the feature layer (not a wrong block count); fractions that
+    leave no train split name both fractions; a missing data folder or file names data.path."""
+    from stitchkit.errors import InputError
+    from stitchkit.stitching.data import DataConfig, load_task_data
+
+    late = r"points \[2\]: the trunk is read at feature_layer -2 \(block 2\), so it can be stitched after blocks 1..1 only"
+    with pytest.raises(ConfigError, match=late):  # the tiny models have 3 blocks: -2 is block 2
+        run_tree(validate_config(TreeConfig, tree_config(model_dirs, points=[2])), tmp_path / "tree")
+    folder = {"source": "folder", "path": str(tmp_path / "nowhere")}
+    with pytest.raises(ConfigError, match=r"val_fraction \+ test_fraction: 0.6 \+ 0.5 leaves no images to train on"):
+        validate_config(DataConfig, {**folder, "val_fraction": 0.6, "test_fraction": 0.5})
+    # With a test split of its own, test_fraction is not used.
+    validate_config(DataConfig, {**folder, "val_fraction": 0.6, "test_fraction": 0.5, "test_split": {"path": "t"}})
+    with pytest.raises(InputError, match=f"^data.path: image folder not found: {tmp_path / 'nowhere'}$"):
+        load_task_data("classification", validate_config(DataConfig, folder))
+    with pytest.raises(InputError, match="^data.path: annotation file not found: "):
+        load_task_data("segmentation", validate_config(DataConfig, {"source": "coco", "path": str(tmp_path / "a.json")}))
+
+
+def test_the_python_snippet_of_the_docs_runs(model_dirs):
+    """docs/stitching.md's snippet, with local model folders for its hub ids and point 1 for 14 (the tiny models
+    have 3 blocks): it runs, and without head= it returns the target's pooled features, as the text says."""
+    docs = (Path(__file__).parents[1] / "docs" / "stitching.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", docs, re.DOTALL).group(1)
+    snippet = snippet.replace('"facebook/dinov2-large"', repr(model_dirs["dino"]))
+    snippet = snippet.replace('"google/siglip2-large-patch16-256"', repr(model_dirs["clip"])).replace(", 14,", ", 1,")
+    namespace = {"images": np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)}
+    exec(snippet, namespace)  # noqa: S102 (the docs' own code)
+    assert namespace["features"].shape == (4, 48)  # clip's width: the pooled output a head would read
 
 
 def test_optim_config_becomes_the_engine_config():
@@ -661,7 +818,7 @@ def test_a_test_split_of_its_own_files(tmp_path):
     assert {image.tobytes() for image in data.splits["test"].images} == test_pixels
     with pytest.raises(InputError, match="data.test_split: its classes"):
         load_task_data("classification", validate_config(DataConfig, {**folder, "test_split": {"path": str(tmp_path / "odd" / "folder")}}))
-    with pytest.raises(InputError, match="data.test_split: .*not found"):
+    with pytest.raises(InputError, match="^data.test_split.path: image folder not found: .*none$"):
         load_task_data("classification", validate_config(DataConfig, {**folder, "test_split": {"path": str(tmp_path / "none")}}))
 
     coco = {"source": "coco", "path": str(render_coco(tmp_path / "coco_train", n_images=10, size=16, seed=0)), "image_size": 16,

@@ -127,20 +127,44 @@ def _check_stage_options(cfg: Config) -> None:
                     raise ValueError(f"{stage}.{option}: {why}")
 
 
+def _check_distinct(values: list) -> list:
+    """Refuse a value listed twice. Points and seeds name cells and run folders, so a repeated one would only be
+    one training reported twice (and a spread over seeds [0, 0] would be a fake 0)."""
+    repeated = sorted({v for i, v in enumerate(values) if v in values[:i]})
+    if repeated:
+        raise ValueError(f"{', '.join(map(str, repeated))} listed more than once in {values}; list each value once")
+    return values
+
+
 def _check_points(points: list[int]) -> list[int]:
-    """Refuse stitch points below 1 at validation, before any model is built; the upper bound (N - 1) depends on
-    the model's depth and is checked by model.check_point once the models are loaded."""
+    """Refuse stitch points below 1 (and repeated ones) at validation, before any model is built; the upper bound
+    (N - 1) depends on the model's depth and is checked by model.check_point once the models are loaded."""
     bad = [n for n in points if n < 1]
     if bad:
         raise ValueError(
             f"stitch point(s) {bad} out of range: point n stitches after block n (1-indexed), so n >= 1 "
             "(and at most the model's number of blocks - 1)"
         )
-    return points
+    return _check_distinct(points)
 
 
 # The stitch points of a sweep or a tree (_check_points).
 StitchPoints = Annotated[list[int], pydantic.AfterValidator(_check_points)]
+# The seeds of a sweep or a tree: each seed is one training of every cell (_check_distinct).
+Seeds = Annotated[
+    list[pydantic.NonNegativeInt], pydantic.AfterValidator(_check_distinct), pydantic.Field(min_length=1)
+]
+
+
+def late_points_message(points: list[int], feature_layer: int, block: int) -> str | None:
+    """Why the tree cannot stitch its trunk at some of `points`, or None: the trunk is read at `block` (what
+    `feature_layer` resolves to), so a branch must start before it. Validation checks a positive feature_layer;
+    a negative one counts from the model's last block and is checked once the trunk is loaded."""
+    late = [n for n in points if n >= block]
+    if not late:
+        return None
+    at = f"feature_layer {feature_layer}" + (f" (block {block})" if feature_layer < 0 else "")
+    return f"points {late}: the trunk is read at {at}, so it can be stitched after blocks 1..{block - 1} only"
 
 
 def _check_block_index(name: str, value: int) -> int:
@@ -174,7 +198,7 @@ class StitchRunConfig(Config):
     objectives: list[Objective] = pydantic.Field(default_factory=lambda: ["tlt", "ffm_tlt"], min_length=1)
     self_stitch: bool = True  # the control: source = target, same S, point, objective, data and seed
     probes: bool = True  # linear probes of every model (baselines, and prediction overlap)
-    seeds: list[pydantic.NonNegativeInt] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    seeds: Seeds = pydantic.Field(default_factory=lambda: [0])
     match_layer: Literal["last_normed", "last_raw"] | int = "last_normed"
     prefix_policy: Literal["map", "learnable", "drop"] = "map"
     grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
@@ -221,6 +245,12 @@ class StitchRunConfig(Config):
                 for role, name in (("source", source), ("target", target)):
                     if name not in names:
                         raise ValueError(f"pairs[{i}]: {role} {name!r} is not in models ({', '.join(sorted(names))})")
+        if not self.all_pairs():
+            raise ValueError(
+                "pairs: the sweep has no pairs: 'all' with one model gives no cross pair (and so no self-stitch); "
+                "add a model, or list pairs (a self pair such as [[a, a]] runs that self-stitch alone)"
+                if self.pairs == "all" else "pairs: the list is empty; list (source, target) pairs or use 'all'"
+            )
         unknown = set(self.image_size) - names
         if unknown:
             raise ValueError(f"image_size: {', '.join(sorted(unknown))} not in models")
@@ -261,7 +291,7 @@ class TreeConfig(Config):
     grid_policy: Literal["identity", "bilinear", "avgpool"] = "identity"
     ffm: OptimConfig = OptimConfig(epochs=2, lr=1e-3)
     probe: OptimConfig = OptimConfig(epochs=10, lr=1e-3)
-    seeds: list[pydantic.NonNegativeInt] = pydantic.Field(default_factory=lambda: [0], min_length=1)
+    seeds: Seeds = pydantic.Field(default_factory=lambda: [0])
     timing_batches: int = pydantic.Field(5, ge=1, description="batches timed per variant")
     eval_batch_size: int = pydantic.Field(64, ge=1)
     cache: Literal["memory", "disk", "none"] = "memory"
@@ -279,16 +309,16 @@ class TreeConfig(Config):
             for name in names:
                 if name not in self.models:
                     raise ValueError(f"{field}: {name!r} is not in models ({', '.join(sorted(self.models))})")
-        late = [n for n in self.points if self.feature_layer > 0 and n >= self.feature_layer]
-        if late:  # a negative feature_layer counts from the model's last block: checked once the models are loaded
-            raise ValueError(
-                f"points {late}: the trunk is read at feature_layer {self.feature_layer}, so it can be stitched "
-                f"after blocks 1..{self.feature_layer - 1} only"
-            )
+        late = self.feature_layer > 0 and late_points_message(self.points, self.feature_layer, self.feature_layer)
+        if late:
+            raise ValueError(late)
         if self.trunk in self.branches:
             raise ValueError(f"branches: the trunk {self.trunk!r} has its own branch already; list only the others")
         if self.stitch.kind == "lora":
             raise ValueError("stitch.kind: tree branches share the trunk's block n, so 'lora' cannot be used")
+        if self.stitch.init == "lstsq":
+            raise ValueError("stitch.init: the tree's branches start from a random S and train by FFM ('lstsq' is a "
+                             "`stitch run` option)")
         if self.probe.lr_sweep is not None:
             raise ValueError("probe.lr_sweep: the tree's probes train at probe.lr (the sweep is a `stitch run` option)")
         _check_stage_options(self)

@@ -118,6 +118,11 @@ class DataConfig(ImageSourceConfig):
                 raise ValueError("test_split.masks: the label-map folder of the test images, with source 'masks' only")
             if self.source != "coco" and self.test_split.image_root is not None:
                 raise ValueError("test_split.image_root is read with source 'coco' only")
+        elif self.source != "shapes" and self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction: {self.val_fraction:g} + {self.test_fraction:g} leaves no images to "
+                "train on; their sum must be below 1"
+            )
         return self
 
     def for_test_split(self) -> "DataConfig":
@@ -165,6 +170,15 @@ class TaskData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def context(self) -> dict:
+        """What a reader needs to judge a score, for results.json and the report: the number of classes, the
+        chance level of top-1 accuracy (a uniform guess, 100 / classes %) and every split's size."""
+        return {
+            "classes": self.num_classes,
+            "chance": 100.0 / self.num_classes if self.task == "classification" else None,
+            "splits": {name: len(split) for name, split in self.splits.items()},
+        }
+
     @property
     def ffm_split(self) -> str:
         """The split FFM trains S on: ffm_data's images if given, else the task's train split (labels unused)."""
@@ -196,7 +210,15 @@ def _labelled_splits(task: Task, cfg: DataConfig) -> TaskData:
         raise InputError("data.source 'folder' has class labels only; use task classification or a COCO file")
     if cfg.source == "masks" and task != "segmentation":
         raise InputError("data.source 'masks' holds label maps; use task segmentation")
-    load = {"folder": _folder, "coco": _coco, "masks": _mask_folder}[cfg.source]
+    loader = {"folder": _folder, "coco": _coco, "masks": _mask_folder}[cfg.source]
+
+    def load(task: Task, cfg: DataConfig, which: tuple[str, ...]) -> TaskData:
+        # The shared loaders name only the missing file; the config's field is what the user edits.
+        if cfg.source != "masks" and not Path(cfg.path).exists():
+            what = "annotation file" if cfg.source == "coco" else "image folder"
+            raise InputError(f"data.path: {what} not found: {cfg.path}")
+        return loader(task, cfg, which)
+
     if cfg.test_split is None:
         return load(task, cfg, SPLITS)
     try:
@@ -231,6 +253,10 @@ def _with_test(data: TaskData, test: TaskData) -> TaskData:
     return TaskData(data.task, names, {**data.splits, "test": test.splits["test"]}, f"{data.description}; test: {test.description}")
 
 
+# What a shapes-world class is, by `data.target`, in descriptions.
+_LABELLED_BY = {"category": "category", "colour": "colour", "both": "colour × category"}
+
+
 def _shapes(task: Task, cfg: DataConfig) -> TaskData:
     from stitchkit.world.sets import classification_set, segmentation_set
 
@@ -245,7 +271,7 @@ def _shapes(task: Task, cfg: DataConfig) -> TaskData:
             data = segmentation_set(n, cfg.image_size, seed, max_objects=cfg.max_objects)
             splits[split] = Split(data.images, data.masks.astype(MAP_DTYPE))
         names = data.class_names
-    what = f"{cfg.target} classification" if task == "classification" else f"segmentation, <= {cfg.max_objects} objects"
+    what = f"one object per image, labelled by {_LABELLED_BY[cfg.target]}" if task == "classification" else f"segmentation, <= {cfg.max_objects} objects"
     return TaskData(task, list(names), splits, f"shapes world ({what}), {cfg.image_size} px")
 
 

@@ -20,15 +20,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchkit.errors import ConfigError
+from stitchkit.errors import ConfigError, IncompatibleError
 from stitchkit.stitching.objectives import resolve_match_layer
-from stitchkit.stitching.tokens import GridAdapter, PrefixBridge
+from stitchkit.stitching.tokens import (
+    GridAdapter,
+    PrefixBridge,
+    check_grid_policy,
+    check_prefix_policy,
+)
 
 
 def native_grid(backbone) -> tuple[int, int]:
     """The patch grid of a backbone at its own resolution (square images)."""
     side = backbone.image_size // backbone.patch_size
     return side, side
+
+
+def resolution(backbone) -> str:
+    """A backbone's resolution and patch grid, as reports and messages give it: '32 px, patch 8: 4x4 grid'."""
+    height, width = native_grid(backbone)
+    return f"{backbone.image_size} px, patch {backbone.patch_size}: {height}x{width} grid"
+
+
+def check_resolution(name: str, backbone) -> None:
+    """Refuse a resolution (`image_size.NAME`, or the checkpoint's own) that is not a whole number of patches: below
+    one patch the patch embedding cannot run; between multiples the model silently drops the pixels past the last
+    whole patch. The sweep and the tree check every model once it is loaded, before writing anything."""
+    size, patch = backbone.image_size, backbone.patch_size
+    if size < patch:
+        raise ConfigError(f"image_size.{name}: {size} px is smaller than {name}'s patch size ({patch} px); "
+                          f"use a multiple of {patch}")  # fmt: skip
+    if size % patch:
+        side = size // patch
+        raise ConfigError(
+            f"image_size.{name}: {size} px is not a multiple of {name}'s patch size ({patch} px): the model would see "
+            f"a {side}x{side} grid and drop {size - side * patch} px of every image; use {side * patch} or {(side + 1) * patch}"
+        )
+
+
+def check_joinable(source_name: str, source, target_name: str, target, *, stitch_kind: str, stitch_field: str,
+                   prefix_policy: str, grid_policy: str) -> None:  # fmt: skip
+    """Refuse, from the two models' shapes alone, a stitch kind, prefix policy or grid policy that cannot join
+    source to target, naming the pair: what building the stitched model would refuse, found before a sweep or a
+    tree writes or trains anything (IdentityStitch, PrefixBridge and GridAdapter keep their own checks)."""
+    pair = f"{source_name} → {target_name}"
+    if stitch_kind == "identity" and source.hidden_size != target.hidden_size:
+        raise IncompatibleError(
+            f"{stitch_field}: 'identity' cannot join {pair}: {source_name} is {source.hidden_size} wide, "
+            f"{target_name} {target.hidden_size}"
+        )
+    check_prefix_policy(prefix_policy, target.num_prefix_tokens, target=f"{target_name}, the target of {pair},")
+    described = " → ".join(f"{name} ({bb.image_size} px, patch {bb.patch_size})" for name, bb in
+                           ((source_name, source), (target_name, target)))  # fmt: skip
+    check_grid_policy(grid_policy, native_grid(source), native_grid(target), pair=described)
 
 
 def blank_pixels(backbone) -> torch.Tensor:

@@ -48,7 +48,17 @@ from stitchkit.stitching.config import OptimConfig, StitchLayerConfig, StitchRun
 from stitchkit.stitching.data import TaskData, load_task_data
 from stitchkit.stitching.diagnostics import DistanceMeter, prediction_overlap
 from stitchkit.stitching.layers import build_stitch, least_squares_init, stitch_input_layer
-from stitchkit.stitching.model import StitchedModel, build_head, check_point, map_depth, match_features
+from stitchkit.stitching.model import (
+    StitchedModel,
+    build_head,
+    check_joinable,
+    check_point,
+    check_resolution,
+    map_depth,
+    match_features,
+    native_grid,
+    resolution,
+)
 from stitchkit.stitching.objectives import (
     IGNORE_INDEX,
     LABEL_FREE,
@@ -138,6 +148,15 @@ def stack_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
 
 
+def model_records(specs: dict[str, str], models: dict) -> dict[str, dict]:
+    """name -> the model's id, resolution, patch size, grid, blocks and width, as a sweep or a tree ran it."""
+    return {
+        name: {"model": specs[name], "image_size": bb.image_size, "patch_size": bb.patch_size,
+               "grid": list(native_grid(bb)), "blocks": bb.num_blocks, "width": bb.hidden_size, "resolution": resolution(bb)}
+        for name, bb in models.items()
+    }  # fmt: skip
+
+
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
@@ -165,8 +184,6 @@ class Sweep:
     def __init__(self, cfg: StitchRunConfig, out: str | Path, command: str | None = None):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "sweep": cfg.seeds}, command=command)
-        self.data: TaskData = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.models = {name: load_frozen_backbone(spec, cfg.image_size.get(name), self.device) for name, spec in cfg.models.items()}
         self.cells = [
             Cell(source, target, point, stitch, objective, seed)
@@ -176,8 +193,14 @@ class Sweep:
             for stitch in cfg.stitch_layers
             for objective in cfg.objectives
         ]
+        # Everything the config and the models' shapes decide is checked before the run folder exists: a config
+        # that cannot run leaves nothing behind, and never fails after some cells have trained.
+        for name, backbone in self.models.items():
+            check_resolution(name, backbone)
         for cell in self.cells:
             self._check_cell(cell)
+        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "sweep": cfg.seeds}, command=command)
+        self.data: TaskData = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.store = FeatureStore.for_run(self.run.root, cfg, self.device)
         self._plan()
         self.init_images = self.data.splits["train"].images[: cfg.init_images]
@@ -185,19 +208,18 @@ class Sweep:
     # ---- setup ------------------------------------------------------------------------------
 
     def _check_cell(self, cell: Cell) -> None:
+        """What building and training the cell would refuse, checked from the config and the models' shapes."""
         source, target = self.models[cell.source], self.models[cell.target]
         check_point(cell.point, source.num_blocks, field="points")
         resolve_match_layer(self.cfg.match_layer, target.num_blocks)
-        if cell.stitch.kind == "identity" and source.hidden_size != target.hidden_size:
-            raise ConfigError(
-                f"stitch_layers: 'identity' cannot join {cell.source} ({source.hidden_size} wide) and "
-                f"{cell.target} ({target.hidden_size} wide)"
-            )
+        field = f"stitch_layers[{self.cfg.stitch_layers.index(cell.stitch)}]"
+        check_joinable(cell.source, source, cell.target, target, stitch_kind=cell.stitch.kind, stitch_field=field,
+                       prefix_policy=self.cfg.prefix_policy, grid_policy=self.cfg.grid_policy)  # fmt: skip
         if cell.stitch.init == "lstsq" and not (
             cell.stitch.kind == "linear" or (cell.stitch.kind == "lora" and source.hidden_size != target.hidden_size)
         ):
             raise ConfigError(
-                f"stitch_layers: init 'lstsq' needs kind 'linear' (or 'lora' between different widths), got {cell.stitch.kind!r}"
+                f"{field}: init 'lstsq' needs kind 'linear' (or 'lora' between different widths), got {cell.stitch.kind!r}"
             )
 
     def target_point(self, cell: Cell) -> int:
@@ -435,6 +457,11 @@ class Sweep:
             if stage == "tlt":
                 seed_everything(cell.seed + 1)  # a fresh head, the same for every cell with this seed
                 model.head = build_head(self.cfg.task, model.target, self.data.num_classes, self.cfg.data.image_size)
+            if not model.trainable_parameters():
+                # An identity S and no learnable prefix slot: LFM or FFM has nothing to move, so the stitch stays
+                # as built and the cell is the untrained stitch's control (a head is still fitted, or trained by TLT).
+                losses[stage] = None
+                continue
             dataset = self.stage_dataset(cell, model, stage)
             result = train_stage(
                 model,
@@ -587,7 +614,12 @@ class Sweep:
                 for name in self.models:
                     probes[(name, seed)] = self.probe(name, seed)
         cells = [self.run_cell(cell, probes) for cell in track(self.cells, "stitch cells")]
-        results = {"probes": list(probes.values()), "cells": cells}
+        results = {
+            "data_context": self.data.context(),  # classes, chance and split sizes, for the report
+            "models": model_records(self.cfg.models, self.models),
+            "probes": list(probes.values()),
+            "cells": cells,
+        }
         if any("ffm" in stages(cell.objective) for cell in self.cells):
             results["ffm_data"] = self.data.ffm_record()  # which images the FFM stages trained on
         return results

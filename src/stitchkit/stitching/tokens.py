@@ -27,6 +27,32 @@ PrefixPolicy = Literal["map", "learnable", "drop"]
 GridPolicy = Literal["identity", "bilinear", "avgpool"]
 
 
+def check_prefix_policy(policy: str, target_prefix: int, target: str = "the target") -> None:
+    """Refuse a prefix policy that cannot feed this target. PrefixBridge calls it when built, and the sweep and
+    the tree for every pair before anything is written or trained (model.check_joinable), naming the pair."""
+    if policy not in ("map", "learnable", "drop"):
+        raise IncompatibleError(f"prefix_policy: unknown policy {policy!r}; choose map, learnable or drop")
+    if policy == "drop" and target_prefix:
+        raise IncompatibleError(
+            f"prefix_policy: 'drop' feeds the target no prefix tokens, but {target} reads {target_prefix} "
+            "(its readout uses the CLS token); use 'map' or 'learnable'"
+        )
+
+
+def check_grid_policy(policy: str, source_grid, target_grid, pair: str = "source → target") -> None:
+    """Refuse a grid policy that cannot join these patch grids (GridAdapter when built; the sweep and the tree
+    for every pair beforehand, with `pair` naming the models and their resolutions)."""
+    if policy not in ("identity", "bilinear", "avgpool"):
+        raise IncompatibleError(f"grid_policy: unknown policy {policy!r}; choose identity, bilinear or avgpool")
+    if policy == "identity" and tuple(source_grid) != tuple(target_grid):
+        source_side, target_side = ("x".join(map(str, grid)) for grid in (source_grid, target_grid))
+        raise IncompatibleError(
+            f"grid_policy: 'identity' needs equal patch grids, but {pair} joins a {source_side} grid to a "
+            f"{target_side} grid; set grid_policy to bilinear or avgpool, or choose resolutions (image_size) that "
+            "give one grid"
+        )
+
+
 class PrefixBridge(nn.Module):
     """Builds the target's prefix tokens from the (already stitched) source prefix tokens and learnable slots."""
 
@@ -36,13 +62,7 @@ class PrefixBridge(nn.Module):
 
     def __init__(self, source_prefix: int, target_prefix: int, dim: int, policy: PrefixPolicy = "map"):
         super().__init__()
-        if policy not in ("map", "learnable", "drop"):
-            raise IncompatibleError(f"prefix_policy: unknown policy {policy!r}; choose map, learnable or drop")
-        if policy == "drop" and target_prefix:
-            raise IncompatibleError(
-                f"prefix_policy: 'drop' feeds the target no prefix tokens, but the target reads {target_prefix} "
-                "(its readout uses the CLS token); use 'map' or 'learnable'"
-            )
+        check_prefix_policy(policy, target_prefix)
         self.source_prefix, self.target_prefix, self.policy = source_prefix, target_prefix, policy
         # For every target slot: the source slot it copies, or -1 for a learnable slot.
         self.sources = [j if policy == "map" and j < source_prefix else -1 for j in range(target_prefix)]
@@ -78,13 +98,7 @@ class GridAdapter(nn.Module):
     def __init__(self, source_grid: tuple[int, int], target_grid: tuple[int, int], policy: GridPolicy = "identity"):
         super().__init__()
         self.source_grid, self.target_grid = tuple(source_grid), tuple(target_grid)
-        if policy not in ("identity", "bilinear", "avgpool"):
-            raise IncompatibleError(f"grid_policy: unknown policy {policy!r}; choose identity, bilinear or avgpool")
-        if policy == "identity" and self.source_grid != self.target_grid:
-            raise IncompatibleError(
-                f"grid_policy: 'identity' needs equal patch grids, got source {self.source_grid} and target "
-                f"{self.target_grid}; set grid_policy to bilinear or avgpool, or choose resolutions that give one grid"
-            )
+        check_grid_policy(policy, self.source_grid, self.target_grid)
         self.policy = policy
 
     @property

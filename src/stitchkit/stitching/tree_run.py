@@ -22,16 +22,17 @@ from torch import nn
 
 from stitchkit.engine import seed_everything
 from stitchkit.engine.devices import pick_device
-from stitchkit.report import line_plot, markdown_table
+from stitchkit.errors import ConfigError
+from stitchkit.report import markdown_table
 from stitchkit.runs import RunDir, atomic_write_json, atomic_write_text
 from stitchkit.stitching.cache import ArrayDataset, FeatureStore, float_tensor, inference_autocast, layer_key
-from stitchkit.stitching.config import TreeConfig
+from stitchkit.stitching.config import TreeConfig, late_points_message
 from stitchkit.stitching.data import load_task_data
 from stitchkit.stitching.layers import build_stitch
-from stitchkit.stitching.model import StitchedModel, check_point
+from stitchkit.stitching.model import StitchedModel, check_joinable, check_point, check_resolution
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
-from stitchkit.stitching.protocol import task_score, train_stage
-from stitchkit.stitching.report import ffm_data_sentence
+from stitchkit.stitching.protocol import model_records, task_score, train_stage
+from stitchkit.stitching.report import data_sentence, ffm_data_sentence, format_mean, models_sentence, tree_figure
 from stitchkit.stitching.tree import (
     StitchTree,
     block_flops,
@@ -52,20 +53,14 @@ class TreeExperiment:
     def __init__(self, cfg: TreeConfig, out: str | Path, command: str | None = None):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "tree": cfg.seeds}, command=command)
-        self.data = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.names = [cfg.trunk, *cfg.branches]
         self.models = {name: load_frozen_backbone(cfg.models[name], cfg.image_size.get(name), self.device) for name in self.names}
         self.trunk = self.models[cfg.trunk]
         self.bridge_options = {"prefix_policy": cfg.prefix_policy, "grid_policy": cfg.grid_policy}
         self.layers = {name: feature_layer_of(bb, cfg.feature_layer) for name, bb in self.models.items()}
-        for name, layer in self.layers.items():
-            if not 1 <= layer <= self.models[name].num_blocks:
-                from stitchkit.errors import ConfigError
-
-                raise ConfigError(f"feature_layer: {cfg.feature_layer} is no block of {name}")
-        for point in cfg.points:
-            check_point(point, min(self.layers[cfg.trunk], self.trunk.num_blocks), field="points")
+        self._check()  # before the run folder exists: a tree that cannot run leaves nothing behind
+        self.run = RunDir(out, config=cfg, seeds={"data": cfg.data.seed, "tree": cfg.seeds}, command=command)
+        self.data = load_task_data(cfg.task, cfg.data, cfg.ffm_data)
         self.store = FeatureStore.for_run(self.run.root, cfg, self.device)
         for split in ("train", "val", "test"):
             for name in self.names:
@@ -75,6 +70,23 @@ class TreeExperiment:
         self.store.plan(cfg.trunk, self.data.ffm_split, [layer_key(n) for n in cfg.points])
         for name in cfg.branches:
             self.store.plan(name, self.data.ffm_split, [layer_key(self.layers[name])])
+
+    def _check(self) -> None:
+        """What the branches and baselines would refuse, from the config and the models' shapes: resolutions,
+        feature layers, stitch points and every trunk → branch join."""
+        cfg = self.cfg
+        for name, backbone in self.models.items():
+            check_resolution(name, backbone)
+            if not 1 <= self.layers[name] <= backbone.num_blocks:
+                raise ConfigError(f"feature_layer: {cfg.feature_layer} is no block of {name}")
+        for point in cfg.points:
+            check_point(point, self.trunk.num_blocks, field="points")
+        late = late_points_message(cfg.points, cfg.feature_layer, self.layers[cfg.trunk])
+        if late:
+            raise ConfigError(late)
+        for name in cfg.branches:
+            check_joinable(cfg.trunk, self.trunk, name, self.models[name], stitch_kind=cfg.stitch.kind,
+                           stitch_field="stitch", **self.bridge_options)  # fmt: skip
 
     def features(self, name: str, split: str, key: str) -> np.ndarray:
         return self.store.get(name, split, key, self.models[name], self.data.splits[split].images, self.cfg.task)
@@ -129,8 +141,9 @@ class TreeExperiment:
             stitched = wrapped(batch["hidden"].float(), output="match")
             return final_feature_matching_loss(stitched, batch["reference"].float(), weights.to(stitched.device))
 
-        folder = self.run.path("branches", f"n{point}", name, f"seed{seed}", ".")
-        train_stage(model, loss_fn, dataset, self.cfg.ffm, seed, folder, description=f"branch {name} n{point}")
+        if model.trainable_parameters():  # an identity S without learnable prefix slots stays as built
+            folder = self.run.path("branches", f"n{point}", name, f"seed{seed}", ".")
+            train_stage(model, loss_fn, dataset, self.cfg.ffm, seed, folder, description=f"branch {name} n{point}")
         return model
 
     @torch.no_grad()
@@ -146,20 +159,32 @@ class TreeExperiment:
         return torch.cat(outputs).numpy()
 
     @torch.no_grad()
-    def time_forward(self, forward, px_by_model) -> float:
-        """Median seconds per image of a forward pass from pixels, over `timing_batches` batches."""
-        times = []
-        for _ in range(self.cfg.timing_batches + 1):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            with inference_autocast(self.device):
-                forward(px_by_model)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
+    def time_forward(self, single, other, px_by_model) -> dict:
+        """Seconds per image of the forward passes `single` (the trunk alone) and `other` from pixels, timed in
+        turns (single, other, single, other, ...) over `timing_batches` rounds after one warm-up round, so that a
+        change in the machine's load reaches both alike. Returns both medians, and the extra time of `other` as
+        the median of the rounds' ratios with their range (on a shared CPU rounds differ by up to 2x)."""
         batch = len(next(iter(px_by_model.values())))
-        return statistics.median(times[1:]) / batch  # the first call warms up
+        times = {"single": [], "other": []}
+        for _ in range(self.cfg.timing_batches + 1):
+            for name, forward in (("single", single), ("other", other)):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                with inference_autocast(self.device):
+                    forward(px_by_model)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - started) / batch)
+        single_times, other_times = times["single"][1:], times["other"][1:]  # the first round warms up
+        extra = [o / s - 1 for s, o in zip(single_times, other_times)]
+        return {
+            "single_seconds_per_image": statistics.median(single_times),
+            "seconds_per_image": statistics.median(other_times),
+            "extra_time": statistics.median(extra),
+            "extra_time_range": [min(extra), max(extra)],
+            "timed_on": self.device.type,
+        }
 
     def _model_forward(self, name: str):
         """Model `name` run in full up to its feature layer, from pixels (what a multi-encoder MLLM pays)."""
@@ -196,9 +221,7 @@ class TreeExperiment:
         cost = tree.cost()
         single_blocks = self.layers[self.cfg.trunk]
         single_flops = single_blocks * block_flops(self.trunk, sequence_length(self.trunk))
-        # Timed side by side with the trunk alone, so both see the same machine load.
-        single_time = self.time_forward(self._model_forward(self.cfg.trunk), pixels)
-        tree_time = self.time_forward(lambda p: tree.forward_pixels(p[self.cfg.trunk]), pixels)
+        timing = self.time_forward(self._model_forward(self.cfg.trunk), lambda p: tree.forward_pixels(p[self.cfg.trunk]), pixels)
         record = {
             "point": point,
             "seed": seed,
@@ -206,10 +229,9 @@ class TreeExperiment:
             "score_test": scores["test"],
             "blocks": cost["blocks"],
             "flops": cost["flops"],
-            "seconds_per_image": tree_time,
             "extra_blocks": cost["blocks"] / single_blocks - 1,
             "extra_flops": cost["flops"] / single_flops - 1,
-            "extra_time": tree_time / single_time - 1,
+            **timing,
             "formula_overhead": vst_overhead(single_blocks, point, len(self.names)),
         }
         atomic_write_json(folder / "result.json", record)
@@ -230,10 +252,12 @@ class TreeExperiment:
         single_flops = single_blocks * block_flops(self.trunk, sequence_length(self.trunk))
         dual_blocks = sum(self.layers.values())
         dual_flops = sum(self.layers[n] * block_flops(self.models[n], sequence_length(self.models[n])) for n in self.names)
-        single_time = self.time_forward(self._model_forward(self.cfg.trunk), pixels)
-        dual_time = self.time_forward(lambda p: [self._model_forward(n)(p) for n in self.names], pixels)
+        timing = self.time_forward(self._model_forward(self.cfg.trunk), lambda p: [self._model_forward(n)(p) for n in self.names], pixels)
+        single_time = timing["single_seconds_per_image"]
         return {
             "ffm_data": self.data.ffm_record(),  # which images the branches trained on
+            "data_context": self.data.context(),
+            "models": model_records(self.cfg.models, self.models),
             "feature_blocks": dict(self.layers),  # the block feature_layer resolves to in each model
             "baselines": baselines,
             "trees": trees,
@@ -242,67 +266,93 @@ class TreeExperiment:
                 "score_test": dual_score,
                 "blocks": dual_blocks,
                 "flops": dual_flops,
-                "seconds_per_image": dual_time,
                 "extra_blocks": dual_blocks / single_blocks - 1,
                 "extra_flops": dual_flops / single_flops - 1,
-                "extra_time": dual_time / single_time - 1,
+                **timing,
             },
         }
 
 
+TIME_COLUMN = "ms / image (vs trunk alone)"
+
+
+def _time_cells(record: dict, extra_column: str, indicative: bool) -> dict[str, str]:
+    """A variant's measured time per image and its extra time over the trunk alone: the median of the rounds'
+    ratios, with their range where timings are indicative only (the CPU)."""
+    low, high = record.get("extra_time_range", (record["extra_time"],) * 2)
+    spread = f" ({low:+.0%} to {high:+.0%})" if indicative else ""
+    # The trunk alone as timed in the same rounds: another row's trunk time saw another machine load.
+    alone = f" vs {record['single_seconds_per_image'] * 1000:.2f}" if "single_seconds_per_image" in record else ""
+    return {TIME_COLUMN: f"{record['seconds_per_image'] * 1000:.2f}{alone}", extra_column: f"{record['extra_time']:.1%}{spread}"}
+
+
 def write_tree_outputs(out: Path, cfg: TreeConfig, description: str, results: dict) -> Path:
     atomic_write_json(out / "results.json", {"data": description, **results})
+    metric_name = "top-1 accuracy (%)"
+    # On a CPU a forward pass of the micro zoo takes milliseconds and a shared machine's load changes them by up
+    # to 2x between rounds, so the extra time is shown with its range and marked indicative.
+    indicative = results["dual"].get("timed_on", "cpu") != "cuda"
+    time_column = "extra time (CPU: indicative)" if indicative else "extra time"
+    single_scores = [b["single"]["test"] for b in results["baselines"]]
+    every_scores = [b["dual"]["test"] for b in results["baselines"]]
     rows = [
-        {"variant": f"single ({cfg.trunk})", "score": f"{results['single']['score_test']:.1f}", "extra blocks": "0%", "extra FLOPs": "0%", "extra time": "0%", "norm. gain": "0"},
-        {
-            "variant": f"all {len(cfg.branches) + 1} models",
-            "score": f"{results['dual']['score_test']:.1f}",
-            "extra blocks": f"{results['dual']['extra_blocks']:.1%}",
-            "extra FLOPs": f"{results['dual']['extra_flops']:.1%}",
-            "extra time": f"{results['dual']['extra_time']:.1%}",
-            "norm. gain": "1",
-        },
-    ]
+        {"variant": f"single ({cfg.trunk})", metric_name: format_mean(single_scores), "extra blocks": "0%",
+         "extra FLOPs": "0%", TIME_COLUMN: f"{results['single']['seconds_per_image'] * 1000:.2f}", time_column: "0%",
+         "norm. gain": "0"},
+        {"variant": f"all {len(cfg.branches) + 1} models", metric_name: format_mean(every_scores),
+         "extra blocks": f"{results['dual']['extra_blocks']:.1%}", "extra FLOPs": f"{results['dual']['extra_flops']:.1%}",
+         **_time_cells(results["dual"], time_column, indicative), "norm. gain": "1"},
+    ]  # fmt: skip
     by_point: dict[int, list[dict]] = {}
     for record in results["trees"]:
         by_point.setdefault(record["point"], []).append(record)
     for point, records in sorted(by_point.items()):
-        scores = [r["score_test"] for r in records]
-        gains = [r["normalised_gain"] for r in records]
+        timing = {key: statistics.fmean(r[key] for r in records) for key in ("seconds_per_image", "extra_time", "single_seconds_per_image")
+                  if all(key in r for r in records)}  # fmt: skip
+        if all("extra_time_range" in r for r in records):  # a tree timed before the range was recorded has none
+            timing["extra_time_range"] = (min(r["extra_time_range"][0] for r in records), max(r["extra_time_range"][1] for r in records))
         rows.append(
             {
                 "variant": f"VST-{point}",
-                "score": f"{statistics.fmean(scores):.1f}" + (f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""),
+                metric_name: format_mean([r["score_test"] for r in records]),
                 "extra blocks": f"{records[0]['extra_blocks']:.1%}",
                 "extra FLOPs": f"{records[0]['extra_flops']:.1%}",
-                "extra time": f"{statistics.fmean(r['extra_time'] for r in records):.1%}",
-                "norm. gain": f"{statistics.fmean(gains):.2f}",
+                **_time_cells(timing, time_column, indicative),
+                "norm. gain": f"{statistics.fmean(r['normalised_gain'] for r in records):.2f}",
             }
         )
-    xs = sorted(by_point)
-    figure = line_plot(
+    context = results.get("data_context") or {}
+    figure = tree_figure(
         out / "figures" / "tree_score_vs_cost.png",
-        {
-            "VST-n": ([by_point[n][0]["extra_blocks"] * 100 for n in xs], [statistics.fmean(r["score_test"] for r in by_point[n]) for n in xs]),
-            f"{cfg.trunk} alone": ([0], [results["single"]["score_test"]]),
-            "all models in full": ([results["dual"]["extra_blocks"] * 100], [results["dual"]["score_test"]]),
-        },
-        xlabel="extra cost over one model (% of blocks)",
-        ylabel="top-1 accuracy (%)",
-        title=f"VFM Stitch Tree, trunk {cfg.trunk}",
+        f"VFM Stitch Tree, trunk {cfg.trunk} (VST-n: stitched after trunk block n)",
+        by_point,
+        (f"{cfg.trunk} alone", single_scores),
+        ("all models in full", results["dual"]["extra_blocks"], every_scores),
+        metric_name,
+        context.get("chance"),
     )
+    timing_note = (
+        f"Times are medians over {cfg.timing_batches} rounds of one batch, each variant timed in turns with the "
+        "trunk alone (its time in those rounds after 'vs'); extra time is the median of the rounds' ratios (not "
+        "the ratio of the medians)"
+        + (", with their range in brackets: on a CPU (and a shared one most of all) these are indicative only, "
+           "so compare blocks and FLOPs, or time on a GPU." if indicative else ".")
+    )  # fmt: skip
     text = "\n".join(
         [
             "# VFM Stitch Tree\n",
             f"Trunk `{cfg.trunk}`, branches {', '.join(f'`{b}`' for b in cfg.branches)}; features from "
             f"feature_layer {cfg.feature_layer} ("
             + ", ".join(f"`{name}` block {block}" for name, block in results["feature_blocks"].items())
-            + f"; patch tokens, mean-pooled, concatenated) into a linear probe; data: {description}. "
+            + f"; patch tokens, mean-pooled, concatenated) into a linear probe; data: {data_sentence(description, results)}. "
+            f"Models: {models_sentence(results, {name: cfg.models[name] for name in [cfg.trunk, *cfg.branches]})}. "
+            f"Scores are test {metric_name}, mean ± sample std over seeds {cfg.seeds}. "
             "Extra cost is relative to the trunk model alone; normalised gain = (tree − single)/(all − single)."
             + ffm_data_sentence(results, trained="each branch's S_i")
             + "\n",
-            markdown_table(rows),
-            f"\n![score vs cost](figures/{figure.name})\n",
+            markdown_table(rows, ["variant", metric_name, "extra blocks", "extra FLOPs", TIME_COLUMN, time_column, "norm. gain"]),
+            timing_note + "\n",
+            f"![score vs cost](figures/{figure.name})\n",
         ]
     )
     report = out / "report.md"
