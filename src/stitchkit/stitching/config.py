@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from stitchkit.config import Config
+from stitchkit.config import Config, MixedPrecision
 from stitchkit.stitching.data import DataConfig, ImageSetConfig
 from stitchkit.stitching.objectives import LABEL_FREE, Objective, stages
 
@@ -83,7 +83,7 @@ class OptimConfig(Config):
     weight_decay: float = pydantic.Field(0.05, ge=0)
     warmup_fraction: float = pydantic.Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
 
     @pydantic.field_validator("lr_sweep")
     @classmethod
