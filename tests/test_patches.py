@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,15 @@ def test_generated_ids_are_seeded_well_formed_and_start_with_distinct_letters():
     tokens = first_tokens(tokenizer, [f" {i}" for i in ids])
     assert len(set(tokens)) == 20
     assert [tokenizer.convert_ids_to_tokens(t) for t in tokens] == [i[0] for i in ids]  # space dropped, first letter kept
+
+
+def test_generated_ids_never_start_with_a_two_letter_word():
+    # interjections and short words a tokenizer knows (the walkthrough's ha690, ta919, om238, zo815), checked over
+    # many draws: 200 seeds x 26 IDs cover every first letter 200 times
+    words = {"ha", "ta", "om", "zo", "pa", "ma", "lo", "yo", "ah", "ox", "am", "an", "is", "it", "ok", "no", "hi"}
+    prefixes = {i[:2] for seed in range(200) for i in generate_ids(26, seed)}
+    assert not prefixes & words
+    assert len(prefixes) > 300  # still many second letters per first letter
 
 
 def test_ids_are_regenerated_until_first_tokens_differ_under_the_tokenizer():
@@ -261,8 +271,108 @@ def test_a_failed_rebuild_never_passes_for_complete(tmp_path):
     build_patch_dataset(items, tmp_path / "out", [1])
     (folder / "img-2.png").write_bytes(b"not an image any more")
     with pytest.raises(InputError, match="cannot read image"):
-        build_patch_dataset(items, tmp_path / "out", [1, 2])
+        build_patch_dataset(items, tmp_path / "out", [1, 2], force=True)
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_a_repeated_build_reuses_only_an_unchanged_complete_dataset(tmp_path):
+    folder = image_folder(tmp_path)
+    (tmp_path / "names.json").write_text(json.dumps({f"img-{i}.png": f"shape {i}" for i in range(3)}))
+    items, out, said = read_names(tmp_path / "names.json", folder), tmp_path / "out", []
+    meta = build_patch_dataset(items, out, [1, 2], report=said.append)
+    assert said == [f"wrote {out / 'hf'} (f1: 3, f2: 12, images: 3); IDs in {out / 'dataset.json'}"]
+    stamp = (out / "dataset.json").stat().st_mtime_ns
+
+    # same settings, same images: nothing written
+    assert build_patch_dataset(items, out, [1, 2], report=said.append) == meta
+    assert said[-1] == f"{out}: up to date, nothing written" and (out / "dataset.json").stat().st_mtime_ns == stamp
+
+    # an image edited in place (same path, same settings): its patches are cut again from the new pixels
+    flipped = np.asarray(Image.open(folder / "img-1.png"))[:, ::-1]
+    Image.fromarray(flipped).save(folder / "img-1.png")
+    build_patch_dataset(items, out, [1, 2], report=said.append)
+    assert said[-2] == f"source image(s) img_1 changed since {out} was built: building it again"
+    dataset, _ = load_patch_dataset(out)
+    top_right = next(r for r in dataset["f2"] if (r["key"], r["row"], r["col"]) == ("img_1", 0, 1))
+    np.testing.assert_array_equal(np.asarray(top_right["image"]), flipped[:8, 15:30])  # 31 x 17 px: cells of 15 x 8
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "patches" / "2x2" / "img_1-0_1.png")), flipped[:8, 15:30])
+
+    # a folder that lost hf/ is built again, not passed off as complete
+    shutil.rmtree(out / "hf")
+    build_patch_dataset(items, out, [1, 2], report=said.append)
+    assert said[-2] == f"{out} is an incomplete build (no hf/dataset_dict.json): building it again"
+    assert load_patch_dataset(out)[0]["f2"].num_rows == 12
+
+
+def test_a_build_over_one_with_other_settings_is_refused_unless_forced(tmp_path):
+    folder = image_folder(tmp_path)
+    (tmp_path / "names.json").write_text(json.dumps({f"img-{i}.png": f"shape {i}" for i in range(3)}))
+    items, out = read_names(tmp_path / "names.json", folder), tmp_path / "out"
+    first = build_patch_dataset(items, out, [1, 2])
+    for changes, named in (({"splits": [2]}, "splits"), ({"id_seed": 4}, "images, id_seed"), ({"fmt": "jpeg"}, "format")):
+        settings = {"splits": [1, 2], **changes}
+        with pytest.raises(InputError, match=rf"built with other settings \({named} differ\); replace it with --force"):
+            build_patch_dataset(items, out, **settings)
+        assert load_patch_dataset(out)[1] == first  # untouched
+    said = []
+    replaced = build_patch_dataset(items, out, [2], id_seed=4, force=True, report=said.append)
+    assert said[0] == f"replacing {out}, built with other settings (images, splits, id_seed differ)"
+    assert replaced["counts"] == {"f2": 12, "images": 3} and not (out / "patches" / "1x1").exists()
+    assert [e["id"] for e in replaced["images"]] == generate_ids(3, 4)
+
+
+def test_dataset_json_keeps_source_files_relative_to_the_dataset_and_reads_older_ones(tmp_path):
+    folder = image_folder(tmp_path)
+    (tmp_path / "names.json").write_text(json.dumps({f"img-{i}.png": f"shape {i}" for i in range(3)}))
+    items, out = read_names(tmp_path / "names.json", folder), tmp_path / "data" / "mine"
+    meta = build_patch_dataset(items, out, [1])
+    assert [e["file"] for e in meta["images"]] == [f"../../images/img-{i}.png" for i in range(3)]
+    assert [(out / e["file"]).resolve() for e in meta["images"]] == [i.file.resolve() for i in items]
+    # a dataset.json written before the paths were relative (absolute, or relative to the working directory) and
+    # before the sources' hashes were recorded: the same settings, so rebuilt (the images cannot be compared), not refused
+    old = {**meta, "images": [{k: v for k, v in e.items() if k != "sha256"} | {"file": str(i.file.resolve())} for e, i in zip(meta["images"], items)]}
+    (out / "dataset.json").write_text(json.dumps(old))
+    said = []
+    assert build_patch_dataset(items, out, [1], report=said.append) == meta
+    assert said[0] == f"source image(s) img_0, img_1, img_2 changed since {out} was built: building it again"
+
+
+def test_the_build_command_reuses_refuses_and_warns(tmp_path, capsys):
+    from stitchkit.cli import main
+
+    folder = image_folder(tmp_path, 2)
+    (tmp_path / "names.csv").write_text("file,name\nimg-0.png,red star\nimg-1.png,blue ring\n")
+    args = ["patches", "build", "--images", str(folder), "--names", str(tmp_path / "names.csv"), "--out", str(tmp_path / "out")]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *extra])
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, " ".join(err.split())
+
+    code, out, err = run("--splits", "1,2")
+    assert code == 0 and "wrote" in out and "warning: the IDs' first tokens were not checked against any tokenizer" in err
+    code, out, _ = run("--splits", "1,2")
+    assert code == 0 and "up to date, nothing written" in out and "wrote" not in out
+    code, _, err = run("--splits", "2", "--seed", "3")
+    assert code == 2 and "built with other settings (images, splits, id_seed differ)" in err and "Traceback" not in err
+    code, out, _ = run("--splits", "2", "--seed", "3", "--force")
+    assert code == 0 and "replacing" in out and "f2: 8, images: 2" in out
+
+
+def test_ids_command_checks_its_response_template(capsys):
+    from stitchkit.cli import main
+
+    for response, message in (("{ident}", r"--response must contain {id}"), ("{", "--response is not a valid template"),
+                              ("ID", "--response must contain {id}"), (" {id} {x}", "unsupported field(s) {x}")):  # fmt: skip
+        for model in ([], ["--model", "/nowhere/model"]):  # checked before the model is looked up
+            with pytest.raises(SystemExit) as exit_info:
+                main(["patches", "ids", "--n", "3", "--response", response, *model])
+            err = " ".join(capsys.readouterr().err.split())
+            assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["patches", "ids", "--n", "3", "--response", "ID {id}"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.split() == generate_ids(3, 0)
 
 
 def test_names_file_errors_are_clear(tmp_path):
@@ -276,6 +386,12 @@ def test_names_file_errors_are_clear(tmp_path):
     (tmp_path / "names.csv").write_text("file,name,id\nimg-0.png,a,ab123\nimg-1.png,b,ab123\n")
     with pytest.raises(InputError, match="unique"):
         build_patch_dataset(read_names(tmp_path / "names.csv", folder), tmp_path / "out", [1])
+    (tmp_path / "names.csv").write_text("file,name\nimg-0.png,red star\nimg-1.png,red star\n")
+    with pytest.raises(InputError, match="names must be distinct .*; repeated: 'red star'"):
+        read_names(tmp_path / "names.csv", folder)
+    (tmp_path / "names.csv").write_text("file,name\nimg-0.png,red star\n")  # one image: no other ID to rank against
+    with pytest.raises(InputError, match="names 1 image.*at least 2"):
+        read_names(tmp_path / "names.csv", folder)
 
 
 def test_location_fields_are_filled_per_patch_with_its_0_based_grid_position(tmp_path):
@@ -383,6 +499,73 @@ def test_a_config_typo_names_its_path(tmp_path):
         load_config(PatchesConfig, tmp_path / "bad.yaml")
 
 
+def shapes_config(**shapes) -> dict:
+    return {"image_sets": {"shapes": {"shapes": {"images": 8, "size": 128, **shapes}}}}
+
+
+@pytest.mark.parametrize("scale", [(0.9, 0.1), (2, 3), (0, 0), (0.5, 1.2), (-0.1, 0.5)])
+def test_a_shapes_scale_outside_0_to_1_is_a_config_error_naming_the_field(scale):
+    with pytest.raises(ConfigError, match=r"image_sets.shapes.shapes.scale: .*0 < min <= max <= 1"):
+        validate_config(PatchesConfig, shapes_config(scale=list(scale)))
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (0.05, 0.05), (0.3, 1.0)])
+def test_every_valid_shapes_scale_renders(tmp_path, scale):
+    from stitchkit.patches.shapes import render_shapes_set
+
+    cfg = validate_config(PatchesConfig, shapes_config(images=2, size=32, scale=list(scale))).image_sets["shapes"].shapes
+    items = read_names(render_shapes_set(cfg, tmp_path), tmp_path)
+    assert len(items) == 2 and all(Image.open(i.file).size == (32, 32) for i in items)
+
+
+def test_a_set_of_one_image_is_refused():
+    with pytest.raises(ConfigError, match=r"image_sets.shapes.shapes.images: Input should be greater than or equal to 2"):
+        validate_config(PatchesConfig, shapes_config(images=1))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"splits": [1, 2, 4], "train": {"epochs": {1: -5, 2: 0, 4: 4}}}, r"train.epochs.1: Input should be greater than 0\s+train.epochs.2"),
+        ({"splits": [1, 2, 4], "train": {"epochs": {1: 40, 2: 10, 8: 4}}}, r"train.epochs names split factor\(s\) \[8\] that splits \[1, 2, 4\]"),
+        ({"splits": [2, 4], "train": {"epochs": {1: 40}}}, r"train.epochs names split factor\(s\) \[1\]"),
+        ({"moderation": {"splits": [4, 8], "train": {"epochs": {2: 10}}}}, r"moderation: .*train.epochs names split factor\(s\) \[2\] that splits \[4, 8\]"),
+        ({"moderation": {"train": {"epochs": {2: 0}}}}, r"moderation.train.epochs.2: Input should be greater than 0"),
+    ],
+)
+def test_epochs_must_be_positive_and_name_split_factors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(PatchesConfig, config)
+
+
+def test_default_epochs_need_not_be_restated_when_splits_change():
+    cfg = validate_config(PatchesConfig, {"splits": [2, 4], "moderation": {"splits": [4, 8], "train": {"lr": 1e-3}}})
+    assert cfg.train.epochs_for(2) == 5 and cfg.moderation.train.epochs_for(4) == 5  # the defaults' f = 1 / f = 2 keys unused
+
+
+def test_the_recognition_prompt_is_checked_like_the_other_templates():
+    with pytest.raises(ConfigError, match=r"image_sets.shapes.recognition_prompt: .*unsupported field\(s\) \{name\}"):
+        validate_config(PatchesConfig, {"image_sets": {"shapes": {"shapes": {}, "recognition_prompt": "The {name} shown is"}}})
+    with pytest.raises(ConfigError, match="recognition_prompt is not a valid template"):
+        validate_config(PatchesConfig, {"image_sets": {"shapes": {"shapes": {}, "recognition_prompt": "The shape { is"}}})
+    braces = validate_config(PatchesConfig, {"image_sets": {"shapes": {"shapes": {}, "recognition_prompt": "The {{shape}} is"}}})
+    assert braces.image_sets["shapes"].recognition_text == "The {shape} is"  # literal braces, as in the other templates
+
+
+def test_every_image_set_with_a_problem_is_named_at_once(tmp_path):
+    from stitchkit.patches.experiment import check_sources
+
+    folder = image_folder(tmp_path, 2)
+    (folder / "names.csv").write_text("file,name\nimg-0.png,red star\nimg-1.png,blue ring\n")
+    good = {"images": str(folder), "names": str(folder / "names.csv")}
+    sets = {"food": {"images": str(tmp_path / "food"), "names": str(tmp_path / "food" / "names.csv")}, "mine": good,
+            "animal": {**good, "names": str(tmp_path / "animal.csv")}}  # fmt: skip
+    with pytest.raises(InputError) as error:
+        check_sources(validate_config(PatchesConfig, {"splits": [1, 2], "image_sets": sets}))
+    assert str(error.value).splitlines() == [f"image set 'food': names file not found: {tmp_path / 'food' / 'names.csv'}",
+                                             f"image set 'animal': names file not found: {tmp_path / 'animal.csv'}"]  # fmt: skip
+
+
 def test_a_partial_moderation_train_block_keeps_the_official_moderation_settings():
     from stitchkit.patches.config import ModerationStudy
 
@@ -423,7 +606,99 @@ def test_the_moderation_table_reports_rank_and_probability():
     filtered, unfiltered = moderation_rows(moderation)
     assert filtered == {"arrangement": "3", "f": "2", "training": "filtered", "patches": 0, "ref rank": "no patch passed the filter"}
     assert unfiltered["ref prob"] == "0.60 ± 0.10" and unfiltered["img prob"] == "0.90 ± 0.00"
-    assert unfiltered["ref rank"] == "0.25 ± 0.05" and unfiltered["img attacker label"] == "1.00 ± 0.00"
+    assert unfiltered["ref rank"] == "0.25 ± 0.05" and unfiltered["img attacker-label rate"] == "1.00 ± 0.00"
+
+
+def test_the_attacker_label_rate_counts_a_tie_half():
+    from stitchkit.patches.moderation import attacker_rates
+
+    # (first-token logits of the arrangement's two labels, index of the attacker's label); the rate's oracle: 1 if
+    # the attacker's logit is the higher, 0 if the lower, 1/2 on a tie, whichever label is listed first
+    items = {"image": [((2.0, 2.0), 1), ((0.5, 1.5), 1)], "reference": [((3.0, 3.0), 0), ((1.0, 4.0), 0), ((2.0, 1.0), 0)]}
+    records = [{"mode": mode, "prob": gold_probability(logits, gold), "gold": ("safe", "unsafe")[gold],
+                "top": ("safe", "unsafe")[int(np.argmax(logits))]} for mode, rows in items.items() for logits, gold in rows]  # fmt: skip
+    assert attacker_rates(records) == {"image_attacker_rate": (0.5 + 1) / 2, "reference_attacker_rate": (0.5 + 0 + 1) / 3}
+
+
+def split_result(image: list[float], seeds: int, epochs: float, steps: int = 12, final_step: int = 12) -> dict:
+    """A results.json split: final mean/std of the image-based logit rank (others 1.0 / 0.0) over `seeds` seeds, and a
+    mean curve evaluated at step 0, 5, 10 and the end."""
+    metrics = ("image_logit", "reference_logit", "image_logprob", "reference_logprob")
+    curve = [{"step": s, "epoch": s / 4, **{m: 2.0 - s / 10 for m in metrics}} for s in sorted({0, 5, 10, steps})]
+    return {"train_samples": 8, "steps": steps, "epochs": epochs, "final_step": final_step,
+            "final_mean": {m: image[0] if m == "image_logit" else 1.0 for m in metrics},
+            "final_std": {m: image[1] if m == "image_logit" else 0.0 for m in metrics},
+            "seeds": {str(s): {} for s in range(1, seeds + 1)}, "mean_curve": curve}  # fmt: skip
+
+
+def results_of(seeds: int) -> dict:
+    splits = {"1": split_result([0.375, 0.05], seeds, 40.0), "2": split_result([0.625, 0.125], seeds, 5, final_step=10)}
+    return {"model": "tiny", "moderation": None, "sets": {"shapes": {"k": 8, "random_baseline": 3.5, "precheck": None, "splits": splits}}}
+
+
+def test_the_summary_table_shows_the_std_over_seeds_and_epochs_in_one_format():
+    from stitchkit.patches.report import detailed_rows, paper_rows
+
+    assert paper_rows(results_of(seeds=2))[0]["image (f=1/2)"] == "0.38 ± 0.05 / 0.62 ± 0.12"
+    assert paper_rows(results_of(seeds=1))[0]["image (f=1/2)"] == "0.38 / 0.62"  # one seed: no std to show
+    assert [row["epochs"] for row in detailed_rows(results_of(seeds=1))] == ["40", "5"]
+
+
+def test_the_report_leaves_out_an_empty_description(tmp_path):
+    from stitchkit.patches.report import write_report
+    from stitchkit.runs import RunDir
+
+    for description, start in (("", "# plain\n\n## Visual stitching"), ("Two seeds.", "# plain\n\nTwo seeds.\n\n## Visual stitching")):
+        cfg = PatchesConfig(name="plain", description=description)
+        text = write_report(RunDir(tmp_path / description, config=cfg), cfg, results_of(seeds=2)).read_text()
+        assert text.startswith(start)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the report makes, kept open instead of saved."""
+    from stitchkit.patches import report
+
+    made = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: made.append(fig) or Path(path))
+    yield made
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_the_curves_figure_rings_the_reported_step_and_starts_at_rank_0(tmp_path, figures):
+    from stitchkit.patches.report import curves_figure
+
+    curves_figure(tmp_path / "c.png", "shapes", results_of(seeds=1)["sets"]["shapes"])
+    image_panel = figures[0].axes[0]
+    rings = [line for line in image_panel.get_lines() if line.get_markerfacecolor() == "none"]
+    # f = 1 reports its end (step 12, epoch 3); f = 2 its step 10 (epoch 2.5), before its end; then the legend's ring
+    assert [list(line.get_xdata()) for line in rings] == [[3.0], [2.5], []]
+    assert rings[-1].get_label() == "reported step" and image_panel.get_ylim()[0] == 0
+
+
+def test_the_localization_figure_has_a_tick_at_every_split_factor_and_starts_at_0(tmp_path, figures):
+    from stitchkit.patches.report import localization_figure
+
+    localization = {str(f): {"mean_rank": 3.1 + f / 100, "random": 3.5} for f in (1, 2, 4, 8)}
+    localization_figure(tmp_path / "l.png", "shapes", localization)
+    ax = figures[0].axes[0]
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [1, 2, 4, 8]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 3.5
+
+
+def test_the_threshold_figure_ticks_every_x_and_is_left_out_when_nothing_trained(tmp_path, figures):
+    from stitchkit.patches.report import threshold_figure
+
+    trained = split_result([1.0, 0.0], 1, 5)
+    nothing = {"patches_kept": 0, "patches_total": 12, "trained_in": None, "note": "every patch ranks below x = 3"}
+    s = {"random_baseline": 3.5, "threshold_x": {"0": {"4": trained}, "1": {"4": trained}, "3": {"4": nothing}}}
+    assert threshold_figure(tmp_path / "t.png", "shapes", s) is not None
+    assert list(figures[0].axes[0].get_xticks()) == [0, 1, 3]
+    assert threshold_figure(tmp_path / "t.png", "shapes", {"random_baseline": 3.5, "threshold_x": {"3": {"4": nothing}}}) is None
+    assert len(figures) == 1
 
 
 def test_the_filter_figure_blacks_out_exactly_the_flagged_cells():

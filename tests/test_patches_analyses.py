@@ -124,6 +124,25 @@ def flag_everything_but_one(images):
     return [Verdict(True, 1.0) for _ in images[1:]]
 
 
+def answers_with_bools(images):
+    return [True for _ in images]
+
+
+def returns_nothing(images):
+    return None
+
+
+class Crashes:
+    name = "crashes"
+
+    def __call__(self, images):
+        raise RuntimeError("the moderation API is down")
+
+
+def crashing_factory(threshold: float = 0.5):
+    raise ValueError(f"threshold {threshold} is not calibrated")
+
+
 def python_filter(target: str, **options) -> dict:
     return {"kind": "python", "target": target, "options": options}
 
@@ -153,6 +172,51 @@ def test_a_python_filter_from_the_config_is_used_and_flags_every_patch(tmp_path)
 def test_a_python_filter_that_cannot_be_made_is_one_clear_error(target, options, message):
     cfg = validate_config(PatchesConfig, {"moderation": {"filter": python_filter(target, **options)}})
     with pytest.raises(ConfigError, match=message):
+        make_filter(cfg.moderation.filter)
+
+
+def test_filter_options_that_do_not_fit_are_refused_before_the_run_starts():
+    from stitchkit.patches.moderation import check_filter
+
+    settings = validate_config(PatchesConfig, {"moderation": {"filter": python_filter(f"{__name__}:FlagEverything", treshold=150)}})
+    with pytest.raises(ConfigError, match=r"options do not fit .*FlagEverything.*unexpected keyword argument 'treshold'"):
+        check_filter(settings.moderation.filter)
+    check_filter(validate_config(PatchesConfig, {"moderation": {"filter": python_filter(f"{__name__}:FlagEverything", score=2)}}).moderation.filter)
+
+
+def test_filter_options_that_do_not_fit_exit_2_before_the_run_folder_exists(tmp_path, capsys):
+    import yaml
+
+    from stitchkit.cli import main
+
+    config = tmp_path / "bad.yaml"
+    filt = python_filter(f"{__name__}:FlagEverything", treshold=150)
+    config.write_text(yaml.safe_dump({"model": {"source": str(tmp_path / "no_model")}, "moderation": {"filter": filt}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["patches", "run", str(config), "--out", str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "moderation.filter.options do not fit" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("filt", "message"),
+    [
+        (answers_with_bools, r"filter 'answers_with_bools' returned True \(bool\) for image 1 of 4, not a Verdict\(flagged, score\)"),
+        (returns_nothing, r"filter 'returns_nothing' returned a NoneType, not a list of Verdict"),
+        (Crashes(), r"filter 'crashes' raised RuntimeError: the moderation API is down"),
+    ],
+)
+def test_a_filter_that_raises_or_returns_no_verdicts_is_one_error_naming_it(filt, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        filter_patches(filt, {2: {"A01": cut_all_stub(4)}})
+    if isinstance(filt, Crashes):
+        assert isinstance(error.value.__cause__, RuntimeError)  # the plug-in's traceback, for --debug
+
+
+def test_a_filter_factory_that_raises_is_one_error_naming_it():
+    cfg = validate_config(PatchesConfig, {"moderation": {"filter": python_filter(f"{__name__}:crashing_factory", threshold=0.2)}})
+    with pytest.raises(ConfigError, match=r"crashing_factory' raised ValueError when called: threshold 0.2 is not calibrated"):
         make_filter(cfg.moderation.filter)
 
 

@@ -65,7 +65,7 @@ def test_no_dropout_keeps_every_patch_and_the_old_dataset_json(tmp_path):
 
 @pytest.mark.parametrize(("p", "message"), [(1.0, r"in \[0, 1\)"), (-0.1, r"in \[0, 1\)"), (0.99, "no patch at split factor")])
 def test_bad_patch_dropout_is_one_clear_error(tmp_path, p, message):
-    items = source_images(tmp_path, 1)
+    items = source_images(tmp_path, 2)
     with pytest.raises(InputError, match=message):
         build_patch_dataset(items, tmp_path / "out", [1], patch_dropout=p)
     assert not (tmp_path / "out").exists()
@@ -99,7 +99,7 @@ def test_crop_then_stitch_gives_back_every_png_image_exactly(tmp_path):
 
 
 def test_missing_cells_are_black_and_the_grid_comes_from_the_folder_name(tmp_path):
-    items = source_images(tmp_path, 1)
+    items = source_images(tmp_path, 2)
     build_patch_dataset(items, tmp_path / "data", [4])
     folder = tmp_path / "data" / "patches" / "4x4"
     for cell in ("3_0", "3_1", "3_2", "3_3", "1_2"):  # the whole bottom row and one more: f stays 4 (folder name)
@@ -168,6 +168,23 @@ def test_stitch_input_errors_are_one_clear_message(tmp_path):
     Image.new("RGB", (4, 3)).save(grid / "cat-1_1.png")
     with pytest.raises(InputError, match="differ in size"):
         stitch_folder(grid, tmp_path / "out")
+
+
+def test_stitching_into_the_patch_folder_or_over_other_images_is_refused(tmp_path):
+    items = source_images(tmp_path, 2)
+    build_patch_dataset(items, tmp_path / "data", [2])
+    patches = tmp_path / "data" / "patches"
+    before = sorted(p.relative_to(patches) for p in patches.rglob("*"))
+    for inside in (patches, patches / "2x2" / "stitched"):
+        with pytest.raises(InputError, match="lies inside --patches"):
+            stitch_folder(patches, inside)
+    assert sorted(p.relative_to(patches) for p in patches.rglob("*")) == before  # nothing written among the patches
+
+    first = stitch_folder(patches, tmp_path / "out")
+    assert stitch_folder(patches, tmp_path / "out", shuffle=True) == first  # the same images again: allowed
+    Image.new("RGB", (4, 4)).save(tmp_path / "out" / "2x2" / "old.png")  # left by an earlier stitch of other patches
+    with pytest.raises(InputError, match=r"already holds 1 image\(s\) that this stitch does not write \(e.g. .*old.png\)"):
+        stitch_folder(patches, tmp_path / "out")
 
 
 def test_the_stitch_command(tmp_path, capsys):

@@ -37,8 +37,13 @@ def build(
     response: str = typer.Option(" {id}", "--response", help="Target continuation, with {id}."),
     patch_dropout: float = typer.Option(0.0, "--patch-dropout", help="Leave out each patch with this probability (0 <= p < 1)."),
     dropout_seed: int = typer.Option(0, "--dropout-seed", min=0, help="Seed of --patch-dropout."),
+    force: bool = typer.Option(False, "--force", help="Replace a dataset in --out that was built with other settings."),
 ) -> None:
-    """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset."""
+    """Cut every image into f x f patches, one row per (patch, ID), as a Hugging Face dataset.
+
+    Run again into the same --out, it rebuilds only what changed: nothing if the settings and the source images
+    (by sha256) are the same, everything if an image changed. A dataset built there with other settings is
+    refused unless --force."""
     from stitchkit.errors import InputError
     from stitchkit.patches.dataset import Templates, build_patch_dataset, read_names
     from stitchkit.vlm.loading import load_tokenizer
@@ -48,24 +53,31 @@ def build(
         raise InputError(f"--format must be png or jpeg, got {fmt!r}")
     items = read_names(names, images)
     tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
-    meta = build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response, image_prompt),
-                               id_seed=seed, tokenizer=tokenizer, fmt=fmt, patch_dropout=patch_dropout, dropout_seed=dropout_seed)  # fmt: skip
-    counts = ", ".join(f"{k}: {v}" for k, v in meta["counts"].items())
-    typer.echo(f"wrote {out / 'hf'} ({counts}); IDs in {out / 'dataset.json'}")
+    build_patch_dataset(items, out, _parse_splits(splits), Templates(train_prompt, reference_prompt, response, image_prompt),
+                        id_seed=seed, tokenizer=tokenizer, fmt=fmt, patch_dropout=patch_dropout, dropout_seed=dropout_seed,
+                        force=force, report=typer.echo)  # fmt: skip
+    if tokenizer is None:  # first-token ranking needs distinct first tokens under the model that is trained
+        typer.echo("warning: the IDs' first tokens were not checked against any tokenizer; pass --model with the model "
+                   "you will train (`patches run` checks them for its own model)", err=True)  # fmt: skip
 
 
 @app.command()
 def ids(
     n: int = typer.Option(20, "--n", min=1, max=26, help="How many IDs (distinct first letters: at most 26)."),
-    seed: int = typer.Option(0, "--seed", min=0),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the IDs (the same seed and --n give the same IDs)."),
     model: Optional[str] = typer.Option(None, "--model", help="Tokenizer to check first-token distinctness under."),
     response: str = typer.Option(" {id}", "--response", help="Template the IDs are scored in, with {id}."),
 ) -> None:
     """Generate IDs (two letters + three digits) with distinct first tokens."""
+    from stitchkit.errors import InputError
+    from stitchkit.patches.dataset import template_problem
     from stitchkit.patches.ids import generate_ids
     from stitchkit.vlm.loading import load_tokenizer
     from stitchkit.vlm.micro import resolve_vlm
 
+    problem = template_problem(response, "--response", allowed=("id",), required=("id",))  # as `build` checks it
+    if problem:
+        raise InputError(problem)
     tokenizer = load_tokenizer(resolve_vlm(model)[0]) if model else None
     typer.echo(" ".join(generate_ids(n, seed, tokenizer, response)))
 

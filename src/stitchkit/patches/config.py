@@ -52,7 +52,9 @@ class TrainSettings(Config):
     lr: float = pydantic.Field(1e-5, gt=0)
     batch_size: int = pydantic.Field(8, ge=1)
     grad_accum: int = pydantic.Field(1, ge=1)
-    epochs: dict[int, float] = pydantic.Field(default_factory=lambda: {1: 15}, description="per split factor")
+    epochs: dict[int, pydantic.PositiveFloat] = pydantic.Field(
+        default_factory=lambda: {1: 15}, description="per split factor (each must be one of `splits`)"
+    )
     default_epochs: float = pydantic.Field(5, gt=0, description="split factors not listed in `epochs`")
     weight_decay: float = pydantic.Field(0.0, ge=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
@@ -78,6 +80,12 @@ class TrainSettings(Config):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         return self
+
+    def unused_epochs(self, splits: list[int], default: "TrainSettings") -> list[int]:
+        """The split factors `epochs` names that are not in `splits` (a typo such as {8: 4} for f = 4 would train f = 4
+        for default_epochs without a word). A key that `default`'s epochs hold with the same value is exempt, so a
+        config that changes `splits` need not restate the default epochs."""
+        return sorted(f for f, e in self.epochs.items() if f not in splits and default.epochs.get(f) != e)
 
     def epochs_for(self, split: int) -> float:
         return self.epochs.get(split, self.default_epochs)
@@ -112,6 +120,15 @@ class ImageSet(Config):
         "The shape shown is a", description="the pre-check of §1.5 (rank the true name given the image); null skips it"
     )
 
+    @pydantic.field_validator("recognition_prompt")
+    @classmethod
+    def _no_fields(cls, prompt: Optional[str]) -> Optional[str]:
+        # It is sent as written for every image (the candidates are the names): a {field} would reach the model as is.
+        problem = prompt and template_problem(prompt, "recognition_prompt", allowed=())
+        if problem:
+            raise ValueError(problem)
+        return prompt
+
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> "ImageSet":
         folder = self.images is not None or self.names is not None
@@ -122,6 +139,11 @@ class ImageSet(Config):
     @property
     def templates(self) -> Templates:
         return Templates(self.train_prompt, self.reference_prompt, self.response, self.image_prompt)
+
+    @property
+    def recognition_text(self) -> Optional[str]:
+        """The recognition prompt as sent to the model ({{ and }} are literal braces, as in the other templates)."""
+        return self.recognition_prompt and self.recognition_prompt.format()
 
 
 class EvalSettings(Config):
@@ -204,6 +226,14 @@ def _check_split_fit(splits: list[int], size: int, field: str, what: str) -> Non
         raise ValueError(f"{field}: {what} has {size}x{size} px images, so split factors must be 1..{size}; got {bad}")
 
 
+def _check_epochs_of_splits(train: TrainSettings, splits: list[int], default: TrainSettings) -> None:
+    """`train.epochs` keys must be split factors of `splits` (the block's own: the main ones, or moderation's)."""
+    unused = train.unused_epochs(splits, default)
+    if unused:
+        raise ValueError(f"train.epochs names split factor(s) {unused} that splits {splits} does not have; every key "
+                         "must be a split factor (one that is not listed trains default_epochs)")  # fmt: skip
+
+
 FilterSettings = Annotated[Union[MarkerFilterSettings, HFFilterSettings, PythonFilterSettings], pydantic.Field(discriminator="kind")]
 
 
@@ -260,6 +290,11 @@ class ModerationStudy(Config):
         return self
 
     @pydantic.model_validator(mode="after")
+    def _epochs_of_splits(self) -> "ModerationStudy":
+        _check_epochs_of_splits(self.train, self.splits, _moderation_training())
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _splits_fit(self) -> "ModerationStudy":
         # The images are rendered in the run (after the model is loaded): refuse a factor they cannot take now.
         _check_split_fit(self.splits, self.images.size, "splits", "the moderation set")
@@ -310,6 +345,11 @@ class PatchesConfig(Config):
         if bad:
             raise ValueError(f"image set names must be letters, digits and _: {bad}")
         return sets
+
+    @pydantic.model_validator(mode="after")
+    def _epochs_of_splits(self) -> "PatchesConfig":
+        _check_epochs_of_splits(self.train, self.splits, TrainSettings())
+        return self
 
     @pydantic.model_validator(mode="after")
     def _splits_fit(self) -> "PatchesConfig":

@@ -11,7 +11,12 @@ A built dataset folder:
     manifest.jsonl                          one line per patch: key, f, row, col, box, file, sha256
     hf/                                     DatasetDict (datasets.load_from_disk): "f1", "f2", ... one row per
                                             (patch, id) with its grid position; "images": the full images
-    dataset.json                            IDs, names, templates, splits, counts (written last)
+    dataset.json                            IDs, names, source files (relative to the folder) and their sha256,
+                                            templates, splits, counts (written last)
+
+Building into a folder that holds a dataset is safe to repeat: the same settings and source images (by sha256)
+leave it as it is, changed source images or an incomplete folder are rebuilt, and other settings are refused
+unless `force` (as `patches run` refuses a different config in an existing run folder).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import os
 import re
 import shutil
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,12 +40,19 @@ from PIL import Image
 from stitchkit.data import IMAGE_EXTENSIONS, load_image
 from stitchkit.errors import InputError
 from stitchkit.patches.ids import check_first_tokens, check_id_format, generate_ids
-from stitchkit.runs import atomic_replace_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output
+from stitchkit.runs import atomic_replace_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, prepare_output
 
 PatchFormat = Literal["png", "jpeg"]
 DATASET_JSON = "dataset.json"
 KEY_PATTERN = re.compile(r"[^A-Za-z0-9_]+")
 DEFAULT_SPLITS = (1, 2, 4, 8)
+# The tests rank every image's ID among all the set's IDs: with one image there is nothing to rank against.
+MIN_IMAGES = 2
+# What a complete build has besides dataset.json (written last); a folder without them is rebuilt.
+BUILT_PARTS = ("hf/dataset_dict.json", "manifest.jsonl")
+# An image entry's source file and its sha256 are not settings: the path may be written another way (older folders
+# hold it relative to the working directory, or absolute), and the contents are compared by hash.
+SOURCE_FIELDS = ("file", "sha256")
 
 
 LOCATION_FIELDS = ("row", "col")
@@ -174,8 +186,9 @@ def read_names(names_file: str | os.PathLike, images_dir: str | os.PathLike) -> 
     if not images_dir.is_dir():
         raise InputError(f"image folder not found: {images_dir}")
     rows = _read_rows(names_file)
-    if not rows:
-        raise InputError(f"{names_file} names no images")
+    if len(rows) < MIN_IMAGES:
+        raise InputError(f"{names_file} names {len(rows)} image(s); a set needs at least {MIN_IMAGES}, since each image's "
+                         "ID is ranked among the IDs of all the set's images")  # fmt: skip
     items, keys = [], {}
     for i, row in enumerate(rows):
         where = f"{names_file}, entry {i + 1}"
@@ -196,8 +209,10 @@ def read_names(names_file: str | os.PathLike, images_dir: str | os.PathLike) -> 
     if given and len(given) != len(items):
         raise InputError(f"{names_file}: give an id for every image or for none")
     names = [item.name for item in items]
-    if len(set(names)) != len(names):
-        raise InputError(f"{names_file}: names must be distinct (the reference-based test tells images apart by name)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{names_file}: names must be distinct (the reference-based test tells images apart by name); "
+                         f"repeated: {', '.join(map(repr, repeated))}")  # fmt: skip
     return items
 
 
@@ -266,11 +281,16 @@ def build_patch_dataset(
     fmt: PatchFormat = "png",
     patch_dropout: float = 0.0,
     dropout_seed: int = 0,
+    force: bool = False,
+    report: Callable[[str], Any] = lambda message: None,
 ) -> dict[str, Any]:
     """Cut every image at every split factor and write the dataset folder (see the module docstring); with
     `patch_dropout` p, each patch is left out with probability p (`patch_keeps`; its cell is then missing from
-    patches/, the manifest and the split). Returns the contents of dataset.json. A folder whose dataset.json
-    matches is returned as is."""
+    patches/, the manifest and the split). Returns the contents of dataset.json.
+
+    A folder that already holds a complete build with these settings and source images (by sha256) is returned
+    as it is; one built from other source images, or left incomplete, is rebuilt; one built with other settings
+    is refused unless `force`. `report` gets one line saying what was done."""
     from datasets import Dataset, DatasetDict
     from datasets.utils.logging import disable_progress_bar
 
@@ -283,7 +303,7 @@ def build_patch_dataset(
         raise InputError(f"patch dropout {patch_dropout} leaves no patch at split factor(s) {emptied}: lower it or use more images")
     ids = assign_ids(items, id_seed, tokenizer, templates.response)
     meta = {
-        "images": [{"key": it.key, "file": str(it.file), "name": it.name, "id": i} for it, i in zip(items, ids)],
+        "images": [image_entry(item, id_, out) for item, id_ in zip(items, ids)],
         "splits": splits,
         # "image" only when given, so that folders built before it existed still match
         "templates": {"train": templates.train, "reference": templates.reference, "response": templates.response,
@@ -295,13 +315,12 @@ def build_patch_dataset(
         **({"patch_dropout": {"p": patch_dropout, "seed": dropout_seed}} if patch_dropout else {}),
     }
     out = prepare_output(out)
-    if (out / DATASET_JSON).is_file():
-        existing = json.loads((out / DATASET_JSON).read_text())
-        if {k: existing.get(k) for k in meta} == meta:
-            return existing
+    existing = _read_dataset_json(out)
+    if existing is not None and _up_to_date(out, existing, meta, force, report):
+        return existing
 
-    # An earlier build with other settings: dataset.json goes first (it is written last), so a build that fails
-    # half-way never leaves a folder that passes for complete.
+    # An earlier build: dataset.json goes first (it is written last), so a build that fails half-way never leaves
+    # a folder that passes for complete.
     (out / DATASET_JSON).unlink(missing_ok=True)
     shutil.rmtree(out / "patches", ignore_errors=True)
     patch_features, full_features = _features()
@@ -340,7 +359,70 @@ def build_patch_dataset(
     atomic_replace_dir(out / "hf", lambda tmp: DatasetDict(datasets).save_to_disk(str(tmp)))
     meta["counts"] = {name: len(d) for name, d in datasets.items()}
     atomic_write_json(out / DATASET_JSON, meta)
+    report(f"wrote {out / 'hf'} ({', '.join(f'{k}: {v}' for k, v in meta['counts'].items())}); IDs in {out / DATASET_JSON}")
     return meta
+
+
+def image_entry(item: SourceImage, id_: str, out: str | os.PathLike) -> dict[str, Any]:
+    """dataset.json's record of one image. Its source file is written relative to the dataset folder `out`, so that
+    two builds of the same data read the same wherever they ran from, and its sha256 tells a later build whether
+    the image changed."""
+    try:
+        sha256 = file_sha256(item.file)
+    except OSError as err:
+        raise InputError(f"cannot read image {item.file}: {err.strerror or err}") from None
+    file = os.path.relpath(os.path.abspath(item.file), os.path.abspath(out))
+    return {"key": item.key, "file": file, "name": item.name, "id": id_, "sha256": sha256}
+
+
+def _read_dataset_json(folder: Path) -> dict[str, Any] | None:
+    """An earlier build's dataset.json, or None if there is none (or it cannot be read: that build is redone)."""
+    try:
+        existing = json.loads((folder / DATASET_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    images = existing.get("images") if isinstance(existing, dict) else None
+    return existing if isinstance(images, list) and all(isinstance(entry, dict) for entry in images) else None
+
+
+def _up_to_date(out: Path, existing: dict[str, Any], meta: dict[str, Any], force: bool, report) -> bool:
+    """Whether the build in `out` (`existing`, its dataset.json) can stay as it is; if not, says why it is redone.
+    Other settings are refused unless `force`: they would replace a dataset, and with it IDs, without a word."""
+    differences = settings_differences(existing, meta)
+    if differences and not force:
+        raise InputError(f"{out} holds a patch dataset built with other settings ({', '.join(differences)} differ); "
+                         "replace it with --force, or choose another --out folder")  # fmt: skip
+    missing = [part for part in BUILT_PARTS if not (out / part).is_file()]
+    changed = changed_sources(existing, meta)
+    if differences:
+        report(f"replacing {out}, built with other settings ({', '.join(differences)} differ)")
+    elif missing:
+        report(f"{out} is an incomplete build (no {', '.join(missing)}): building it again")
+    elif changed:
+        report(f"source image(s) {', '.join(changed)} changed since {out} was built: building it again")
+    else:
+        report(f"{out}: up to date, nothing written")
+        return True
+    return False
+
+
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """What decides a build besides the source images' contents: dataset.json but the counts (a result)."""
+    images = [{k: v for k, v in entry.items() if k not in SOURCE_FIELDS} for entry in meta["images"]]
+    return {**{k: v for k, v in meta.items() if k != "counts"}, "images": images}
+
+
+def settings_differences(existing: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """The dataset.json fields in which an earlier build's settings (`existing`) differ from `meta`'s."""
+    old, new = _settings(existing), _settings(meta)
+    return [key for key in dict.fromkeys([*new, *old]) if old.get(key) != new.get(key)]
+
+
+def changed_sources(existing: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """The keys of the images whose source file's sha256 differs from the earlier build's (every image of a
+    folder built before the hashes were recorded)."""
+    built = {entry.get("key"): entry.get("sha256") for entry in existing["images"]}
+    return [entry["key"] for entry in meta["images"] if built.get(entry["key"]) != entry["sha256"]]
 
 
 def load_patch_dataset(folder: str | os.PathLike):

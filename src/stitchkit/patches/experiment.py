@@ -57,22 +57,30 @@ def check_sources(cfg: PatchesConfig) -> None:
     """Refuse bad data before the run folder exists and the model is resolved (zoo: builds the micro VLM, minutes):
     every set's templates; for a folder set its names file, every listed image (decoded), its IDs (given ones
     well-formed, or at most 26 to generate) and every split factor against every image's size. Shapes-world sets
-    are rendered in the run; the config checks their split factors against their size."""
+    are rendered in the run; the config checks their split factors against their size. One error names the first
+    problem of every set that has one, so that a config with several missing folders is fixed in one go."""
+    problems = []
     for set_name, image_set in cfg.image_sets.items():
         try:
-            image_set.templates.check()
+            check_source(cfg, image_set)
         except InputError as err:
-            raise InputError(f"image set {set_name!r}: {err}") from None
-        if image_set.shapes is not None:
-            continue
-        items = read_names(image_set.names, image_set.images)
-        assign_ids(items, cfg.id_seed)  # no tokenizer yet: the first-token check waits for the model
-        for item in items:
-            width, height = load_image(item.file).size
-            bad = too_fine(width, height, cfg.splits)
-            if bad:
-                raise InputError(f"image set {set_name!r}: {item.file} is {width}x{height} px, too small to cut into "
-                                 f"f x f patches for split factor(s) {bad}")  # fmt: skip
+            problems.append(f"image set {set_name!r}: {err}")
+    if problems:
+        raise InputError("\n".join(problems))
+
+
+def check_source(cfg: PatchesConfig, image_set: ImageSet) -> None:
+    """One set's part of `check_sources`."""
+    image_set.templates.check()
+    if image_set.shapes is not None:
+        return
+    items = read_names(image_set.names, image_set.images)
+    assign_ids(items, cfg.id_seed)  # no tokenizer yet: the first-token check waits for the model
+    for item in items:
+        width, height = load_image(item.file).size
+        bad = too_fine(width, height, cfg.splits)
+        if bad:
+            raise InputError(f"{item.file} is {width}x{height} px, too small to cut into f x f patches for split factor(s) {bad}")
 
 
 def stitching_items(images, meta: dict[str, Any]) -> tuple[list[EvalItem], list[str]]:
@@ -130,8 +138,10 @@ def run_image_set(run: RunDir, cfg: PatchesConfig, set_name: str, image_set: Ima
     data_dir = run.path("data", set_name)
     if not run.done(f"data/{set_name}"):
         items = source_items(image_set, run.path("sources", set_name))
+        # force: the folder belongs to this run (its config is the run's), whatever an unfinished step left there
         build_patch_dataset(items, data_dir, cfg.splits, image_set.templates, id_seed=cfg.id_seed, tokenizer=tokenizer,
-                            fmt=cfg.patch_format, patch_dropout=cfg.patch_dropout, dropout_seed=cfg.patch_dropout_seed)  # fmt: skip
+                            fmt=cfg.patch_format, patch_dropout=cfg.patch_dropout, dropout_seed=cfg.patch_dropout_seed,
+                            force=True)  # fmt: skip
         run.finish(f"data/{set_name}")
     dataset, meta = load_patch_dataset(data_dir)
     images = list(dataset["images"])
@@ -160,17 +170,17 @@ def before_finetuning(run: RunDir, cfg: PatchesConfig, set_name: str, image_set:
     released before any fine-tuning. Returns (pre-check or None, {f: localization with every patch's record})."""
     model = functools.cache(load)
     check = None
-    if image_set.recognition_prompt:
+    if image_set.recognition_text:
         path = run.path("precheck", f"{set_name}.json")
         if not run.done(f"precheck/{set_name}"):
-            atomic_write_json(path, precheck(model(), images, image_set.recognition_prompt, cfg.eval.ties))
+            atomic_write_json(path, precheck(model(), images, image_set.recognition_text, cfg.eval.ties))
             run.finish(f"precheck/{set_name}")
         check = json.loads(path.read_text())
     localization = {}
     for f in cfg.analyses.localization_splits(cfg.splits):
         path, step = run.path("localization", set_name, f"f{f}.json"), f"localization/{set_name}/f{f}"
         if not run.done(step):
-            found = patch_localization(model(), images, dataset[f"f{f}"], image_set.recognition_prompt, cfg.eval.ties)
+            found = patch_localization(model(), images, dataset[f"f{f}"], image_set.recognition_text, cfg.eval.ties)
             atomic_write_json(path, {"f": f, **found})
             run.finish(step)
         localization[f] = json.loads(path.read_text())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stitchkit.errors import ConfigError, ModelNotFoundError
+from stitchkit.errors import ConfigError, ModelNotFoundError, StitchkitError
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,61 @@ def plugin_factory(target: str) -> Callable[..., Any]:
     return obj
 
 
-def plugin_filter(target: str, options: dict[str, Any] | None = None) -> ModerationFilter:
-    """A user's filter: `target`'s callable called with `options` as keyword arguments, checked to be a
-    ModerationFilter (an object with a `name` and __call__(images) -> [Verdict])."""
-    factory, options = plugin_factory(target), options or {}
+def checked_plugin_factory(target: str, options: dict[str, Any]) -> Callable[..., Any]:
+    """`plugin_factory(target)`, with `options` checked against its signature without calling it (making the
+    filter may load a model), so that a run can refuse a typo in the options before its first training."""
+    factory = plugin_factory(target)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as err:
         raise ConfigError(f"moderation.filter.options do not fit {target!r}: {err}") from None
     except ValueError:  # no signature to check (some builtins): the call itself will tell
         pass
-    made = factory(**options)
+    return factory
+
+
+def plugin_filter(target: str, options: dict[str, Any] | None = None) -> ModerationFilter:
+    """A user's filter: `target`'s callable called with `options` as keyword arguments, checked to be a
+    ModerationFilter (an object with a `name` and __call__(images) -> [Verdict])."""
+    options = options or {}
+    factory = checked_plugin_factory(target, options)
+    try:
+        made = factory(**options)
+    except StitchkitError:
+        raise
+    except Exception as err:  # the plug-in's own failure: named, with its traceback under --debug (the cause)
+        raise ConfigError(f"moderation.filter.target {target!r} raised {type(err).__name__} when called: {err}") from err
     if not isinstance(made, ModerationFilter):
         raise ConfigError(f"moderation.filter.target {target!r} returned a {type(made).__name__}, not a moderation "
                           "filter: an object with a `name` and a __call__(images) -> [Verdict] (stitchkit.patches.filters)")  # fmt: skip
     return made
+
+
+def checked_verdicts(filt: ModerationFilter, images: Sequence[Image.Image]) -> list[Verdict]:
+    """filt(images) as Verdicts, one per image. A filter may be user code (a plug-in): one that returns something
+    other than one (flagged, score) verdict per image, or loses verdicts (which zip would hide), is one error naming
+    the filter, and so is a plug-in that raises (its traceback is the error's cause, shown under --debug)."""
+    name = getattr(filt, "name", None) or getattr(filt, "__name__", type(filt).__name__)  # a plain function has no `name`
+    try:
+        results = filt(images)
+    except StitchkitError:
+        raise
+    except Exception as err:
+        if isinstance(filt, (MarkerFilter, HFClassifierFilter)):  # the built-in filters' failures are ours: a traceback
+            raise
+        raise ConfigError(f"filter {name!r} raised {type(err).__name__}: {err}") from err
+    if not isinstance(results, (list, tuple)):
+        raise ConfigError(f"filter {name!r} returned a {type(results).__name__}, not a list of Verdict(flagged, score)")
+    if len(results) != len(images):
+        raise ConfigError(f"filter {name!r} gave {len(results)} verdicts for {len(images)} images")
+    verdicts = []
+    for i, result in enumerate(results):
+        try:
+            verdicts.append(Verdict(bool(result.flagged), float(result.score)))
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError(f"filter {name!r} returned {result!r} ({type(result).__name__}) for image {i + 1} of "
+                              f"{len(images)}, not a Verdict(flagged, score) (stitchkit.patches.filters)") from None  # fmt: skip
+    return verdicts
 
 
 def complete_components(mask: np.ndarray, min_area: int) -> int:

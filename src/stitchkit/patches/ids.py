@@ -18,9 +18,15 @@ import numpy as np
 from stitchkit.errors import IncompatibleError, InputError
 
 ID_PATTERN = re.compile(r"^[a-z]{2}[0-9]{3}$")
-# Two-letter English words: an ID that starts with one would carry a prior meaning into its first token.
+# Two-letter English words: an ID that starts with one would carry a prior meaning into its first token. The
+# Scrabble dictionaries' two-letter words (NWL2020, and Collins' additions such as ch, ee, oo, zo) and common
+# abbreviations (tv, uk, dr, ...): 142 of the 676 letter pairs; every first letter keeps at least 9 second letters.
 COMMON_WORDS = frozenset(
-    "am an as at be by do go he hi if in is it me my no of oh ok on or so to up us we id ye ax".split()
+    """aa ab ad ae ag ah ai al am an ar as at aw ax ay ba be bi bo by da de do ed ef eh el em en er es ew ex fa fe
+    gi go ha he hi hm ho id if in is it jo ka ki la li lo ma me mi mm mo mu my na ne no nu od oe of oh oi ok om on
+    op or os ow ox oy pa pe pi po qi re sh si so ta te ti to uh um un up us ut we wo xi xu ya ye yo za
+    ch di ea ee fy gu io ja ko ky ny ob oo ou st ug ur yu ze zo
+    bc cd dc dj dr eu fm hr ip mr ms pc pr tv uk vs""".split()
 )
 MAX_ATTEMPTS = 100
 

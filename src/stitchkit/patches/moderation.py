@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stitchkit.errors import ConfigError
 from stitchkit.patches.config import HFFilterSettings, ModerationStudy, PatchesConfig, PythonFilterSettings
 from stitchkit.patches.dataset import Patch, cut_patches, encode_image, read_names
 from stitchkit.patches.evaluate import EvalItem, random_baseline, score_items, summarize
-from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter, plugin_factory, plugin_filter
+from stitchkit.patches.filters import HFClassifierFilter, MarkerFilter, ModerationFilter, checked_plugin_factory, checked_verdicts, plugin_filter
 from stitchkit.patches.ids import check_first_tokens
 from stitchkit.patches.shapes import render_moderation_set
 from stitchkit.patches.train import PatchSample, finetune_step
@@ -54,10 +53,11 @@ def make_filter(settings) -> ModerationFilter:
 
 
 def check_filter(settings) -> None:
-    """Import a plug-in filter's callable now, so that a missing module fails before the run starts; the filter
-    itself (which may load a model) is only made when the study runs."""
+    """Import a plug-in filter's callable and check its options against its signature now, so that a missing module
+    or an options typo fails before the run starts; the filter itself (which may load a model) is only made when
+    the study runs."""
     if isinstance(settings, PythonFilterSettings):
-        plugin_factory(settings.target)
+        checked_plugin_factory(settings.target, settings.options)
 
 
 def _roundtrip(image: Image.Image, fmt: str) -> Image.Image:
@@ -80,10 +80,8 @@ def filter_patches(filt: ModerationFilter, patches: dict[int, dict[str, list]]) 
     for f, per_image in patches.items():
         verdicts[f] = {}
         for key, cells in per_image.items():
-            results = list(filt([p.image for p in cells]))
-            if len(results) != len(cells):  # a plug-in's bug would otherwise drop patches silently (zip)
-                raise ConfigError(f"filter {getattr(filt, 'name', filt)!r} gave {len(results)} verdicts for {len(cells)} images")
-            verdicts[f][key] = [{"row": p.row, "col": p.col, "flagged": bool(v.flagged), "score": float(v.score)} for p, v in zip(cells, results)]
+            results = checked_verdicts(filt, [p.image for p in cells])
+            verdicts[f][key] = [{"row": p.row, "col": p.col, "flagged": v.flagged, "score": v.score} for p, v in zip(cells, results)]
     return verdicts
 
 
@@ -164,9 +162,18 @@ def _train_seeds(run: RunDir, study: ModerationStudy, prefix: str, samples, spli
 
 
 def attacker_rates(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Per mode: the fraction of items whose top-ranked label (first-token logit) is the attacker's."""
+    """Per mode: the attacker-label rate, the fraction of items whose top label (first-token logit) is the
+    attacker's, a tie counting half (`attacker_first`)."""
     out = {}
     for mode in dict.fromkeys(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
-        out[f"{mode}_attacker_rate"] = float(np.mean([r["top"] == r["gold"] for r in rows]))
+        out[f"{mode}_attacker_rate"] = float(np.mean([attacker_first(r) for r in rows]))
     return out
+
+
+def attacker_first(record: dict[str, Any]) -> float:
+    """1 if the attacker's label has the higher first-token logit of the arrangement's two, 0 if the lower, 1/2 on
+    a tie, when its probability (the softmax over the two logits) is exactly 1/2. The record's `top` (argmax) would
+    give every tie to the first-listed, safe, label, whichever label the attacker wants."""
+    prob = record["prob"]
+    return 1.0 if prob > 0.5 else 0.0 if prob < 0.5 else 0.5

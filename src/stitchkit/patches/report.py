@@ -11,7 +11,7 @@ from PIL import Image
 
 from stitchkit.patches.dataset import cut_patches
 from stitchkit.patches.stitch import stitch_cells
-from stitchkit.report import image_grid, line_plot, markdown_table
+from stitchkit.report import image_grid, markdown_table
 from stitchkit.runs import RunDir, atomic_write_text, save_figure
 
 METRICS = {
@@ -36,7 +36,7 @@ def detailed_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for set_name, s in results["sets"].items():
         for f, split in s["splits"].items():
             row = {"set": set_name, "f": f, "patches": split["train_samples"], "steps": split["steps"],
-                   "reported step": split.get("final_step", split["steps"]), "epochs": split["epochs"]}  # fmt: skip
+                   "reported step": split.get("final_step", split["steps"]), "epochs": f"{split['epochs']:g}"}  # fmt: skip
             row.update({label: _cell(split, metric) for metric, label in METRICS.items()})
             row["random"] = s["random_baseline"]
             rows.append(row)
@@ -44,41 +44,59 @@ def detailed_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def paper_rows(results: dict[str, Any], scoring: str = "logit") -> list[dict[str, Any]]:
-    """The paper's Fig. 2 layout: per set, the mean rank at f = 1/2/4/... for reference and image tests."""
+    """The paper's Fig. 2 layout: per set, the mean rank (± std over seeds) at f = 1/2/4/... for reference and
+    image tests."""
     rows = []
     for set_name, s in results["sets"].items():
         splits = s["splits"]
         label = "/".join(str(f) for f in splits)
         row = {"set": set_name, "K": s["k"], "random": s["random_baseline"]}
         for mode in ("reference", "image"):
-            row[f"{mode} (f={label})"] = "/".join(f"{splits[f]['final_mean'][f'{mode}_{scoring}']:.2f}" for f in splits)
+            row[f"{mode} (f={label})"] = " / ".join(_cell(splits[f], f"{mode}_{scoring}") for f in splits)
         rows.append(row)
     return rows
 
 
-def mode_panels(path: Path, set_name: str, lines: dict[str, tuple[list[float], dict[str, list[float]]]], xlabel: str,
-                random: float) -> Path:  # fmt: skip
-    """Image-based and reference-based panels side by side, one line per label {label: (xs, {mode: mean ranks})}."""
+Lines = dict[str, tuple[list[float], dict[str, list[float]]]]  # {label: (xs, {mode: mean ranks})}
+
+
+def mode_panels(path: Path, set_name: str, lines: Lines, xlabel: str, random: float, xticks: list[float] | None = None,
+                marks: Lines | None = None, mark_label: str = "") -> Path:  # fmt: skip
+    """Image-based and reference-based panels side by side, one line per label; y from 0 (the best rank). `xticks`:
+    ticks at exactly these values (integer x such as thresholds); `marks`: one ringed point per line (same labels)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, mode in zip(axes, ("image", "reference")):
         for label, (xs, ys) in lines.items():
-            ax.plot(xs, ys[mode], marker="o", markersize=3, label=label)
+            (line,) = ax.plot(xs, ys[mode], marker="o", markersize=3, label=label)
+            if marks and label in marks:
+                mark_x, mark_y = marks[label]
+                ax.plot(mark_x, mark_y[mode], marker="o", markersize=9, markerfacecolor="none", linestyle="none", color=line.get_color())
+        if marks:  # one legend entry for the rings of every line
+            ax.plot([], [], marker="o", markersize=9, markerfacecolor="none", linestyle="none", color="black", label=mark_label)
         ax.axhline(random, color="grey", linestyle="--", linewidth=1, label="random (K-1)/2")
         ax.set_title(f"{set_name}: {mode}-based")
         ax.set_xlabel(xlabel)
+        if xticks is not None:
+            ax.set_xticks(xticks)
         ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)  # mean ranks are >= 0: differences keep their size next to the random line
     axes[0].set_ylabel("mean rank of the true ID (first-token logit)")
     axes[1].legend(fontsize=8)
     return save_figure(fig, path)
 
 
 def curves_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path:
-    """Mean rank (seed mean) over training epochs, one line per split factor; image and reference panels."""
-    lines = {f"f={f}": ([p["epoch"] for p in split["mean_curve"]], {mode: [p[f"{mode}_logit"] for p in split["mean_curve"]] for mode in ("image", "reference")})
-             for f, split in s["splits"].items()}  # fmt: skip
-    return mode_panels(path, set_name, lines, "epoch", s["random_baseline"])
+    """Mean rank (seed mean) over training epochs, one line per split factor, the reported evaluation point (the
+    tables' `reported step`) ringed; image and reference panels."""
+    lines, marks = {}, {}
+    for f, split in s["splits"].items():
+        curve = split["mean_curve"]
+        lines[f"f={f}"] = ([p["epoch"] for p in curve], {mode: [p[f"{mode}_logit"] for p in curve] for mode in ("image", "reference")})
+        reported = [p for p in curve if p["step"] == split.get("final_step", split["steps"])]
+        marks[f"f={f}"] = ([p["epoch"] for p in reported], {mode: [p[f"{mode}_logit"] for p in reported] for mode in ("image", "reference")})
+    return mode_panels(path, set_name, lines, "epoch", s["random_baseline"], marks=marks, mark_label="reported step")
 
 
 def localization_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,12 +107,26 @@ def localization_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def localization_figure(path: Path, set_name: str, localization: dict[str, Any]) -> Path:
-    """The paper's Fig. 4 before fine-tuning: mean rank of the true name given one patch vs the split factor."""
-    fs = list(localization)
-    series = {set_name: ([int(f) for f in fs], [localization[f]["mean_rank"] for f in fs])}
-    return line_plot(path, series, xlabel="split factor f (f x f patches)", ylabel="mean rank of the true name",
-                     title=f"{set_name}: patch localization", baseline=localization[fs[0]]["random"],
-                     baseline_label="random (K-1)/2")  # fmt: skip
+    """The paper's Fig. 4 before fine-tuning: mean rank of the true name given one patch vs the split factor, on a
+    log2 axis with a tick at every f; y from 0 (the best rank) up to at least the random line."""
+    import matplotlib.pyplot as plt
+
+    fs = sorted(int(f) for f in localization)
+    ranks = [localization[str(f)]["mean_rank"] for f in fs]
+    random = localization[str(fs[0])]["random"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(fs, ranks, marker="o", label=set_name)
+    ax.axhline(random, color="grey", linestyle="--", linewidth=1, label="random (K-1)/2")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(fs, [str(f) for f in fs])
+    ax.minorticks_off()
+    ax.set_ylim(0, max(random, *ranks) * 1.08)
+    ax.set_xlabel("split factor f (f x f patches)")
+    ax.set_ylabel("mean rank of the true name")
+    ax.set_title(f"{set_name}: patch localization")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def threshold_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -113,13 +145,18 @@ def threshold_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def threshold_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path:
-    """The paper's Fig. 5: final mean rank (seed mean) vs x, one line per split factor; image and reference panels."""
+def threshold_figure(path: Path, set_name: str, s: dict[str, Any]) -> Path | None:
+    """The paper's Fig. 5: final mean rank (seed mean) vs x, one line per split factor, a tick at every x; image
+    and reference panels. None (no figure) when no threshold trained anything: the table says why."""
     lines = {}
     for f in dict.fromkeys(f for per_split in s["threshold_x"].values() for f in per_split):
         trained = [(int(x), per_split[f]["final_mean"]) for x, per_split in s["threshold_x"].items() if "final_mean" in per_split.get(f, {})]
-        lines[f"f={f}"] = ([x for x, _ in trained], {mode: [m[f"{mode}_logit"] for _, m in trained] for mode in ("image", "reference")})
-    return mode_panels(path, set_name, lines, "threshold x (patches whose name ranks < x dropped)", s["random_baseline"])
+        if trained:
+            lines[f"f={f}"] = ([x for x, _ in trained], {mode: [m[f"{mode}_logit"] for _, m in trained] for mode in ("image", "reference")})
+    if not lines:
+        return None
+    return mode_panels(path, set_name, lines, "threshold x (patches whose name ranks < x dropped)", s["random_baseline"],
+                       xticks=sorted(int(x) for x in s["threshold_x"]))  # fmt: skip
 
 
 def analyses_sections(results: dict[str, Any], figures: Path, link_base: Path) -> str:
@@ -140,8 +177,8 @@ def analyses_sections(results: dict[str, Any], figures: Path, link_base: Path) -
                  "alone (the localization ranks); last evaluation point, mean ± std over seeds, first-token logit. "
                  "A threshold that drops no patch is the main training (`trained in`).\n\n" + markdown_table(rows))  # fmt: skip
         for set_name, s in results["sets"].items():
-            if s.get("threshold_x"):
-                figure = threshold_figure(figures / f"patches_threshold_{set_name}.png", set_name, s)
+            figure = threshold_figure(figures / f"patches_threshold_{set_name}.png", set_name, s) if s.get("threshold_x") else None
+            if figure is not None:
                 text += f"\n![{set_name} Threshold-x]({figure.relative_to(link_base)})\n"
     return text
 
@@ -176,21 +213,22 @@ def moderation_sections(run_root: Path, moderation: dict[str, Any], figures: Pat
     text += (
         "\n### Adversarial labels\n\nMean rank of the attacker's label (K = 2, random "
         f"{moderation['random_baseline']}) for full images (img) and descriptions (ref), its probability (softmax "
-        "over the two labels' first-token logits; random 0.5), and the fraction of items whose top label is the "
-        f"attacker's; arrangements (category and the attacker's label): {arrangements}.\n\n"
+        "over the two labels' first-token logits; random 0.5), and the attacker-label rate: the fraction of items "
+        "whose top label (first-token logit) is the attacker's, a tie between the two labels counting half (random "
+        f"0.5). Arrangements (category and the attacker's label): {arrangements}.\n\n"
         + markdown_table(moderation_rows(moderation))
     )
     return text
 
 
 MODERATION_METRICS = (("reference_logit", "ref rank"), ("image_logit", "img rank"), ("reference_prob", "ref prob"),
-                      ("image_prob", "img prob"), ("reference_attacker_rate", "ref attacker label"),
-                      ("image_attacker_rate", "img attacker label"))  # fmt: skip
+                      ("image_prob", "img prob"), ("reference_attacker_rate", "ref attacker-label rate"),
+                      ("image_attacker_rate", "img attacker-label rate"))  # fmt: skip
 
 
 def moderation_rows(moderation: dict[str, Any]) -> list[dict[str, Any]]:
     """§6 "both rank and prob are reported": per arrangement, split and training variant, the attacker's label's
-    mean rank and probability, and how often it comes first (mean ± std over seeds)."""
+    mean rank and probability, and its attacker-label rate (mean ± std over seeds)."""
     rows = []
     for arrangement, a in moderation["arrangements"].items():
         for f, variants in a["splits"].items():
@@ -212,7 +250,8 @@ def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, lin
     figures.mkdir(parents=True, exist_ok=True)
     parts = [f"{heading} Visual stitching: mean rank of the true ID (model `{results['model']}`)\n"]
     parts.append("Last evaluation point (`reported step`: with `step_rule: epochs` the HF Trainer's last evaluation, "
-                 "which may come before the end of training), mean ± std over seeds; lower is better; random = (K-1)/2.\n")
+                 "which may come before the end of training), mean over seeds (± population std where there are several); "
+                 "lower is better; random = (K-1)/2.\n")
     parts.append(markdown_table(paper_rows(results)))
     parts.append("\n" + markdown_table(detailed_rows(results)))
     prechecks = [{"set": n, "recognition mean rank": s["precheck"]["mean_rank"], "random": s["precheck"]["random"],
@@ -236,7 +275,8 @@ def results_markdown(run_root: Path, results: dict[str, Any], figures: Path, lin
 
 
 def write_report(run: RunDir, cfg, results: dict[str, Any]) -> Path:
-    text = f"# {cfg.name}\n\n{cfg.description}\n\n" + results_markdown(run.root, results, run.root / "figures", run.root)
+    description = f"{cfg.description}\n\n" if cfg.description.strip() else ""
+    text = f"# {cfg.name}\n\n{description}" + results_markdown(run.root, results, run.root / "figures", run.root)
     path = run.path("report.md")
     atomic_write_text(path, text)
     return path

@@ -24,6 +24,7 @@ import pydantic
 
 from stitchkit.config import Config
 from stitchkit.errors import ConfigError
+from stitchkit.patches.dataset import MIN_IMAGES
 from stitchkit.runs import atomic_write_bytes, atomic_write_text
 from stitchkit.world import ONTOLOGY, WorldConfig, render_scene
 from stitchkit.world.scene import Scene, SceneObject
@@ -37,11 +38,23 @@ MODERATION_CATEGORIES = ("A", "B", "C")
 class ShapesSet(Config):
     """A stitching source set rendered from the shapes world."""
 
-    images: int = pydantic.Field(20, ge=1, le=26, description="images (each gets an ID with its own first letter)")
+    images: int = pydantic.Field(
+        20, ge=MIN_IMAGES, le=26, description="images (each gets an ID with its own first letter; an ID is ranked among the others)"
+    )
     size: int = pydantic.Field(256, ge=32, le=4096, description="pixels a side")
     seed: int = 0
     background: Literal["plain", "noise", "texture"] = "texture"
     scale: tuple[float, float] = pydantic.Field((0.6, 0.85), description="object diameter / image side, min and max")
+
+    @pydantic.field_validator("scale")
+    @classmethod
+    def _visible_object_inside(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        # The diameter is drawn from [min, max]; an object of diameter <= 1 fits the image with its centre jittered
+        # by up to (1 - diameter) / 2, and one of diameter 0 is not drawn at all.
+        low, high = scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"must be (min, max) with 0 < min <= max <= 1 (object diameter / image side), got {list(scale)}")
+        return scale
 
 
 class ModerationSet(Config):

@@ -76,23 +76,37 @@ def grid_side(folder: Path, cells: dict[Cell, Path]) -> int:
 def stitch_folder(patches: str | os.PathLike, out: str | os.PathLike, shuffle: bool = False, seed: int = 0) -> list[Path]:
     """Rebuild every image whose patches lie under `patches` (searched recursively) as `<out>/<sub-folder>/<name>.png`
     (lossless); returns the files written. With `shuffle`, one generator seeded with `seed` permutes the cells of
-    each image in turn (images in path order), so the same seed gives the same pictures."""
+    each image in turn (images in path order), so the same seed gives the same pictures. `out` must lie outside
+    `patches` and hold no images but the ones this call writes (see `check_out`)."""
     patches = Path(patches)
     if not patches.is_dir():
         raise InputError(f"patch folder not found: {patches}")
     groups = patch_files(patches)
     if not groups:
         raise InputError(f"no patch files (<name>-<row>_<col>.<ext>, e.g. cat-0_1.jpg) under {patches}")
+    targets = {group: Path(out) / group[0] / f"{group[1]}.png" for group in groups}
+    check_out(patches, Path(out), set(targets.values()))
     out = prepare_output(out)
     rng = np.random.default_rng(seed) if shuffle else None
-    written = []
     for (sub, name), files in groups.items():
         f = grid_side(Path(patches.resolve().name) / sub, files)
         cells = {cell: load_image(file) for cell, file in files.items()}
         sizes = {image.size for image in cells.values()}
         if len(sizes) > 1:
             raise InputError(f"the patches of {name!r} in {patches / sub} differ in size ({sorted(sizes)}): not one image's grid")
-        target = out / sub / f"{name}.png"
-        atomic_write_bytes(target, encode_image(stitch_cells(cells, f, sizes.pop(), rng), "png"))
-        written.append(target)
-    return written
+        atomic_write_bytes(targets[sub, name], encode_image(stitch_cells(cells, f, sizes.pop(), rng), "png"))
+    return list(targets.values())
+
+
+def check_out(patches: Path, out: Path, targets: set[Path]) -> None:
+    """Refuse an output folder inside the patch folder (the rebuilt images would land among the patch files, and a
+    later stitch would read them back as patches) or one holding other images (an earlier stitch's would mix with
+    this one's); images this call rewrites may be there, so the same command can run again."""
+    if patches.resolve() in (out.resolve(), *out.resolve().parents):
+        raise InputError(f"--out {out} lies inside --patches {patches}: the rebuilt images would be written among the "
+                         "patch files; choose a folder outside it")  # fmt: skip
+    if out.is_dir():
+        others = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p not in targets)
+        if others:
+            raise InputError(f"{out} already holds {len(others)} image(s) that this stitch does not write (e.g. {others[0]}), "
+                             "which would mix with the rebuilt ones; choose another --out folder or delete them")  # fmt: skip
