@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
 
-from stitchkit.config import Config
+from stitchkit.config import Config, MixedPrecision
 from stitchkit.patches.dataset import DEFAULT_SPLITS, Templates, template_problem
 from stitchkit.patches.evaluate import TieRule
 from stitchkit.patches.shapes import ModerationSet, ShapesSet
@@ -64,7 +64,7 @@ class TrainSettings(Config):
     loss_on: Literal["id", "text"] = pydantic.Field(
         "id", description="id: the response tokens only (official --mask_prompt); text: every non-pad, non-image token"
     )
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     step_rule: Literal["samples", "epochs"] = pydantic.Field(
         "samples", description="samples: ceil(epochs x n / batch) full batches, epochs running into each other; "
         "epochs: ceil(n / batch) batches per epoch, the last one short, as a one-GPU HF Trainer (the official multi-GPU "
