@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,19 @@ def parse_and_answer(ids: list[int], vocab: Vocabulary) -> int:
     assoc = ids[end + 1 : que]
     shape_to_item = {assoc[k]: assoc[k + 2] for k in range(0, len(assoc), 3) if assoc[k + 1] == IS}
     return shape_to_item[colour_to_shape[ids[que + 1]]]
+
+
+def report_table(text: str, first_column: str) -> list[dict[str, str]]:
+    """The rows of the markdown table in `text` whose header starts with `first_column`, as {column: cell}."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    header, rows = split(lines[start]), []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, split(line))))
+    return rows
 
 
 def tiny_model(seed: int = 0, encoder_dim: int | None = None) -> BindingModel:
@@ -146,6 +160,19 @@ def test_noise_gaps_shift_positions_but_not_tokens():
         assert all(g == 0 for g in pairs_only[1::2])
 
 
+def test_the_noise_room_is_what_the_gaps_can_add_and_a_small_one_is_warned_about():
+    """D9: K ~ U{0..span - 2N}: the most any draw adds is span - 2N (none once 2N >= span); a span that leaves the
+    largest trained context fewer gap positions than its own 2N tokens is warned about, the paper's is not."""
+    from stitchkit.binding.task import noise_room, noise_warning
+
+    rng = np.random.default_rng(0)
+    for span, n, most in ((16, 6, 4), (16, 8, 0), (40, 8, 24)):
+        assert max(sum(noise_gaps(rng, n, span)) for _ in range(400)) == most == noise_room(span, n)
+    assert noise_warning(196, 8) is None and noise_warning(24, 6) is None  # 12 positions for a 12-token context
+    warning = noise_warning(16, 6)
+    assert "at most 4 positions" in warning and "noise.span" in warning
+
+
 def test_filler_tokens_receive_no_attention_yet_shift_positions():
     """Noise as position gaps equals explicit filler tokens that no query may attend to (masked as keys)."""
     model = tiny_model()
@@ -189,6 +216,35 @@ def test_rendered_objects_sit_in_distinct_cells_with_their_colours(kind):
     if kind == "parametric":
         assert glyphs.renderable == (216, 216)
         assert len({g[0].shape[0] for g in glyphs.outlines}) > 1
+
+
+def test_grid_objects_stay_inside_their_cells_up_to_the_largest_fill(tmp_path, capsys):
+    """D3: objects are drawn at fill x U(0.9, 1.1) of their cell; at the largest fill allowed each still lies
+    inside its own cell (its pixels there, nowhere else), and a larger fill is a config error naming images.fill."""
+    from stitchkit.binding.render import MAX_FILL
+
+    glyphs, rng = glyph_set("world"), np.random.default_rng(0)
+    placement = Placement("grid", cells=4, fill=MAX_FILL)
+    for _ in range(50):
+        colours = [int(c) for c in rng.choice(10, size=6, replace=False)]
+        image, places = render_context(colours, list(range(6)), glyphs, 64, rng, placement)
+        pixels = np.asarray(image)
+        for colour, (x, y, r) in zip(colours, places):
+            cell_x, cell_y = int(x // 16), int(y // 16)
+            assert cell_x * 16 <= x - r + 1e-6 and x + r <= (cell_x + 1) * 16 + 1e-6
+            assert cell_y * 16 <= y - r + 1e-6 and y + r <= (cell_y + 1) * 16 + 1e-6
+            found = colour_pixels(pixels, glyphs.colours[colour])
+            assert len(found) and ((found // 16) == [cell_y, cell_x]).all()
+    with pytest.raises(ValueError, match="fill"):
+        Placement("grid", fill=1.0)
+    for fill in (1.0, 0.95):
+        config = tmp_path / "fill.yaml"
+        config.write_text(yaml.safe_dump({"images": {"fill": fill}}))
+        with pytest.raises(SystemExit) as done:
+            main(["binding", "run", str(config), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and "images.fill: fill" in err and "0.909" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
 
 
 def test_uniform_placement_is_the_specs():
@@ -380,6 +436,53 @@ def test_interventions_report_shares_per_layer():
     assert symbolic_positional_ratio(0.5, 0.0, 100) == pytest.approx(50.0)
 
 
+def fake_run(branch: str, pairs: int, requested: int, ratio: float, seed: int = 0) -> dict:
+    """A run record of results.json with what the mechanism table reads: interventions at N = 6 on a 2-layer model
+    whose R at the last block's input (layer 1) is `ratio`."""
+    shares = {o: 0.0 for o in OUTCOMES}
+    layers = [{"layer": layer, **shares, "ratio": ratio if layer == 1 else 0.0} for layer in range(3)]
+    inter = {"n": 6, "pairs": pairs, "requested": requested, "candidates": 4 * requested, "layers": layers}
+    probes = {"accuracy": {"bound": [0.1] * 3, "previous": [0.1] * 3}, "signature": {"present": False, "strength": 0.0}}
+    return {"seed": seed, "branch": branch, "encoder": None, "stages": [{"id": 0.5, "ood": 0.1, "ood_far": None}],
+            "analysis": {"interventions": {"6": inter}, "probes": {"6": probes}, "knockouts": {"windows": []}}}  # fmt: skip
+
+
+def test_mechanisms_over_too_few_pairs_are_not_reported(monkeypatch):
+    """D2: shares over fewer than MIN_PAIRS pairs (or all that were asked for) are shown as "n/a (k of M pairs)",
+    left out of the mean R and of the mechanism figure's panels, and one warning line names the runs; a model with
+    no positional or symbolic effect at any layer has no peak layer (an argmax over zeros would name layer 1)."""
+    from stitchkit.binding import report
+    from stitchkit.binding.experiment import aggregate
+    from stitchkit.binding.interventions import MIN_PAIRS, enough_pairs, peak_layer
+
+    assert MIN_PAIRS == 20
+    assert enough_pairs({"pairs": 20, "requested": 200}) and not enough_pairs({"pairs": 19, "requested": 200})
+    assert enough_pairs({"pairs": 4, "requested": 4}) and not enough_pairs({"pairs": 3, "requested": 4})
+    zeros = [{"layer": layer, "positional": 0.0, "symbolic": 0.0} for layer in (1, 2, 3)]
+    assert peak_layer(zeros) is None
+    assert peak_layer([*zeros[:2], {"layer": 3, "positional": 0.1, "symbolic": 0.0}]) == 3
+
+    runs = [fake_run("text-only", 0, 200, 0.0), fake_run("image-text", 1, 200, 0.0), fake_run("image-text", 150, 200, 2.5, seed=1)]
+    table = aggregate(runs, ["text-only", "image-text"])
+    assert table["text-only"]["ratio_last_block"] is None and table["image-text"]["ratio_last_block"] == 2.5  # not (0 + 2.5) / 2
+    results = {"table": table, "runs": runs, "train_objects": [1, 6], "vocab": {"colours": 12}}
+    rows = {r["branch"]: r for r in report.table_rows(results, {"text-only": ["S1"], "image-text": ["S1", "S2", "S3"]})}
+    assert rows["text-only"]["R (last block)"] == "n/a (0 of 200 pairs)"
+    assert rows["image-text"]["R (last block)"] == "2.50 (1 of 2 runs left out: too few pairs)"
+    mechanisms = {r["seed"] + 10 * (r["branch"] == "image-text"): r for r in report.analysis_rows(results, "6")}
+    assert mechanisms[0]["R per layer"] == "n/a (0 of 200 pairs)" and mechanisms[0]["sym@0 %"] == "n/a"
+    assert mechanisms[11]["R per layer"] == "2.5"
+    warning = report.not_learned_line(results, "6")
+    assert "text-only (seed 0) 0 of 800" in warning and "image-text (seed 0) 1 of 800" in warning and "seed 1" not in warning
+    assert "have not learned the task at that N" in warning
+
+    drawn = {}
+    monkeypatch.setattr(report, "outcome_figure", lambda path, panels, title: drawn.update(panels))
+    report.mechanism_figure(Path("unused.png"), results, "6")
+    kept = [{"layer": row["layer"], **{o: row[o] for o in OUTCOMES}} for row in runs[2]["analysis"]["interventions"]["6"]["layers"]]
+    assert drawn == {"text-only\n(0 of 200 pairs)": None, "image-text\n(1, 150 of 200 pairs; 1 of 2 runs left out)": kept}
+
+
 # ---- probes and knockouts -----------------------------------------------------------------------------------
 
 
@@ -471,7 +574,7 @@ def test_isolating_the_query_makes_the_patched_prediction_independent_of_the_lay
     model = context_model()
     subject = TokenSubject(model, VOCAB)
     install_attention(model.lm)
-    pairs, _ = correct_pairs(subject, n=4, pairs=400, seed=0)
+    pairs, _, _ = correct_pairs(subject, n=4, pairs=400, seed=0)
     length = len(subject.encode(pairs[0].orig))
     blocked = torch.zeros(len(pairs), length, length, dtype=torch.bool)
     blocked[:, -1, :-1] = True
@@ -529,16 +632,72 @@ def test_word_prompts_run_on_a_hugging_face_causal_lm():
         WordSubject(subject.model, tokenizer, chat_template=True)
 
 
+def save_word_level_lm(folder: Path, words: list[str]) -> Path:
+    """A 2-layer Llama whose word-level tokenizer knows exactly `words` (and the prompt's other words): any other
+    word is its unknown token, one id, as in tokenizers that lack a word and have no fallback."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    prompt = ["Objects", ":", ",", ".", "Items", "the", "has", "Question", "item", "of", "shape", "that", "is"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", "<s>", *prompt, *words]))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, bos_token_id=1, eos_token_id=None)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_prompt_words_are_single_tokens_of_their_own(tmp_path, capsys):
+    """D4, D8: a word the tokenizer lacks encodes to its unknown token, one id shared by every such word, and a
+    lowercasing tokenizer gives colour "orange" and item "Orange" one id: neither kind is a symbol of its own, so
+    both are dropped; a context size the remaining words cannot fill is refused with the counts of each kind."""
+    from transformers import AutoTokenizer
+
+    from stitchkit.binding.subjects import COLOUR_WORDS, ITEM_WORDS, SHAPE_WORDS, _single_tokens
+    from stitchkit.vlm.tokenizer import word_tokenizer
+
+    folder = save_word_level_lm(tmp_path / "lm", [*COLOUR_WORDS[:6], *SHAPE_WORDS, *ITEM_WORDS])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.encode(" teal", add_special_tokens=False) == [tokenizer.unk_token_id]  # one token, but not a word
+    colours, shapes, items = _single_tokens(tokenizer, (COLOUR_WORDS, SHAPE_WORDS, ITEM_WORDS))
+    assert (colours, shapes, items) == (list(COLOUR_WORDS[:6]), list(SHAPE_WORDS), list(ITEM_WORDS))
+    lowercasing = word_tokenizer([*COLOUR_WORDS, *SHAPE_WORDS, *ITEM_WORDS])
+    assert lowercasing.encode(" orange", add_special_tokens=False) == lowercasing.encode(" Orange", add_special_tokens=False)
+    colours, shapes, items = _single_tokens(lowercasing, (COLOUR_WORDS, SHAPE_WORDS, ITEM_WORDS))
+    assert "orange" not in colours and "Orange" not in items and len(colours) == len(items) == 23 and len(shapes) == 24
+    ids = [lowercasing.encode(f" {w}", add_special_tokens=False)[0] for w in [*colours, *shapes, *items]]
+    assert len(set(ids)) == len(ids)
+
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(folder), "--out", str(tmp_path / "an"), "--n", "8"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "at most 6 objects" in err
+    assert "6 colour, 24 shape and 24 item words are single tokens" in err and not (tmp_path / "an").exists()
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def vit_encoder(tmp_path_factory) -> Path:
+    return save_vit(tmp_path_factory.mktemp("vit"), hidden=24)
+
+
+@pytest.fixture(scope="module")
+def narrow_vit_encoder(tmp_path_factory) -> Path:
+    """A second encoder like vit_encoder (16 tokens per 32 px image) whose features are narrower (16, not 24)."""
+    return save_vit(tmp_path_factory.mktemp("narrow_vit"), hidden=16)
+
+
+def save_vit(folder: Path, hidden: int) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vit")
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ViTModel(config).save_pretrained(folder)
     return folder
 
 
@@ -627,7 +786,17 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
     assert "image" in image_run["stages"][1] and "image" not in image_run["stages"][0]
     assert set(image_run["stages"][0]["text"]) == {str(n) for n in range(1, 7)}
     assert (out / "figures" / "binding_accuracy_vs_n.png").is_file() and (out / "figures" / "binding_mechanisms.png").is_file()
-    assert "Separability gate" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Separability gate" in report
+    # D9: S3's noise is drawn over the encoder's (32 / 8)^2 = 16 tokens: recorded, and named in the report
+    assert results["noise_span"] == 16 and "span = 16" in report and "at most 8 positions at the largest trained N = 4" in report
+    # gate: 8 x 8 renderable single-object images (gate_images 1), the probe tested on the held-out fifth
+    gate = results["gates"]["encoder"]
+    assert gate["images"] == 64 and gate["test_images"] == 64 - int(64 * 0.8)
+    assert report_table(report, "encoder")[0]["test images"] == str(gate["test_images"])
+    assert "[encoder](images/encoder/sample.png)" in report and (out / "images" / "encoder" / "sample.png").is_file()
+    s1_meta = json.loads((out / "train" / "seed0" / "S1" / "model" / "binding.json").read_text())
+    assert s1_meta["train_objects"] == [1, 4] and s1_meta["encoder_dim"] is None and s1_meta["encoder"] is None
     for r in results["runs"]:  # knockouts also measure the intervention outcomes at L - 1, on the interventions' pairs
         knock, inter = r["analysis"]["knockouts"], r["analysis"]["interventions"]["4"]
         assert knock["label_layer"] == 1 and knock["pairs"] == inter["pairs"]
@@ -647,17 +816,113 @@ def test_binding_run_and_analyze_end_to_end(tmp_path, vit_encoder, capsys):
     assert (out / "results.json").read_bytes() == before
 
     model_dir = out / "train" / "seed0" / "S1" / "S2-encoder" / "S3-encoder" / "model"  # S3 shows images too
+    capsys.readouterr()
     with pytest.raises(SystemExit) as done:
-        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "4", "--probe-examples", "20", "--knockout-label-layer", "1"])
+        main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "an"), "--n", "4", "--n", "5", "--pairs", "4",
+              "--probe-examples", "20", "--knockout-label-layer", "1", "--knockout-window", "1"])  # fmt: skip
     assert done.value.code == 0
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert analysis["layers"] == 2 and "labels_delta" in analysis["knockouts"]["windows"][0]
     assert analysis["knockouts"]["label_layer"] == 1  # --knockout-label-layer
+    assert analysis["knockouts"]["window"] == 1 and len(analysis["knockouts"]["windows"]) == 6 * 2  # --knockout-window: 2 per set
     assert (tmp_path / "an" / "figures" / "knockouts.png").is_file()
+    # N = 5 is above the trained 1..4 (binding.json): said once on stderr and in the report
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert any("--n [5]" in w and "trained on N = 1..4" in w for w in warnings)
+    an_report = (tmp_path / "an" / "report.md").read_text()
+    assert "--n [5]: the model was trained on N = 1..4" in an_report and "2 layers" in an_report
+    knocked = report_table(an_report, "edge set")  # every knocked-out window's accuracy change, in points
+    assert [row["edge set"] for row in knocked] == ["K1", "K2", "K3", "K4", "K5", "K6"]
+    for w in analysis["knockouts"]["windows"]:
+        assert next(r for r in knocked if r["edge set"] == w["set"])[f"L{w['start']}-{w['start']}"] == f"{100 * w['delta']:.1f}"
+    rows = {r["N"]: r for r in report_table(an_report, "N")}
+    inter = analysis["interventions"]["4"]
+    assert rows["4"]["candidates"] == str(inter["candidates"]) and rows["4"]["pairs"] == str(inter["pairs"])
+    assert 0 <= inter["accuracy"] <= 1 and rows["4"]["accuracy %"] == f"{100 * inter['accuracy']:.2f}"
     with pytest.raises(SystemExit) as done:  # a layer the model does not have: refused before any output
         main(["binding", "analyze", "--model", str(model_dir), "--out", str(tmp_path / "bad"), "--knockout-label-layer", "9"])
     assert done.value.code == 2 and "--knockout-label-layer 9" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("legacy_text_projector", [False, True])
+def test_encoders_of_different_widths_each_run_their_image_branch(tmp_path, vit_encoder, narrow_vit_encoder, monkeypatch, legacy_text_projector):
+    """D1: S1, trained first inside the wide encoder's image branch, is shared with the narrow encoder's branch;
+    its model carries no projector (or, as runs of results version 1 saved, an untrained one of the wide width,
+    which the narrow branch must not load), and every encoder's branch trains, evaluates and analyses; a re-run
+    finds everything finished."""
+    from stitchkit.binding import experiment
+    from stitchkit.config import load_config
+
+    cfg = yaml.safe_load(tiny_config(tmp_path / "two.yaml", vit_encoder).read_text())
+    cfg["encoders"] = {"wide": str(vit_encoder), "narrow": str(narrow_vit_encoder)}
+    cfg["branches"] = {"image-text": ["S1", "S2", "S3"]}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # wide first: it trains S1
+    if legacy_text_projector:
+        real_save = experiment.save_binding_model
+        monkeypatch.setattr(experiment, "save_binding_model", lambda *args, **kwargs: real_save(*args, **{**kwargs, "with_projector": True}))
+    out = tmp_path / "run"
+    experiment.run_binding(load_config(BindingConfig, tmp_path / "two.yaml"), out)
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["branch"], r["encoder"]) for r in results["runs"]] == [("image-text", "wide"), ("image-text", "narrow")]
+    assert results["table"]["image-text"]["runs"] == 2 and not results["diverged"]
+    s1 = out / "train" / "seed0" / "S1" / "model"
+    assert (s1 / "projector.safetensors").is_file() == legacy_text_projector
+    for name, width in (("wide", 24), ("narrow", 16)):
+        meta = json.loads((out / "train" / "seed0" / "S1" / f"S2-{name}" / f"S3-{name}" / "model" / "binding.json").read_text())
+        assert meta["encoder_dim"] == width and meta["encoder"] == name
+    first, second = (r["stages"][0] for r in results["runs"])
+    assert first == second and first["folder"] == "train/seed0/S1"  # one S1 for both encoders
+    before = (out / "results.json").read_bytes()
+    experiment.run_binding(load_config(BindingConfig, tmp_path / "two.yaml"), out)
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_analyze_says_what_a_model_folder_is_missing_and_which_folder_to_pass(tmp_path, capsys):
+    """D5, D6, D11: a binding model folder without its LM weights or its projector, a zoo vision encoder, a run
+    folder and a stage folder: each one message (exit 2) that names the folder, the file or the folder to pass."""
+    import shutil
+
+    model = tiny_model(encoder_dim=8)
+    stage = tmp_path / "run" / "train" / "seed0" / "S1" / "S2-encoder"
+    save_binding_model(model, stage / "model")
+    (tmp_path / "run" / "manifest.json").write_text("{}")
+
+    def refused(spec: str) -> str:
+        with pytest.raises(SystemExit) as done:
+            main(["binding", "analyze", "--model", spec, "--out", str(tmp_path / "an")])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and "Traceback" not in err and not (tmp_path / "an").exists()
+        return err
+
+    no_weights, no_projector = tmp_path / "no_weights", tmp_path / "no_projector"
+    shutil.copytree(stage / "model", no_weights)
+    (no_weights / "lm" / "model.safetensors").unlink()
+    shutil.copytree(stage / "model", no_projector)
+    (no_projector / "projector.safetensors").unlink()
+    assert f"{no_weights}: the binding model's lm/model.safetensors is missing" in refused(str(no_weights))
+    assert f"{no_projector}: the binding model's projector.safetensors is missing" in refused(str(no_projector))
+    assert "'zoo:supervised' is a vision encoder of the micro zoo, with no language model" in refused("zoo:supervised")
+    assert f"pass its model folder, {stage / 'model'}" in refused(str(stage))
+    err = refused(str(tmp_path / "run"))
+    assert "is a binding run folder" in err and str(stage / "model") in err
+
+
+def test_analyze_of_a_model_that_has_not_learned_the_task_reports_no_mechanism(tmp_path, capsys):
+    """D2: an untrained model answers few of the 4 x 20 candidate pairs right on both sides: no peak layer, "n/a"
+    instead of shares and R in the report, a pair count in the figure, and one warning line on stderr."""
+    save_binding_model(tiny_model(seed=0), tmp_path / "model")
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "analyze", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "an"), "--n", "4", "--pairs", "20",
+              "--probe-examples", "20", "--no-knockouts"])  # fmt: skip
+    assert done.value.code == 0
+    inter = json.loads((tmp_path / "an" / "analysis.json").read_text())["interventions"]["4"]
+    assert inter["pairs"] < 20 and inter["candidates"] == 80 and inter["requested"] == 20 and inter["peak_layer"] is None
+    row = report_table((tmp_path / "an" / "report.md").read_text(), "N")[0]
+    assert row["peak layer"] == f"n/a ({inter['pairs']} of 20 pairs)" and row["R at peak"] == row["symbolic %"] == "n/a"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"answers only {inter['pairs']} of 80 candidate pairs" in warnings[0]
+    assert "has not learned the task at that N" in warnings[0]
 
 
 def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
@@ -680,6 +945,29 @@ def test_bad_configs_are_one_message_and_exit_2(tmp_path, vit_encoder, capsys):
     with pytest.raises(SystemExit) as done:
         main(["binding", "analyze", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "an")])
     assert done.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"branches": {"mine": []}}, "branches.mine: lists no stages"),
+        ({"branches": {"mine": ["S1", "S9"]}}, "branches.mine: names unknown stages ['S9']"),
+        ({"eval": {"max_objects": 13}}, "eval.max_objects: contexts of up to 13 objects"),
+        ({"train_objects": [1, 13], "eval": {"max_objects": 12}}, "train_objects: contexts of up to 13 objects"),
+        ({"train_objects": [1, 6], "eval": {"max_objects": 12}, "images": {"cells": 2}}, "images.cells: image contexts of up to 6 objects"),
+        ({"analysis": {"knockout_label_layer": 5}}, "analysis.knockout_label_layer: 5 is past"),
+        ({"images": {"box": [0.5, 0.2]}}, "images.box: must be lo <= hi < 1"),
+    ],
+)
+def test_cross_field_config_errors_name_the_field(tmp_path, capsys, change, expected):
+    """D7: a problem between fields is reported at the field to change, without pydantic's 'Value error, '."""
+    cfg = {"vocab": {"colours": 12, "shapes": 12, "items": 12}, "eval": {"max_objects": 10}, "model": {"layers": 4}}
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({**cfg, **change}))
+    with pytest.raises(SystemExit) as done:
+        main(["binding", "run", str(config), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"  {expected}" in err and "Value error" not in err and "(top level)" not in err
 
 
 def save_tiny_vlm(folder: Path) -> Path:
@@ -818,8 +1106,7 @@ def test_analyze_takes_its_defaults_from_the_config_and_reports_a_given_layer(tm
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     at = analysis["interventions"]["4"]["layers"][2]  # resid_post: every pair reflexive, unlike the peak (layer 1)
     assert analysis["base_peak_layer"] == 2 and analysis["interventions"]["4"]["peak_layer"] == 1
-    header, _, row = (tmp_path / "an" / "report.md").read_text().split("\n")[2:5]
-    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    cells = report_table((tmp_path / "an" / "report.md").read_text(), "N")[0]
     assert cells["R at 2"] == format_cell(at["ratio"], 2) != cells["R at peak"]
     assert cells["positional % at 2"] == format_cell(100 * at["positional"], 2) != cells["positional %"]
     assert cells["symbolic % at 2"] == format_cell(100 * at["symbolic"], 2)
@@ -827,3 +1114,38 @@ def test_analyze_takes_its_defaults_from_the_config_and_reports_a_given_layer(tm
         main(["binding", "analyze", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "bad"), "--peak-layer", "3"])
     assert done.value.code == 2 and "--peak-layer 3" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_committed_quickstart_results_follow_the_current_schema():
+    """D10: results/binding/quickstart is the output of the current code (results version, its keys), and its
+    report carries what the current report says (the OOD range, the noise actually drawn, the pair counts)."""
+    from stitchkit.binding.experiment import RESULTS_VERSION
+    from stitchkit.paths import REPO_ROOT
+
+    folder = REPO_ROOT / "results" / "binding" / "quickstart"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["version"] == RESULTS_VERSION
+    assert {"train_objects", "vocab", "noise_span", "ood_ranges", "gates", "table", "runs", "diverged"} <= set(results)
+    assert all("diverged" in row for row in results["table"].values())
+    assert all({"requested", "accuracy"} <= set(inter) for r in results["runs"] for inter in r["analysis"]["interventions"].values())
+    report = (folder / "report.md").read_text()
+    assert f"OOD (N = {results['ood_ranges']['ood'][0]}..{results['ood_ranges']['ood'][1]})" in report
+    assert f"span = {results['noise_span']}" in report
+    for link in re.findall(r"\]\(([^)]+\.png)\)", report):
+        assert (folder / link).is_file(), link
+
+
+def test_readable_names_and_hop_practice_in_the_report():
+    """Sample images are titled with the shapes world's words; a run with hop practice says so by its mechanisms."""
+    from stitchkit.binding.report import hop_practice_line
+
+    world = glyph_set("world")
+    assert world.name(0, 5) == "red circle" and world.name(8, 10) == "white cross"
+    assert glyph_set("parametric").name(3, 7) == "C3 S7"
+    plain = BindingConfig()
+    assert hop_practice_line(plain) == ""
+    practice = BindingConfig.model_validate({"stages": {**{k: v.model_dump() for k, v in plain.stages.items()},
+                                                        "S1": {"steps": 200_000, "hop_practice": 0.5}}})  # fmt: skip
+    line = hop_practice_line(practice)
+    assert "(0.5 in S1)" in line and "not in the paper" in line
+    assert all(branch in line for branch in plain.branches)  # every default branch starts with S1

@@ -39,6 +39,9 @@ def analyze(
         None, "--knockout-examples", min=1, help="Examples for the knockouts (our token models). Default: a binding config's analysis.knockout_examples."
     ),
     knockouts: bool = typer.Option(True, "--knockouts/--no-knockouts", help="Attention knockouts (our token models only)."),
+    knockout_window: Optional[int] = typer.Option(
+        None, "--knockout-window", min=1, help="Layers blocked at once, the window slid over depth (our token models). Default: a binding config's analysis.knockout_window."
+    ),
     knockout_label_layer: Optional[int] = typer.Option(
         None, "--knockout-label-layer", min=0, help="Layer whose intervention outcomes each knockout is read at (default L - 1)."
     ),
@@ -60,5 +63,6 @@ def analyze(
     report = analyze_subject(
         model, out, n, pairs, probe_examples, knockouts, seed, device, command_line(), knockout_label_layer, chat_template,
         knockout_examples=knockout_examples, base_peak_layer=peak_layer, trust_remote_code=trust_remote_code,
+        knockout_window=knockout_window,
     )  # fmt: skip
     typer.echo(f"report: {report}")

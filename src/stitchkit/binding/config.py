@@ -11,12 +11,20 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import pydantic
+import pydantic_core
 
 from stitchkit.binding.model import ModelSettings
-from stitchkit.binding.render import Placement, glyph_set
+from stitchkit.binding.render import MAX_FILL, Placement, check_fill, glyph_set
 from stitchkit.binding.task import Vocabulary
 from stitchkit.config import Config, MixedPrecision
 from stitchkit.engine.loop import AdamBetas, warmup_error
+
+
+def field_error(path: str, message: str) -> pydantic.ValidationError:
+    """A problem found across fields, reported at the field `path` (dotted) the user has to change: the config
+    loader prints it as `path: message`, where a model validator's ValueError would say `(top level): Value error, `."""
+    error = pydantic_core.PydanticCustomError("binding_config", message)
+    return pydantic_core.ValidationError.from_exception_data("BindingConfig", [{"type": error, "loc": tuple(path.split(".")), "input": None}])
 
 
 class VocabSettings(Config):
@@ -38,7 +46,9 @@ class ImageSettings(Config):
         "grid", description="grid: distinct random cells (the micro default); uniform: the spec's §3 placement"
     )
     cells: int = pydantic.Field(4, ge=1, description="grid: objects take distinct random cells")
-    fill: float = pydantic.Field(0.8, gt=0, le=1, description="grid: object diameter as a fraction of the cell side")
+    fill: float = pydantic.Field(
+        0.8, gt=0, le=1, description=f"grid: object diameter as a fraction of the cell side (+-10%; at most {MAX_FILL:.3f})"
+    )
     box: tuple[pydantic.PositiveFloat, pydantic.PositiveFloat] = pydantic.Field(
         (28 / 224, 40 / 224), description="uniform: object box side ~ U[box] of the canvas side (§3: 28-40 px at 224)"
     )
@@ -47,10 +57,19 @@ class ImageSettings(Config):
     eval_pool: int = pydantic.Field(1024, ge=1, description="held-out contexts for image-modality accuracy")
     gate_images: int = pydantic.Field(8, ge=1, description="single-object images per colour x shape for the separability gate")
 
+    @pydantic.field_validator("fill")
+    @classmethod
+    def _fill_keeps_objects_in_their_cells(cls, fill: float) -> float:
+        try:
+            check_fill(fill)
+        except ValueError as err:
+            raise pydantic_core.PydanticCustomError("binding_config", str(err)) from None
+        return fill
+
     @pydantic.model_validator(mode="after")
     def _box_range(self) -> "ImageSettings":
         if not self.box[0] <= self.box[1] < 1:
-            raise ValueError(f"box must be lo <= hi < 1 (fractions of the canvas side), got {list(self.box)}")
+            raise field_error("box", f"must be lo <= hi < 1 (fractions of the canvas side), got {list(self.box)}")
         return self
 
     @property
@@ -173,36 +192,40 @@ class BindingConfig(Config):
     def _consistent(self) -> "BindingConfig":
         lo, hi = self.train_objects
         if not 1 <= lo <= hi:
-            raise ValueError(f"train_objects must be 1 <= lo <= hi, got {self.train_objects}")
+            raise field_error("train_objects", f"must be 1 <= lo <= hi, got {list(self.train_objects)}")
         limit = self.vocab.vocabulary.max_objects
-        if max(hi, self.eval.max_objects) > limit:
-            raise ValueError(f"contexts of up to {max(hi, self.eval.max_objects)} objects need that many distinct colours, shapes and items; the vocabulary allows {limit}")
+        for field, largest in (("train_objects", hi), ("eval.max_objects", self.eval.max_objects)):
+            if largest > limit:
+                raise field_error(field, f"contexts of up to {largest} objects need that many distinct colours, shapes and items; "
+                                         f"vocab (colours {self.vocab.colours}, shapes {self.vocab.shapes}, items {self.vocab.items}) allows {limit}")
         for name, stage in self.stages.items():  # every stage warms up anew (the engine's schedule)
             if self.optim.warmup_steps and self.optim.warmup_steps >= stage.steps:
-                raise ValueError(f"stages.{name}: {warmup_error(self.optim.warmup_steps, stage.steps)}")
+                raise field_error(f"stages.{name}", warmup_error(self.optim.warmup_steps, stage.steps))
         for branch, stages in self.branches.items():
+            if not stages:
+                raise field_error(f"branches.{branch}", "lists no stages")
             unknown = [s for s in stages if s not in self.stages]
-            if unknown or not stages:
-                raise ValueError(f"branch {branch!r} names unknown stages {unknown} (defined: {sorted(self.stages)})")
-        for name in list(self.stages) + list(self.branches) + list(self.encoders or {}):
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"stage, branch and encoder names must be letters, digits, - and _: {name!r}")
+            if unknown:
+                raise field_error(f"branches.{branch}", f"names unknown stages {unknown} (defined: {sorted(self.stages)})")
+        for field in ("stages", "branches", "encoders"):
+            for name in getattr(self, field) or {}:
+                if not name.replace("_", "").replace("-", "").isalnum():
+                    raise field_error(field, f"stage, branch and encoder names must be letters, digits, - and _: {name!r}")
         label_layer = self.analysis.knockout_label_layer
         if label_layer is not None and label_layer > self.model.layers:
-            raise ValueError(f"analysis.knockout_label_layer {label_layer}: the model has layers 0..{self.model.layers} (L = resid_post)")
+            raise field_error("analysis.knockout_label_layer", f"{label_layer} is past the model's last layer: model.layers "
+                                                              f"{self.model.layers} has layers 0..{self.model.layers} (L = resid_post)")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {self.seeds}")
+            raise field_error("seeds", f"seeds repeat: {self.seeds}")
         if any(self.uses_images(b) for b in self.branches):
             if not self.images.layout.fits(hi):
-                what = f"images.cells^2 = {self.images.cells**2} cells" if self.images.placement == "grid" else (
-                    f"a canvas at images.box up to {self.images.box[1]:.3f} of its side with images.gap {self.images.gap:.3f}")
-                raise ValueError(f"{hi} objects do not fit in {what}")
+                field, what = ("images.cells", f"images.cells^2 = {self.images.cells**2} cells") if self.images.placement == "grid" else (
+                    "images.box", f"a canvas at images.box up to {self.images.box[1]:.3f} of its side with images.gap {self.images.gap:.3f}")
+                raise field_error(field, f"image contexts of up to {hi} objects (train_objects) do not fit in {what}")
             colours, shapes = glyph_set(self.images.glyphs).renderable
             if hi > min(colours, shapes):
-                raise ValueError(
-                    f"image contexts of up to {hi} objects need {hi} distinct glyph colours and shapes; "
-                    f"images.glyphs: {self.images.glyphs} has {colours} colours x {shapes} shapes"
-                )
+                raise field_error("images.glyphs", f"image contexts of up to {hi} objects (train_objects) need {hi} distinct glyph "
+                                                   f"colours and shapes; images.glyphs: {self.images.glyphs} has {colours} colours x {shapes} shapes")
         return self
 
     @property
@@ -211,3 +234,12 @@ class BindingConfig(Config):
 
     def uses_images(self, branch: str) -> bool:
         return any(self.stages[s].image_fraction > 0 for s in self.branches[branch])
+
+    def uses_noise(self) -> bool:
+        """Whether any branch runs a stage with noise gaps."""
+        return any(self.stages[s].noise for stages in self.branches.values() for s in stages)
+
+    def hop_practice(self) -> dict[str, float]:
+        """{stage: share} of the stages that branches run with hop practice (not in the paper: reports say so)."""
+        used = dict.fromkeys(s for stages in self.branches.values() for s in stages)
+        return {s: self.stages[s].hop_practice for s in used if self.stages[s].hop_practice}

@@ -2,12 +2,15 @@
 
 Steps of the run folder (each skipped once finished; an interrupted training resumes from its checkpoint):
 
-    images/<encoder>/                 bank.safetensors + contexts.json (training and evaluation contexts through the
-                                      frozen encoder), gate.json (the separability gate), sample.png
+    images/<encoder>/                 images.safetensors + images.json (the training contexts through the frozen
+                                      encoder, and their colours and shapes), eval_images.safetensors + eval_images.json
+                                      (the held-out contexts), gate.json (the separability gate), sample.png
     train/seed<s>/<stage>/<stage>/... one engine folder per stage, nested along the branch, so branches that share
                                       their first stages share those trainings; image stages are named <stage>-<encoder>.
                                       Each holds model/ (the saved model), eval.json, and analysis.json when it ends a branch
     results.json, report.md, figures/*.png
+
+<encoder> is a key of the config's `encoders`, or `encoder` when the config names only images.encoder.
 
 Every stage is one engine training with its own warmup; with `optim.carry_state` (the default, §4) it starts from
 the AdamW moments the previous stage of its branch ended with (the engine's `optimizer_from`), and the projector,
@@ -31,14 +34,14 @@ from stitchkit.binding.data import ENCODE_BATCH, ExampleStream, ImageBank, Strea
 from stitchkit.binding.evaluate import accuracy_of_samples, image_accuracy, ood_ranges, summarize, text_accuracy, text_samples
 from stitchkit.binding.model import BindingModel, answer_loss, load_binding_model, save_binding_model
 from stitchkit.binding.render import glyph_set, render_context
-from stitchkit.binding.task import Vocabulary, example_rng, sample_example
+from stitchkit.binding.task import Vocabulary, example_rng, noise_warning, sample_example
 from stitchkit.engine import TrainConfig, seed_everything, train
 from stitchkit.engine.devices import pick_device, torch_threads
 from stitchkit.errors import ConfigError, TrainingDiverged
 from stitchkit.runs import RunDir, atomic_write_json
 from stitchkit.zoo import load_frozen_backbone
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: noise_span, vocab; interventions' requested and accuracy; ratio_last_block leaves out too few pairs
 GATE_THRESHOLD = 0.95
 
 
@@ -77,9 +80,9 @@ def separability_gate(backbone, vocab: Vocabulary, cfg: BindingConfig, seed: int
     pooled, labels = gate_features(backbone, vocab, cfg, seed, batch_size)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
     pooled, labels = pooled[order], labels[order]
-    cut = len(labels) * 4 // 5
+    cut = len(labels) * 4 // 5  # the probe is fit on four fifths and tested on the rest
     sizes = labels.max(dim=0).values + 1  # every renderable colour and shape occurs
-    result = {"colours": int(sizes[0]), "shapes": int(sizes[1]), "images": len(labels)}
+    result = {"colours": int(sizes[0]), "shapes": int(sizes[1]), "images": len(labels), "test_images": len(labels) - cut}
     for i, what in enumerate(("colour", "shape")):
         result[f"{what}_accuracy"] = ridge_probe_accuracy(pooled[:cut], labels[:cut, i], pooled[cut:], labels[cut:, i])
     result["passed"] = min(result["colour_accuracy"], result["shape_accuracy"]) >= GATE_THRESHOLD
@@ -112,7 +115,7 @@ def _save_samples(cfg: BindingConfig, size: int, path: Path) -> None:
         n = int(rng.integers(cfg.train_objects[0], cfg.train_objects[1] + 1))
         ex = sample_example(rng, n, vocab, min(glyphs.renderable[0], vocab.colours), min(glyphs.renderable[1], vocab.shapes))
         images.append(render_context(ex.colours, ex.shapes, glyphs, size, rng, cfg.images.layout)[0])
-        titles.append(" ".join(f"C{c}S{s}" for c, s in zip(ex.colours, ex.shapes)) if n <= 3 else f"N = {n}")
+        titles.append(", ".join(glyphs.name(c, s) for c, s in zip(ex.colours, ex.shapes)) if n <= 3 else f"N = {n}")
     image_grid(path, images, titles, cols=4)
 
 
@@ -238,13 +241,17 @@ def run_branch(
                 atomic_write_json(marker, record)
                 return {"seed": seed, "branch": branch, "encoder": encoder, "diverged": record}
             evaluation = evaluate_stage(model, cfg, stage_run, banks, seed)
-            save_binding_model(model, stage_run.folder / "model", {"stage": stage_run.stage, "seed": seed, "encoder": encoder})
+            meta = {"stage": stage_run.stage, "seed": seed, "encoder": encoder if stage_run.images_seen else None,
+                    "train_objects": list(cfg.train_objects)}  # fmt: skip
+            save_binding_model(model, stage_run.folder / "model", meta, with_projector=stage_run.images_seen)
             atomic_write_json(stage_run.folder / "eval.json", {**training, **evaluation})
             run.finish(step)
         else:
             loaded, _ = load_binding_model(stage_run.folder / "model")
             model.lm.load_state_dict(loaded.lm.state_dict())
-            if loaded.projector is not None and model.projector is not None:  # text-only branches have none
+            # Only a stage that has seen images has a trained projector. A text stage is shared with other encoders'
+            # branches, and runs of RESULTS_VERSION 1 saved its untrained projector, maybe of another encoder's width.
+            if stage_run.images_seen:
                 model.projector.load_state_dict(loaded.projector.state_dict())
         stages.append({"stage": stage_run.stage, "folder": step, **json.loads((stage_run.folder / "eval.json").read_text())})
     final = stage_runs[-1]
@@ -260,7 +267,8 @@ def run_branch(
 
 def aggregate(runs: list[dict[str, Any]], branches: list[str]) -> dict[str, Any]:
     """Mean and sd over seeds x encoders of every branch's final stage (the paper's table); diverged runs are
-    counted apart and left out, as the paper left out its one diverged branch."""
+    counted apart and left out, as the paper left out its one diverged branch. Mean R leaves out the runs whose
+    interventions rest on too few pairs (interventions.enough_pairs): their R is 0 / (1 / 1) = 0, not a finding."""
     table = {}
     for branch in branches:
         finals = [r["stages"][-1] for r in runs if r["branch"] == branch and "diverged" not in r]
@@ -269,22 +277,29 @@ def aggregate(runs: list[dict[str, Any]], branches: list[str]) -> dict[str, Any]
             values = [f[key] for f in finals if f.get(key) is not None]
             row[key] = float(np.mean(values)) if values else None
             row[f"{key}_sd"] = float(np.std(values)) if values else None
-        ratios = [_final_ratio(r["analysis"]) for r in runs if r["branch"] == branch and r.get("analysis")]
+        ratios = [_final_ratio(r["analysis"]) for r in runs if r["branch"] == branch and r.get("analysis") and _enough_pairs(r["analysis"])]
         row["ratio_last_block"] = float(np.mean(ratios)) if ratios else None
         table[branch] = row
     return table
 
 
 def _final_ratio(analysis: dict[str, Any]) -> float:
-    """R at the last block's input (interventions.ratio_layer; layers 0..L are all patched here)."""
+    """R at the last block's input (interventions.ratio_layer; layers 0..L are all patched here), at the first N."""
     from stitchkit.binding.interventions import ratio_layer
 
     rows = next(iter(analysis["interventions"].values()))["layers"]
     return rows[ratio_layer(len(rows) - 1)]["ratio"]
 
 
+def _enough_pairs(analysis: dict[str, Any]) -> bool:
+    """Whether the interventions behind _final_ratio rest on enough pairs."""
+    from stitchkit.binding.interventions import enough_pairs
+
+    return enough_pairs(next(iter(analysis["interventions"].values())))
+
+
 def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None = None) -> Path:
-    from stitchkit.binding.report import write_report
+    from stitchkit.binding.report import warn, write_report
 
     run = RunDir(out, config=cfg, seeds={f"seed{s}": s for s in cfg.seeds}, command=command)
     device = pick_device(cfg.device)
@@ -293,6 +308,8 @@ def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None 
         if any(cfg.uses_images(b) for b in cfg.branches):
             banks = {name: prepare_images(run, cfg, name, spec, device) for name, spec in cfg.encoder_specs.items()}
         span, runs = noise_span(cfg, banks), []
+        if cfg.uses_noise() and (note := noise_warning(span, cfg.train_objects[1])):
+            warn(note)
         for seed in cfg.seeds:
             for branch in cfg.branches:
                 for encoder in (list(banks) if cfg.uses_images(branch) else [None]):
@@ -302,6 +319,8 @@ def run_binding(cfg: BindingConfig, out: str | os.PathLike, command: str | None 
         "version": RESULTS_VERSION,
         "name": cfg.name,
         "train_objects": list(cfg.train_objects),
+        "vocab": cfg.vocab.model_dump(),
+        "noise_span": span,
         "ood_ranges": ood_ranges(cfg.train_objects, cfg.eval),
         "gates": gates,
         "table": aggregate(runs, list(cfg.branches)),

@@ -16,6 +16,10 @@ association items; it is classified positional -> symbolic -> reflexive -> no_ef
 construction), anything else `mixed`, whose ordinal offset q2 - index(prediction) is logged.
 
 Symbolic / positional ratio per layer: R_l = p_sym(l) / max(p_pos(l), 1 / n_pairs).
+
+Shares over a handful of pairs mean nothing, and a model that answers so few candidates right on both sides has
+not learned the task at that N: below MIN_PAIRS pairs (`enough_pairs`) reports show "n/a (k of M pairs)" instead
+of shares and R, leave the run out of mean R, and give no peak layer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
 LABELS = ("positional", "symbolic", "reflexive", "no_effect")
 OUTCOMES = (*LABELS, "mixed")
+MIN_PAIRS = 20  # fewest pairs whose shares are reported (each pair then moves a share by at most 5 points)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,18 +100,39 @@ def _restricted_prediction(subject: Subject, logits: torch.Tensor, examples: lis
 
 
 def run_interventions(subject: Subject, n: int = 8, pairs: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
-    """Outcome shares per layer (0..L, L = resid_post) over pairs the unpatched model gets right on both sides."""
-    kept, examined = correct_pairs(subject, n, pairs, seed, batch_size)
+    """Outcome shares per layer (0..L, L = resid_post) over pairs the unpatched model gets right on both sides;
+    `requested` the pairs asked for, `candidates` those examined, `accuracy` the share of their originals the
+    model answers right among the N items."""
+    kept, examined, right = correct_pairs(subject, n, pairs, seed, batch_size)
     layers = patch_outcomes(subject, kept, range(subject.layers + 1), batch_size=batch_size, description=f"interventions N={n}")
-    return {"n": n, "pairs": len(kept), "candidates": examined, "layers": layers}
+    return {"n": n, "pairs": len(kept), "requested": pairs, "candidates": examined, "accuracy": right / max(examined, 1), "layers": layers}
 
 
-def correct_pairs(subject: Subject, n: int, pairs: int, seed: int, batch_size: int = 64) -> tuple[list[Pair], int]:
+def enough_pairs(interventions: dict) -> bool:
+    """Whether an interventions result rests on enough pairs to report its shares: MIN_PAIRS, or every pair asked
+    for when fewer were (results from before `requested` was recorded count as asking for MIN_PAIRS)."""
+    return interventions["pairs"] >= min(MIN_PAIRS, interventions.get("requested", MIN_PAIRS))
+
+
+def pairs_note(interventions: dict) -> str:
+    """ "k of M pairs", M the pairs asked for ("k pairs" for results from before that was recorded)."""
+    requested = interventions.get("requested")
+    return f"{interventions['pairs']} of {requested} pairs" if requested else f"{interventions['pairs']} pairs"
+
+
+def not_learned_warning(interventions: dict, model: str) -> str:
+    """The one line that says why a result's shares are n/a."""
+    return (f"{model} answers only {interventions['pairs']} of {interventions['candidates']} candidate pairs right on both sides "
+            f"at N = {interventions['n']}: it has not learned the task at that N, so its mechanism shares are not "
+            f"meaningful (n/a; fewer than {MIN_PAIRS} pairs)")
+
+
+def correct_pairs(subject: Subject, n: int, pairs: int, seed: int, batch_size: int = 64) -> tuple[list[Pair], int, int]:
     """Up to `pairs` pairs the unmodified model answers right (among the N items) on both sides, drawn from up to
-    4x as many candidates; and how many candidates were examined."""
+    4x as many candidates; how many candidates were examined, and on how many of them the original was right."""
     candidates = sample_pairs(n, 4 * pairs, seed, subject)
     kept: list[Pair] = []
-    examined = 0
+    examined = right = 0
     for start in track(range(0, len(candidates), batch_size), description=f"pairs N={n}"):
         if len(kept) >= pairs:
             break
@@ -115,9 +141,10 @@ def correct_pairs(subject: Subject, n: int, pairs: int, seed: int, batch_size: i
         with torch.no_grad():
             orig_pred = _restricted_prediction(subject, subject.forward(_ids(subject, [p.orig for p in batch]))[:, -1], [p.orig for p in batch])
             cf_pred = _restricted_prediction(subject, subject.forward(_ids(subject, [p.cf for p in batch]))[:, -1], [p.orig for p in batch])
+        right += sum(o == p.orig.answer for p, o in zip(batch, orig_pred))
         good = [p for p, o, c in zip(batch, orig_pred, cf_pred) if o == p.orig.answer and c == p.cf.answer]
         kept += good[: pairs - len(kept)]
-    return kept, examined
+    return kept, examined, right
 
 
 def patch_outcomes(
@@ -177,6 +204,8 @@ def ratio_layer(layers: int) -> int:
     return layers - 1
 
 
-def peak_layer(layers: list[dict]) -> int:
-    """The layer where positional + symbolic effects are largest (§7.2: the peak of a base LLM)."""
-    return max(layers, key=lambda row: row["positional"] + row["symbolic"])["layer"]
+def peak_layer(layers: list[dict]) -> int | None:
+    """The layer where positional + symbolic effects are largest (§7.2: the peak of a base LLM); None when they
+    are 0 at every layer, where an argmax would name the first layer for no reason."""
+    peak = max(layers, key=lambda row: row["positional"] + row["symbolic"])
+    return peak["layer"] if peak["positional"] + peak["symbolic"] > 0 else None

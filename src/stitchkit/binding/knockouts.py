@@ -85,7 +85,7 @@ def run_knockouts(
     window = min(window, layers)
     label_layer = read_out_layer(label_layer, layers)
     subject = TokenSubject(model, vocab)
-    kept, _ = correct_pairs(subject, n, pairs, seed)
+    kept, _, _ = correct_pairs(subject, n, pairs, seed)
     pair_layouts = [encode_text(p.orig, vocab) for p in kept]  # the cf has the same layout: one mask serves both
 
     def accuracy(knockout: AttentionKnockout | None) -> float:

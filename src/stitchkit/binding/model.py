@@ -18,17 +18,19 @@ from typing import Literal
 
 import pydantic
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from stitchkit.binding.task import IMG, PAD, Vocabulary
-from stitchkit.config import Config
+from stitchkit.config import Config, format_validation_error
 from stitchkit.errors import InputError
 from stitchkit.runs import atomic_path, atomic_write_json
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 META = "binding.json"
+PROJECTOR = "projector.safetensors"
 
 
 class ModelSettings(Config):
@@ -130,17 +132,20 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]):
 # ---- saving and loading ---------------------------------------------------------------------------------
 
 
-def save_binding_model(model: BindingModel, folder: str | Path, extra: dict | None = None) -> Path:
-    """folder/lm (save_pretrained), folder/projector.safetensors, folder/binding.json."""
+def save_binding_model(model: BindingModel, folder: str | Path, extra: dict | None = None, with_projector: bool = True) -> Path:
+    """folder/lm (save_pretrained), folder/projector.safetensors, folder/binding.json. `with_projector` False saves
+    the LM alone, as a text-only model: a stage that has seen no images holds only the projector's untrained
+    initial value, of whichever encoder's width its branch was built for."""
     folder = Path(folder)
     model.lm.save_pretrained(folder / "lm")
-    if model.projector is not None:
-        with atomic_path(folder / "projector.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}, str(tmp))
+    projector = model.projector if with_projector else None
+    if projector is not None:
+        with atomic_path(folder / PROJECTOR) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}, str(tmp))
     meta = {
         "model": model.settings.model_dump(mode="json"),
         "vocab": {"colours": model.vocab.colours, "shapes": model.vocab.shapes, "items": model.vocab.items},
-        "encoder_dim": model.encoder_dim,
+        "encoder_dim": None if projector is None else model.encoder_dim,
         **(extra or {}),
     }
     atomic_write_json(folder / META, meta)
@@ -152,14 +157,34 @@ def is_binding_model(folder: str | Path) -> bool:
 
 
 def load_binding_model(folder: str | Path) -> tuple[BindingModel, dict]:
+    """The model in a folder written by save_binding_model, and its binding.json; a missing or unreadable part is
+    one InputError naming the folder and the file."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META).read_text())
         settings, vocab = ModelSettings(**meta["model"]), Vocabulary(**meta["vocab"])
+    except pydantic.ValidationError as err:
+        raise InputError(format_validation_error(err, f"{folder / META} (the binding model's settings)")) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{folder} is not a binding model folder (binding.json): {err}") from None
+        raise InputError(f"{folder} is not a binding model folder ({META}): {err}") from None
     model = BindingModel(settings, vocab, meta.get("encoder_dim"))
-    model.lm = AutoModelForCausalLM.from_pretrained(folder / "lm", attn_implementation="sdpa")
-    if model.projector is not None:
-        model.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
+    _require(folder, "lm/config.json")
+    _require(folder, "lm/model.safetensors", "lm/model.safetensors.index.json")  # one file, or shards
+    try:
+        model.lm = AutoModelForCausalLM.from_pretrained(folder / "lm", attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder}: cannot load the binding model's LM (lm/): {err}") from None
+    if model.projector is not None:  # binding.json's encoder_dim says the model has one
+        _require(folder, PROJECTOR)
+        try:
+            model.projector.load_state_dict(load_file(str(folder / PROJECTOR)))
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise InputError(f"{folder}: cannot load the binding model's {PROJECTOR}: {err}") from None
     return model.eval(), meta
+
+
+def _require(folder: Path, *names: str) -> None:
+    """An InputError naming the folder and the file when none of `names` (alternatives) is in it."""
+    if not any((folder / name).is_file() for name in names):
+        raise InputError(f"{folder}: the binding model's {names[0]} is missing, so the model cannot load (an incomplete "
+                         "copy? copy the whole model folder again)")

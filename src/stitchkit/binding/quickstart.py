@@ -20,6 +20,6 @@ def quickstart(run: RunDir) -> str:
     run_binding(cfg, folder, command="stitchkit quickstart")
     results = json.loads((folder / "results.json").read_text())
     return (
-        results_markdown(results, cfg.branches, run.root / "figures", run.root)
+        results_markdown(folder, results, cfg, run.root / "figures", run.root)
         + f"\nConfig `configs/binding/quickstart.yaml`; the full run folder is `{folder.relative_to(run.root)}/`.\n"
     )

@@ -12,8 +12,8 @@ text examples from the whole vocabulary.
 
 Placement (`Placement`), objects never overlapping and an object's token index following its random location:
     grid     the canvas is cut into cells x cells cells; the N objects take N distinct random cells, each drawn
-             inside its cell with a random size (`fill` of the cell side, +-10%) and offset (the micro default:
-             objects as large as the small canvases allow)
+             inside its cell with a random size (`fill` of the cell side, +-10%: `SIZE_JITTER`, so `fill` may be at
+             most `MAX_FILL`) and offset (the micro default: objects as large as the small canvases allow)
     uniform  the spec's (§3): box side ~ U[box] of the canvas side (28-40 px at 224), centres uniform over the
              canvas, redrawn until the boxes keep `gap` apart and stay inside
 Backgrounds are (128, 128, 128), outside both palettes. Drawn at 4x and downsampled (antialiasing).
@@ -39,16 +39,26 @@ _VERTICES = (3, 4, 5, 6, 7, 8)
 _INNER_RATIOS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)
 _POLYGON_MARGIN = 0.03  # of the radius: a dent this shallow is at most 0.6 px at the spec's 28-40 px boxes
 _SUBSTITUTE_INNER = 0.2  # the list's spacing continued below its smallest ratio
+SIZE_JITTER = 0.1  # grid: an object's diameter is fill x U(1 - jitter, 1 + jitter) of its cell side
+MAX_FILL = 1 / (1 + SIZE_JITTER)  # grid: the largest fill whose largest objects still stay inside their cells
 
 
 @dataclass(frozen=True)
 class Glyphs:
     colours: tuple[tuple[int, int, int], ...]
     outlines: tuple[tuple[np.ndarray, tuple[np.ndarray, ...]], ...]  # (outer, holes) inside the unit circle
+    colour_names: tuple[str, ...] | None = None  # words for the colours and shapes, where the set has them
+    shape_names: tuple[str, ...] | None = None
 
     @property
     def renderable(self) -> tuple[int, int]:
         return len(self.colours), len(self.outlines)
+
+    def name(self, colour: int, shape: int) -> str:
+        """What an object looks like, for people: "red circle" where the set has words, else its tokens "C0 S5"."""
+        if self.colour_names and self.shape_names:
+            return f"{self.colour_names[colour]} {self.shape_names[shape]}"
+        return f"C{colour} S{shape}"
 
 
 def _star_inner(vertices: int, inner: float) -> float:
@@ -72,7 +82,8 @@ def _silhouette(vertices: int, inner: float, turn: int) -> np.ndarray:
 def glyph_set(kind: str) -> Glyphs:
     if kind == "world":
         outlines = tuple((OUTLINES[c.name][0], tuple(OUTLINES[c.name][1])) for c in ONTOLOGY.categories)
-        return Glyphs(tuple(c.rgb for c in ONTOLOGY.colours), outlines)
+        names = tuple(c.name for c in ONTOLOGY.colours), tuple(c.name for c in ONTOLOGY.categories)
+        return Glyphs(tuple(c.rgb for c in ONTOLOGY.colours), outlines, *names)
     if kind == "parametric":
         # Ordered so that the first few shapes differ most (vertex count and star-ness before rotation).
         combos = itertools.product(range(6), _INNER_RATIOS, _VERTICES)
@@ -85,6 +96,14 @@ def _polygon(points: np.ndarray, centre: tuple[float, float], radius: float) -> 
     return (points * radius + np.asarray(centre)).ravel().tolist()
 
 
+def check_fill(fill: float) -> None:
+    """Grid objects are drawn at fill x U(1 - SIZE_JITTER, 1 + SIZE_JITTER) of their cell side, so a fill above MAX_FILL would
+    let the largest ones cross into the neighbouring cells (and leave no room to place them)."""
+    if not 0 < fill <= MAX_FILL:
+        raise ValueError(f"fill {fill} is out of range: objects are drawn up to {1 + SIZE_JITTER:g} x fill of their cell "
+                         f"side, so fill must be in (0, {MAX_FILL:.3f}] to keep every object inside its cell")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a context's objects go (module docstring). Fractions are of the canvas side."""
@@ -95,6 +114,9 @@ class Placement:
     box: tuple[float, float] = (28 / 224, 40 / 224)
     gap: float = 4 / 224
     max_tries: int = 1000  # uniform: draws of one image before giving up
+
+    def __post_init__(self):
+        check_fill(self.fill)
 
     def fits(self, n: int) -> bool:
         """Whether n objects can be placed: distinct cells, or (uniform) a packing well below the jamming limit of
@@ -129,8 +151,8 @@ def _grid_places(n: int, side: float, rng: np.random.Generator, placement: Place
     cell = side / cells
     places = []
     for index in (int(c) for c in rng.choice(cells * cells, size=n, replace=False)):
-        radius = cell / 2 * placement.fill * float(rng.uniform(0.9, 1.1))
-        slack = cell / 2 - radius
+        radius = cell / 2 * placement.fill * float(rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER))
+        slack = max(cell / 2 - radius, 0.0)  # at fill = MAX_FILL the largest object fills its cell (up to rounding)
         row, col = divmod(index, cells)
         places.append(((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack), radius))
     return places

@@ -8,13 +8,16 @@ Natural-language prompts (binding.md §8) for pretrained models, one word per sy
     "Objects: red triangle, blue circle. Items: the circle has Book. the triangle has Apple. Question: the item
      of the shape that is red"        -> " Apple"
 so the last token is the query colour, as in the token format. Words must be single tokens (with their leading
-space) under the model's tokenizer; words that are not are dropped, and too few left is an error.
+space) under the model's tokenizer, and that token theirs alone (not the unknown token, not shared with another
+word of the lists); words that are not are dropped, and too few left is an error.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,6 +61,7 @@ class Subject(ABC):
     model: nn.Module
     vocab: Vocabulary  # sizes of the colour, shape and item sets examples are drawn from
     name: str = "model"
+    train_objects: tuple[int, int] | None = None  # the context sizes it was trained on, when known (our models)
     sites: list[nn.Module] = field(init=False)
 
     def __post_init__(self):
@@ -70,6 +74,12 @@ class Subject(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def vocabulary_counts(self) -> str:
+        """Where the largest context size comes from, for a refusal."""
+        v = self.vocab
+        return f"its vocabulary has {v.colours} colours, {v.shapes} shapes and {v.items} items"
 
     @abstractmethod
     def encode(self, ex: Example) -> list[int]:
@@ -110,11 +120,14 @@ class WordSubject(Subject):
     def __init__(self, model: nn.Module, tokenizer, name: str = "model", chat_template: bool = False):
         self.tokenizer = tokenizer
         self.turn_prefix = _user_turn_prefix(tokenizer, name) if chat_template else None
-        self.colour_words = _single_tokens(tokenizer, COLOUR_WORDS)
-        self.shape_words = _single_tokens(tokenizer, SHAPE_WORDS)
-        self.item_words = _single_tokens(tokenizer, ITEM_WORDS)
+        self.colour_words, self.shape_words, self.item_words = _single_tokens(tokenizer, (COLOUR_WORDS, SHAPE_WORDS, ITEM_WORDS))
         vocab = Vocabulary(len(self.colour_words), len(self.shape_words), len(self.item_words))
         super().__init__(model, vocab, name)
+
+    @property
+    def vocabulary_counts(self) -> str:
+        v = self.vocab
+        return f"{v.colours} colour, {v.shapes} shape and {v.items} item words are single tokens of their own under its tokenizer"
 
     def _pieces(self, ex: Example) -> list[tuple[str, str]]:
         """The prompt as (text, role) pieces; role 'shape<i>' marks object i's shape word in the context."""
@@ -165,10 +178,17 @@ def _user_turn_prefix(tokenizer, name: str) -> list[int]:
     return tokenizer.encode(text.split(marker)[0], add_special_tokens=False)
 
 
-def _single_tokens(tokenizer, words: tuple[str, ...]) -> list[str]:
-    kept = [w for w in words if len(tokenizer.encode(f" {w}", add_special_tokens=False)) == 1]
-    if len(kept) < 4:
-        raise InputError(f"the tokenizer has only {len(kept)} single-token words among {words[:6]}...; need at least 4")
+def _single_tokens(tokenizer, word_lists: tuple[tuple[str, ...], ...]) -> list[list[str]]:
+    """The words of each list that the tokenizer encodes (with their leading space) as one token of their own: not
+    its unknown token (a word it lacks), and not a token another word of the lists also encodes to (a lowercasing
+    tokenizer reads colour "orange" and item "Orange" alike). Any such word would make two symbols one."""
+    ids = {w: tokenizer.encode(f" {w}", add_special_tokens=False) for words in word_lists for w in words}
+    single = {w: t[0] for w, t in ids.items() if len(t) == 1 and t[0] != tokenizer.unk_token_id}
+    owners = Counter(single.values())
+    kept = [[w for w in words if w in single and owners[single[w]] == 1] for words in word_lists]
+    for words, mine in zip(word_lists, kept):
+        if len(mine) < 4:
+            raise InputError(f"the tokenizer encodes only {len(mine)} of {words[:6]}... as single tokens of their own; need at least 4")
     return kept
 
 
@@ -178,15 +198,21 @@ def load_subject(spec: str, device: str | None = None, chat_template: bool = Fal
     every from_pretrained, for checkpoints whose config, model or tokenizer class transformers lacks)."""
     from stitchkit.binding.model import is_binding_model, load_binding_model
     from stitchkit.vlm.micro import is_micro_spec
+    from stitchkit.zoo import list_recipes
 
     if is_micro_spec(spec):
+        if spec.partition(":")[2] in list_recipes():
+            raise ConfigError(f"{spec!r} is a vision encoder of the micro zoo, with no language model; analyze a binding "
+                              "model folder (written by `stitchkit binding run`) or a causal LM / VLM")
         raise ConfigError(f"{spec!r} names the micro VLM, whose word vocabulary has no words for the binding prompts; "
                           "analyze a binding model folder (written by `stitchkit binding run`) or a hub LM / VLM")
     if is_binding_model(spec):
         if chat_template:
             raise ConfigError(f"{spec}: a binding model reads token sequences, not chat turns (drop --chat-template)")
-        model, _ = load_binding_model(spec)
-        return TokenSubject(model.to(device or "cpu"), model.vocab, name=str(spec))
+        model, meta = load_binding_model(spec)
+        trained = tuple(meta["train_objects"]) if meta.get("train_objects") else None
+        return TokenSubject(model.to(device or "cpu"), model.vocab, name=str(spec), train_objects=trained)
+    _refuse_run_folder(Path(spec))
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from stitchkit.backbones.loading import from_hub  # cache first, then the hub; one clear error
@@ -198,6 +224,21 @@ def load_subject(spec: str, device: str | None = None, chat_template: bool = Fal
     tokenizer = load_tokenizer(spec, trust_remote_code)
     model = from_hub(spec, lambda **kw: loader.from_pretrained(spec, attn_implementation="sdpa", **remote, **kw))
     return WordSubject(model.to(device or "cpu").eval(), tokenizer, name=spec, chat_template=chat_template)
+
+
+def _refuse_run_folder(folder: Path) -> None:
+    """A binding run folder, or a seed or stage folder in it, holds models but is none: say which folder to pass."""
+    from stitchkit.binding.model import META
+
+    if (folder / "model" / META).is_file():
+        raise ConfigError(f"{folder} is a stage folder of a binding run, not a model: pass its model folder, {folder / 'model'}")
+    looks_like_run = (folder / "manifest.json").is_file() or (folder / "train").is_dir() or folder.name.startswith("seed")
+    if folder.is_dir() and looks_like_run and not (folder / "config.json").is_file():
+        models = sorted(str(p.parent) for p in folder.glob(f"**/model/{META}"))
+        if models:
+            more = f" ({len(models)} in all)" if len(models) > 3 else ""
+            raise ConfigError(f"{folder} is a binding run folder (or part of one), not a model: pass one of its model "
+                              f"folders, train/seed<s>/<stage>/.../model, e.g. {', '.join(models[:3])}{more}")
 
 
 # ---- the residual stream: read it, or overwrite it at the last token ------------------------------------

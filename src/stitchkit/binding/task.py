@@ -138,10 +138,27 @@ def sample_example(
     return Example(as_tuple(colours), as_tuple(shapes), as_tuple(items), as_tuple(order), query)
 
 
+def noise_room(span: int, n: int) -> int:
+    """The most noise positions a context of N objects gets: K ~ U{0..span - 2N} (§5), none once 2N >= span."""
+    return max(span - 2 * n, 0)
+
+
+def noise_warning(span: int, largest: int) -> str | None:
+    """A warning when the noise can hardly move positions: at the largest trained context the gaps add at most
+    noise_room positions, and below the context's own 2N tokens a positional shortcut survives them (the paper's
+    span 196 leaves 180 at N = 8; the micro encoders' 16 tokens leave 4 at N = 6)."""
+    room = noise_room(span, largest)
+    if room >= 2 * largest:
+        return None
+    return (f"noise span {span}: at N = {largest} (the largest trained context) the noise adds at most {room} positions, "
+            f"fewer than the context's own {2 * largest} tokens, so it hardly shifts positions; set noise.span to "
+            f"{4 * largest} or more for noise that does")
+
+
 def noise_gaps(rng: np.random.Generator, n: int, span: int, between_pairs_only: bool = False) -> list[int]:
     """How many positions to skip before each of the 2N + 1 context slots: K ~ U{0..span - 2N} in total, spread
     as a uniformly random composition (§5). between_pairs_only: gaps only before a colour (never inside a pair)."""
-    total = int(rng.integers(0, max(span - 2 * n, 0) + 1))
+    total = int(rng.integers(0, noise_room(span, n) + 1))
     slots = list(range(0, 2 * n + 1, 2)) if between_pairs_only else list(range(2 * n + 1))
     # A uniform composition of `total` into len(slots) parts: choose the bar positions among total + parts - 1.
     bars = np.sort(rng.choice(total + len(slots) - 1, size=len(slots) - 1, replace=False))
