@@ -142,7 +142,7 @@ def test_config_errors_are_one_clear_message(config_file, tmp_path, capsys):
                             ({"pooling": {"factors": [2, 3]}}, "factors"),
                             ({"data": {"world": WORLD, "annotations": "x.json", "images": "x"}}, "exactly one"),
                             ({"finetune": {**data["finetune"], "arms": ["none", "secnd_half"]}},
-                             "finetune.arms: Value error, arms[1] 'secnd_half' is not a layer set: use one of none, "
+                             "finetune.arms: arms[1] 'secnd_half' is not a layer set: use one of none, "
                              "all, first_half, second_half or ranges like '12-23' or '0-3,8'"),
                             ({"studies": {}}, "studies")):
         path = tmp_path / "bad.yaml"

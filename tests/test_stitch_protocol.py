@@ -432,8 +432,8 @@ def test_an_identity_stitch_with_nothing_to_train_is_kept_as_the_untrained_contr
 def test_repeated_points_and_seeds_and_a_sweep_without_pairs_are_refused(model_dirs):
     """A repeated point or seed was one training reported twice (a fake ± 0.0 over seeds [0, 0]); a sweep without
     pairs ran, drew the data and reported empty tables."""
-    for field, values, message in (("points", [1, 1], "points: Value error, 1 listed more than once in [1, 1]"),
-                                   ("seeds", [0, 1, 0], "seeds: Value error, 0 listed more than once in [0, 1, 0]")):  # fmt: skip
+    for field, values, message in (("points", [1, 1], "points: 1 listed more than once in [1, 1]"),
+                                   ("seeds", [0, 1, 0], "seeds: 0 listed more than once in [0, 1, 0]")):  # fmt: skip
         for config, data in ((StitchRunConfig, sweep_config(model_dirs)), (TreeConfig, tree_config(model_dirs))):
             with pytest.raises(ConfigError, match=re.escape(message)):
                 validate_config(config, {**data, field: values})
@@ -1039,7 +1039,7 @@ def test_bad_ffm_data_is_one_clear_error(model_dirs, tmp_path):
         "missing": ({"source": "folder", "path": str(missing)}, InputError, f"ffm_data: image folder not found: {missing}"),
         "empty": ({"source": "folder", "path": str(empty)}, InputError, f"ffm_data: {empty} holds no image files"),
         "coco": ({"source": "coco", "path": str(missing / "a.json")}, InputError, "ffm_data: annotation file not found"),
-        "no_path": ({"source": "folder"}, ConfigError, "ffm_data: Value error, path is required for source 'folder'"),
+        "no_path": ({"source": "folder"}, ConfigError, "ffm_data: path is required for source 'folder'"),
     }
     runner = CliRunner()
     for name, (ffm_data, error, message) in bad.items():

@@ -44,11 +44,23 @@ def config_hash(config: pydantic.BaseModel, version: int | str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
+def field_error(path: str, message: str) -> pydantic.ValidationError:
+    """A problem found across fields, raised from a model validator and reported at the field `path` (dotted)
+    the user has to change: the loader prints `path: message`, where a plain ValueError would read
+    `message` alone, naming no field."""
+    import pydantic_core
+
+    error = pydantic_core.PydanticCustomError("config_field", message)
+    return pydantic_core.ValidationError.from_exception_data("Config", [{"type": error, "loc": tuple(path.split(".")), "input": None}])
+
+
 def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
+        where = ".".join(str(p) for p in e["loc"])
+        # pydantic prefixes a validator's own message with "Value error, ": noise to a reader of our messages
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
     return "\n".join(lines)
 
 

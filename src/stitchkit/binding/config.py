@@ -11,20 +11,12 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import pydantic
-import pydantic_core
 
 from stitchkit.binding.model import ModelSettings
 from stitchkit.binding.render import MAX_FILL, Placement, check_fill, glyph_set
 from stitchkit.binding.task import Vocabulary
-from stitchkit.config import Config, MixedPrecision
+from stitchkit.config import Config, MixedPrecision, field_error
 from stitchkit.engine.loop import AdamBetas, warmup_error
-
-
-def field_error(path: str, message: str) -> pydantic.ValidationError:
-    """A problem found across fields, reported at the field `path` (dotted) the user has to change: the config
-    loader prints it as `path: message`, where a model validator's ValueError would say `(top level): Value error, `."""
-    error = pydantic_core.PydanticCustomError("binding_config", message)
-    return pydantic_core.ValidationError.from_exception_data("BindingConfig", [{"type": error, "loc": tuple(path.split(".")), "input": None}])
 
 
 class VocabSettings(Config):
@@ -60,10 +52,7 @@ class ImageSettings(Config):
     @pydantic.field_validator("fill")
     @classmethod
     def _fill_keeps_objects_in_their_cells(cls, fill: float) -> float:
-        try:
-            check_fill(fill)
-        except ValueError as err:
-            raise pydantic_core.PydanticCustomError("binding_config", str(err)) from None
+        check_fill(fill)  # its ValueError is the field's error
         return fill
 
     @pydantic.model_validator(mode="after")
