@@ -961,19 +961,8 @@ def test_tree_branches_train_on_ffm_data(model_dirs, tmp_path, monkeypatch):
     from stitchkit.stitching.tree_run import TreeExperiment, write_tree_outputs
 
     datasets = recording_trainings(monkeypatch, tmp_path / "tree")
-    cfg = validate_config(TreeConfig, {
-        "data": {"image_size": 32, "train": 32, "val": 16, "test": 16},
-        "ffm_data": FFM_SHAPES,
-        "models": {"dino": model_dirs["dino"], "clip": model_dirs["clip"]},
-        "trunk": "dino",
-        "branches": ["clip"],
-        "points": [1],
-        "ffm": FAST, "probe": FAST,
-        "timing_batches": 1,
-        "eval_batch_size": 16,
-        "cache_dtype": "float32",
-        "device": "cpu",
-    })  # fmt: skip
+    models = {"dino": model_dirs["dino"], "clip": model_dirs["clip"]}
+    cfg = validate_config(TreeConfig, tree_config(models, ffm_data=FFM_SHAPES, cache_dtype="float32"))
     experiment = TreeExperiment(cfg, tmp_path / "tree")
     results = experiment.run_all()
     expected = ffm_shapes_images()

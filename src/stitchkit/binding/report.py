@@ -271,7 +271,6 @@ def probe_figure(path: Path, results: dict[str, Any], n: str) -> Path:
     positions, one colour per branch, against chance (1 / colours)."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
     handles = []
@@ -288,20 +287,13 @@ def probe_figure(path: Path, results: dict[str, Any], n: str) -> Path:
     colours = (results.get("vocab") or {}).get("colours")
     if colours:
         _chance_line(ax, 1 / colours, f"chance 1/{colours}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(0, 102)
-    ax.set_xlabel("layer (resid_pre; last = resid_post)")
-    ax.set_ylabel("probe accuracy %")
-    ax.set_title(f"Colour decodable at shape positions, N = {n}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _probe_axes(ax, f"Colour decodable at shape positions, N = {n}", handles=handles)
     return save_figure(fig, path)
 
 
 def analysis_probe_figure(path: Path, probes: dict[str, Any], vocab: dict[str, int] | None) -> Path:
     """Every probe of `binding analyze` per layer, each with its chance level (dotted, in its colour)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     n = probes["n"]
     classes = {"bound": "colours", "previous": "colours", "index": None, "query_shape": "shapes", "query_index": None}
@@ -314,14 +306,21 @@ def analysis_probe_figure(path: Path, probes: dict[str, Any], vocab: dict[str, i
         if count:
             ax.axhline(100 / count, color=colour, linestyle=":", linewidth=1)
     ax.plot([], [], color="grey", linestyle=":", label="chance (1 / classes)")
+    _probe_axes(ax, f"Linear probes, N = {n}")
+    return save_figure(fig, path)
+
+
+def _probe_axes(ax, title: str, handles=None) -> None:
+    """The axes of a probe-accuracy-per-layer figure: integer layers, 0..100 %, the legend outside on the right."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, 102)
     ax.set_xlabel("layer (resid_pre; last = resid_post)")
     ax.set_ylabel("probe accuracy %")
-    ax.set_title(f"Linear probes, N = {n}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return save_figure(fig, path)
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def analysis_figures(result: dict[str, Any], figures: Path, link_base: Path) -> list[Path]:
