@@ -176,19 +176,22 @@ def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     return subprocess.run([*STITCHKIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-def test_ctrl_c_says_how_to_resume_and_keeps_the_output(tmp_path):
+@pytest.mark.parametrize("opens_a_run", [False, True])
+def test_ctrl_c_says_interrupted_and_how_to_resume_a_run(tmp_path, opens_a_run):
     """Ctrl-C outside a checkpointed training (which stops at the end of its step, test_engine): exit 130, one
-    line saying the same command resumes, no traceback, and the output so far kept."""
+    line, no traceback, the output so far kept; "run the same command again" only where a run folder was opened."""
+    opened = f"from stitchkit.runs import RunDir\nRunDir({str(tmp_path / 'run')!r}, config={{'a': 1}})\n" if opens_a_run else ""
     script = (
         "import os, signal, sys, threading\n"
         "threading.Timer(4, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-        "from stitchkit.cli import main\n"
+        f"{opened}from stitchkit.cli import main\n"
         f"main(['world', 'render', '--out', {str(tmp_path / 'w')!r}, '--images', '1000000'])\n"
     )
     env = {**os.environ, "STITCHKIT_PROGRESS": "0"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 130 and "Traceback" not in out.stderr
-    assert "interrupted: finished steps are kept; run the same command again to resume" in out.stderr
+    resume = "interrupted; finished steps are kept; run the same command again to resume"
+    assert (resume in out.stderr) if opens_a_run else ("interrupted" in out.stderr and resume not in out.stderr)
     assert (tmp_path / "w").is_dir()
 
 

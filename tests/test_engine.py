@@ -642,3 +642,33 @@ def test_an_unquoted_yaml_no_is_the_precision_no():
     assert cfg.mixed_precision == "no"
     with pytest.raises(pydantic.ValidationError):
         TrainConfig.model_validate(yaml.safe_load("steps: 3\nbatch_size: 2\nmixed_precision: yes\n"))  # true: no such value
+
+
+def test_an_ignored_sigint_stays_ignored_and_a_stop_in_the_last_step_comes_after_the_training(tmp_path):
+    """A background job of a script inherits SIGINT ignored: a training must not start honouring it. A Ctrl-C in
+    the last step cannot stop the training early: it keeps its usual meaning once the training is saved."""
+    import signal
+
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=4)
+    data = tiny.make_dataset()
+
+    def ctrl_c_in_step(step):
+        calls = []
+
+        def loss(model, batch):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return tiny.loss_fn(model, batch)
+
+        return loss
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(tiny.build_model(), ctrl_c_in_step(2), data, cfg, tmp_path / "ignored")
+        assert result.steps == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny.build_model(), ctrl_c_in_step(4), data, cfg, tmp_path / "last")
+    assert (tmp_path / "last" / "done.json").is_file()  # saved as finished before the interrupt

@@ -394,6 +394,8 @@ def test_joins_the_models_cannot_make_are_refused_naming_the_pair_before_any_fol
         "prefix": ("run", sweep_config(model_dirs, prefix_policy="drop"),
                    ("error: prefix_policy: 'drop' feeds the target no prefix tokens, but clip, the target of dino → "
                     "clip, reads 1")),
+        "match": ("run", sweep_config(model_dirs, match_layer=-2, objectives=["ffm"]),  # -2: block 2 of 3
+                  "error: match_layer: block 2 is not after the target stitch point 2 (clip at points: 2)"),
         "tree_prefix": ("tree", tree_config(model_dirs, prefix_policy="drop"), "but clip, the target of dino → clip, reads 1"),
         "tree_grid": ("tree", tree_config(model_dirs, branches=["siglip"]),
                       "dino (32 px, patch 8) → siglip (48 px, patch 16) joins a 4x4 grid to a 3x3 grid"),

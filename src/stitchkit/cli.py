@@ -37,8 +37,8 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for user errors."),
     time_limit: Optional[float] = typer.Option(
         None, "--time-limit", min=0, metavar="MINUTES",
-        help="Wall-clock limit: a training that reaches it saves a checkpoint and stops (exit code 3); run the "
-        "same command again to resume. For batch jobs and machines with a per-command limit.",
+        help="Wall-clock limit: a training that reaches it saves a checkpoint and stops (exit code 3, as on SIGTERM "
+        "or Ctrl-C); run the same command again to resume. For batch jobs and machines with a per-command limit.",
     ),
 ) -> None:
     _state["debug"] = debug
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
             app(args=argv, prog_name="stitchkit")  # standalone: usage errors exit 2 via click
     except SystemExit as stop:
         if stop.code == EXIT_INTERRUPTED:  # typer's exit for Ctrl-C outside a checkpointed training
-            err_console.print("interrupted: finished steps are kept; run the same command again to resume", style="bold")
+            from stitchkit.runs import opened_runs
+
+            resumable = "; finished steps are kept; run the same command again to resume" if opened_runs() else ""
+            err_console.print(f"interrupted{resumable}", style="bold")
         raise
     except StitchkitError as err:
         if _state["debug"] or "--debug" in argv:

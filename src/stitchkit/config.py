@@ -27,11 +27,14 @@ class Config(pydantic.BaseModel):
 
 C = TypeVar("C", bound=Config)
 
-# The engine's precision setting, shared by every suite's optimiser block. YAML 1.1 reads an unquoted `no` as the
-# boolean false: that is the value "no", not an error.
-MixedPrecision = Annotated[
-    Literal["auto", "no", "bf16"], pydantic.BeforeValidator(lambda value: "no" if value is False else value)
-]
+def yaml_false_as(word: str) -> pydantic.BeforeValidator:
+    """YAML 1.1 reads an unquoted `no` or `off` as the boolean false: for a field whose choices include such a
+    word, false means that word, not an error (`mode: off`, `mixed_precision: no`)."""
+    return pydantic.BeforeValidator(lambda value: word if value is False else value)
+
+
+# The engine's precision setting, shared by every suite's optimiser block.
+MixedPrecision = Annotated[Literal["auto", "no", "bf16"], yaml_false_as("no")]
 
 
 def config_hash(config: pydantic.BaseModel, version: int | str) -> str:

@@ -40,7 +40,8 @@ class IncompatibleError(StitchkitError):
 
 
 class TimeLimitReached(StitchkitError):
-    """The time limit passed during a training, which saved a checkpoint first: the same command resumes it."""
+    """A training stopped early at the end of a step, after a checkpoint, because the --time-limit passed or
+    SIGTERM / Ctrl-C asked it to (engine.loop): the same command resumes it."""
 
     exit_code = EXIT_TIME_LIMIT
     label = "stopped"

@@ -1,6 +1,6 @@
-"""Rich progress bars, one style everywhere. On a terminal they are live; elsewhere (a batch job's log, a pipe)
-each prints one line when it finishes (rich draws only the final state there), so a long run logs what it has
-done; STITCHKIT_PROGRESS=0 silences them."""
+"""Rich progress bars, one style everywhere, on stderr. On a terminal they are live; elsewhere (a batch job's log,
+a pipe) each progress block prints its final state, a line per bar, when it ends (rich draws nothing else there),
+so a long run logs what it has done; STITCHKIT_PROGRESS=0 silences them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
+# One console for every bar: rich stacks a bar started inside another (a cell's training within the sweep's
+# cells) only when both draw on the same console.
+_STDERR = Console(stderr=True)
 
 
 def progress_enabled() -> bool:
@@ -33,7 +36,7 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout stays the command's own output (IDs, paths), fit for a pipe
+        console=_STDERR,  # stdout stays the command's own output (IDs, paths), fit for a pipe
         disable=not progress_enabled(),
         transient=False,
     )

@@ -84,6 +84,11 @@ def atomic_replace_dir(target: str | os.PathLike, write: Callable[[Path], Any]) 
 
 # The topmost folder each prepare_output call created, in order (see discard_outputs_on_user_error).
 _created_outputs: list[Path] = []
+_opened_runs: list[Path] = []  # run folders this process opened (RunDir): what an interrupted command can resume
+
+
+def opened_runs() -> list[Path]:
+    return list(_opened_runs)
 
 
 def prepare_output(folder: str | os.PathLike) -> Path:
@@ -261,6 +266,7 @@ class RunDir:
         command: str | None = None,
     ):
         self.root = prepare_output(root)
+        _opened_runs.append(self.root)
         config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
         existing = self._read_manifest()
         if existing and config_dict is not None and not _same_config(existing.get("config"), config):

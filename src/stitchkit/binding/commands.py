@@ -31,16 +31,16 @@ def analyze(
     model: str = typer.Option(..., "--model", help="A model folder from `binding run` (train/.../model), or a hub id / folder of a causal LM or VLM."),
     out: Path = typer.Option(..., "--out", help="Folder for analysis.json, report.md and figures/."),
     n: list[int] = typer.Option([8], "--n", min=4, help="Context sizes (>= 4; repeatable). Pretrained models: the paper's 20 fits few tokenizers' single-token word lists, see docs."),
-    pairs: Optional[int] = typer.Option(None, "--pairs", min=1, help="Counterfactual pairs per N (kept if the model is right on both). Default: a binding config's analysis.pairs."),
+    pairs: Optional[int] = typer.Option(None, "--pairs", min=1, help="Counterfactual pairs per N (kept if the model is right on both). Default: 1000, the binding config default analysis.pairs."),
     probe_examples: Optional[int] = typer.Option(
-        None, "--probe-examples", min=10, help="Examples per N for the probes, the last 20% held out. Default: a binding config's analysis.probe_examples."
+        None, "--probe-examples", min=10, help="Examples per N for the probes, the last 20% held out. Default: 3000, the binding config default analysis.probe_examples."
     ),
     knockout_examples: Optional[int] = typer.Option(
-        None, "--knockout-examples", min=1, help="Examples for the knockouts (our token models). Default: a binding config's analysis.knockout_examples."
+        None, "--knockout-examples", min=1, help="Examples for the knockouts (our token models). Default: 1000, the binding config default analysis.knockout_examples."
     ),
     knockouts: bool = typer.Option(True, "--knockouts/--no-knockouts", help="Attention knockouts (our token models only)."),
     knockout_window: Optional[int] = typer.Option(
-        None, "--knockout-window", min=1, help="Layers blocked at once, the window slid over depth (our token models). Default: a binding config's analysis.knockout_window."
+        None, "--knockout-window", min=1, help="Layers blocked at once, the window slid over depth (our token models). Default: 3, the binding config default analysis.knockout_window."
     ),
     knockout_label_layer: Optional[int] = typer.Option(
         None, "--knockout-label-layer", min=0, help="Layer whose intervention outcomes each knockout is read at (default L - 1)."

@@ -382,7 +382,10 @@ def not_learned_line(results: dict[str, Any], n: str) -> str | None:
 def noise_line(results: dict[str, Any], cfg) -> str:
     """The noise actually drawn (noise.span null means the encoders' token count), and a warning if it is too little."""
     span, hi = results["noise_span"], results["train_objects"][1]
-    source = "noise.span" if cfg.noise.span is not None else "the encoders' token count (noise.span: null)"
+    if cfg.noise.span is not None:
+        source = "noise.span"
+    else:  # null: the encoders' token count, or the paper's 196 when no branch uses an encoder (experiment.noise_span)
+        source = "the encoders' token count (noise.span: null)" if results["gates"] else "the paper's 196 image tokens (noise.span: null, no encoder)"
     text = (f"Noise: K ~ U{{0..span − 2N}} position gaps with span = {span}, {source}: at most {noise_room(span, hi)} "
             f"positions at the largest trained N = {hi}.\n")
     note = noise_warning(span, hi)

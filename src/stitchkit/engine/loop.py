@@ -420,6 +420,8 @@ def train(
         done_record = {"steps": final_step, "best_step": best_step, "losses": losses, "config": cfg.model_dump(mode="json")}
         atomic_write_json(out_dir / DONE, done_record)
     wait_for_everyone(accelerator)
+    if terminated["signal"] is not None:  # it came in the last step, too late to stop early: its usual meaning now
+        signal.raise_signal(terminated["signal"])
     # Not accelerator.end_training(): it also destroys the process group, which a later training in
     # this process still needs.
     for tracker in accelerator.trackers:
@@ -439,17 +441,22 @@ def _stop_on_signals(enabled: bool) -> Iterator[dict[str, int | None]]:
     """While a checkpointed one-process training runs, SIGTERM (what `timeout`, SLURM and other schedulers send
     before they kill) and Ctrl-C (SIGINT) ask it to stop like --time-limit: at the end of the current step, after
     a checkpoint, so no step is lost. A second Ctrl-C interrupts at once, as usual. Elsewhere both signals keep
-    their usual meaning. (Several processes would have to agree on the step: not done.)"""
+    their usual meaning, and so does a signal the process ignores (a background job of a script ignores SIGINT:
+    a Ctrl-C meant for the foreground must not stop it). One that arrives in the last step, too late to stop
+    early, is delivered again by `train` once the training is saved as finished and the handlers are back. (Several processes would
+    have to agree on the step: not done.)"""
     request: dict[str, int | None] = {"signal": None}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
         return
+    handled = [signum for signum in _SIGNAL_REASONS if signal.getsignal(signum) is not signal.SIG_IGN]
 
     def stop(signum, frame) -> None:
         request["signal"] = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops now
+        if signal.SIGINT in previous:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])  # a second Ctrl-C stops now
 
-    previous = {signum: signal.signal(signum, stop) for signum in _SIGNAL_REASONS}
+    previous = {signum: signal.signal(signum, stop) for signum in handled}
     try:
         yield request
     finally:

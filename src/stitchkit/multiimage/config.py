@@ -7,11 +7,11 @@ the grid. Defaults follow the reference's proposal (mimic.md sections 2.1-2.2).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from stitchkit.config import Config
+from stitchkit.config import Config, yaml_false_as
 
 FilterMode = Literal["image_strict", "targets_only", "off"]
 CountingSplit = Literal["balanced", "unbalanced"]
@@ -29,13 +29,7 @@ class FilterConfig(Config):
     """
 
     min_box_area_frac: float = Field(0.05, ge=0.0, lt=1.0)
-    mode: FilterMode = "image_strict"
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _unquoted_off(cls, mode):
-        """YAML 1.1 reads an unquoted `off` (also `no`, `false`) as the boolean false: that is the mode "off"."""
-        return "off" if mode is False else mode
+    mode: Annotated[FilterMode, yaml_false_as("off")] = "image_strict"
 
 
 class CountingConfig(Config):

@@ -187,6 +187,12 @@ def match_token_weights(backbone, normed: bool) -> torch.Tensor:
     return readout_token_weights(backbone) if normed else patch_token_weights(backbone)
 
 
+def check_match_after_point(match_end: int, target_point: int, where: str = "") -> None:
+    """FFM matches the target's features after its stitch point: the match block must come later."""
+    if match_end <= target_point:
+        raise ConfigError(f"match_layer: block {match_end} is not after the target stitch point {target_point}{where}")
+
+
 class StitchedModel(nn.Module):
     """source blocks 1..n (frozen) -> S -> prefix/grid policy -> target blocks m+1..N (frozen) -> head."""
 
@@ -214,10 +220,7 @@ class StitchedModel(nn.Module):
         self.prefix = PrefixBridge(source.num_prefix_tokens, target.num_prefix_tokens, target.hidden_size, prefix_policy)
         self._source_ctx, self._target_ctx = ContextCache(source), ContextCache(target)
         self.match_end, self.match_normed = resolve_match_layer(match_layer, target.num_blocks)
-        if self.match_end <= self.target_point:
-            raise ConfigError(
-                f"match_layer: block {self.match_end} is not after the target stitch point {self.target_point}"
-            )
+        check_match_after_point(self.match_end, self.target_point)
 
     @property
     def source_layer(self) -> int:

@@ -52,6 +52,7 @@ from stitchkit.stitching.model import (
     StitchedModel,
     build_head,
     check_joinable,
+    check_match_after_point,
     check_point,
     check_resolution,
     map_depth,
@@ -211,7 +212,8 @@ class Sweep:
         """What building and training the cell would refuse, checked from the config and the models' shapes."""
         source, target = self.models[cell.source], self.models[cell.target]
         check_point(cell.point, source.num_blocks, field="points")
-        resolve_match_layer(self.cfg.match_layer, target.num_blocks)
+        match_end, _ = resolve_match_layer(self.cfg.match_layer, target.num_blocks)
+        check_match_after_point(match_end, self.target_point(cell), f" ({cell.target} at points: {cell.point})")
         field = f"stitch_layers[{self.cfg.stitch_layers.index(cell.stitch)}]"
         check_joinable(cell.source, source, cell.target, target, stitch_kind=cell.stitch.kind, stitch_field=field,
                        prefix_policy=self.cfg.prefix_policy, grid_policy=self.cfg.grid_policy)  # fmt: skip

@@ -29,7 +29,7 @@ from stitchkit.stitching.cache import ArrayDataset, FeatureStore, float_tensor, 
 from stitchkit.stitching.config import TreeConfig, late_points_message
 from stitchkit.stitching.data import load_task_data
 from stitchkit.stitching.layers import build_stitch
-from stitchkit.stitching.model import StitchedModel, check_joinable, check_point, check_resolution
+from stitchkit.stitching.model import StitchedModel, check_joinable, check_match_after_point, check_point, check_resolution, map_depth
 from stitchkit.stitching.objectives import final_feature_matching_loss, task_loss
 from stitchkit.stitching.protocol import model_records, task_score, train_stage
 from stitchkit.stitching.report import data_sentence, ffm_data_sentence, format_mean, models_sentence, tree_figure
@@ -87,6 +87,9 @@ class TreeExperiment:
         for name in cfg.branches:
             check_joinable(cfg.trunk, self.trunk, name, self.models[name], stitch_kind=cfg.stitch.kind,
                            stitch_field="stitch", **self.bridge_options)  # fmt: skip
+            for point in cfg.points:  # a shallower branch maps a late trunk point onto its own feature layer
+                target_point = map_depth(point, self.trunk.num_blocks, self.models[name].num_blocks)
+                check_match_after_point(self.layers[name], target_point, f" (branch {name}'s feature_layer, at points: {point})")
 
     def features(self, name: str, split: str, key: str) -> np.ndarray:
         return self.store.get(name, split, key, self.models[name], self.data.splits[split].images, self.cfg.task)
