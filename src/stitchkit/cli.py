@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     from stitchkit.runs import discard_outputs_on_user_error
 
     def report(folder) -> None:
-        err_console.print(f"removed {folder}, the unfinished output of this command", style="dim")
+        err_console.print(f"removed {folder}, the unfinished output of this command", style="dim", soft_wrap=True)
 
     try:
         with discard_outputs_on_user_error(report):

@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment config (configs/binding/*.yaml)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Experiment config (configs/binding/*.yaml)."),
     out: Path = typer.Option(..., "--out", help="Run folder (results.json, report.md, figures/, train/...)."),
 ) -> None:
     """Train every branch's curriculum, evaluate each stage per context size, analyse the final models."""

@@ -187,7 +187,7 @@ def eval_(
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment config (configs/mimic/quickstart.yaml, configs/mimic/paper.yaml)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Experiment config (configs/mimic/quickstart.yaml, configs/mimic/paper.yaml)."),
     out: Path = typer.Option(..., "--out", help="Run folder (finished steps are skipped on re-run)."),
 ) -> None:
     """Run the paper's experiments from a config: baseline, masked fine-tuning, FLOPs, pooling, stitching, attention."""

@@ -98,7 +98,7 @@ def stitch(
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment config (configs/patches/*.yaml)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Experiment config (configs/patches/*.yaml)."),
     out: Path = typer.Option(..., "--out", help="Run folder (results.json, report.md, figures/)."),
 ) -> None:
     """Build the datasets, fine-tune per split factor and seed, evaluate mean ranks, write the report."""

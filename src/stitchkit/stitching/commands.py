@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, help="Model stitching: LFM, TLT, FFM, FF
 
 @app.command("run")
 def run(
-    config: Path = typer.Argument(..., help="Sweep config YAML (see configs/stitch/)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Sweep config YAML (see configs/stitch/)."),
     out: Path = typer.Option(..., "--out", help="Run folder; re-running resumes and skips finished cells."),
 ) -> None:
     """Sweep pairs x stitch points x stitch layers x objectives (+ self-stitches and linear probes)."""
@@ -26,7 +26,7 @@ def run(
 
 @app.command("tree")
 def tree(
-    config: Path = typer.Argument(..., help="Stitch-tree config YAML (see configs/stitch/tree_quickstart.yaml)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="Stitch-tree config YAML (see configs/stitch/tree_quickstart.yaml)."),
     out: Path = typer.Option(..., "--out", help="Run folder; re-running resumes."),
 ) -> None:
     """VFM Stitch Tree: accuracy vs extra cost at every stitch point, and the normalised gain."""

@@ -42,7 +42,7 @@ def list_command() -> None:
 
 @app.command("train")
 def train_command(
-    name: str = typer.Argument(..., help="a recipe name (see `stitchkit zoo list`; micro_vlm for the micro VLM), a recipe YAML file, or 'all'"),
+    name: str = typer.Argument(..., metavar="RECIPE", help="a recipe name (see `stitchkit zoo list`; micro_vlm for the micro VLM), a recipe YAML file, or 'all'"),
     force: bool = typer.Option(False, "--force", help="delete the cached model and train again"),
 ) -> None:
     """Build a recipe (train, save, probe), or all CPU recipes; built ones are reused unless --force."""
