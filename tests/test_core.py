@@ -7,8 +7,10 @@ import json
 import os
 import pkgutil
 import stat
+import re
 import subprocess
 import sys
+from typing import Optional
 import types
 from pathlib import Path
 
@@ -36,6 +38,26 @@ def test_load_config_validates_and_fills_defaults(tmp_path):
     path.write_text("name: x\ntrain:\n  steps: 3\n")
     cfg = load_config(Outer, path)
     assert cfg.train.steps == 3 and cfg.train.lr == 1e-3
+
+
+def test_a_typo_gets_the_closest_field_name_at_its_level(tmp_path):
+    class Many(Config):
+        runs: dict[str, list[Inner]] = {}
+        train: Optional[Inner] = None
+
+    for text, hint in (("name: x\ntrain:\n  steps: 3\n  lrr: 1\n", "train.lrr: Extra inputs are not permitted (did you mean `lr`?)"),
+                       ("name: x\ntrian: {steps: 3}\n", "trian: Extra inputs are not permitted (did you mean `train`?)")):  # fmt: skip
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            load_config(Outer, tmp_path / "c.yaml")
+    (tmp_path / "m.yaml").write_text("runs: {a: [{steps: 1}, {steps: 2, step: 3}]}\ntrain: {steps: 1, stpes: 2}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(Many, tmp_path / "m.yaml")
+    assert "runs.a.1.step: Extra inputs are not permitted (did you mean `steps`?)" in str(caught.value)  # through dict and list
+    assert "train.stpes: Extra inputs are not permitted (did you mean `steps`?)" in str(caught.value)  # through Optional
+    (tmp_path / "z.yaml").write_text("name: x\ntrain: {steps: 1}\nzzzz: 1\n")
+    with pytest.raises(ConfigError, match=r"zzzz: Extra inputs are not permitted$"):  # nothing close: no guess
+        load_config(Outer, tmp_path / "z.yaml")
 
 
 @pytest.mark.parametrize(

@@ -57,14 +57,40 @@ def field_error(path: str, message: str) -> pydantic.ValidationError:
     return pydantic_core.ValidationError.from_exception_data("Config", [{"type": error, "loc": tuple(path.split(".")), "input": None}])
 
 
-def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+def format_validation_error(err: pydantic.ValidationError, source: str, model: type[pydantic.BaseModel] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
         # pydantic prefixes a validator's own message with "Value error, ": noise to a reader of our messages
         message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and model is not None:
+            message += _did_you_mean(model, e["loc"])
         lines.append(f"  {where}: {message}" if where else f"  {message}")
     return "\n".join(lines)
+
+
+def _did_you_mean(model: type[pydantic.BaseModel], loc: tuple) -> str:
+    """For an unknown key at `loc`: the closest field name of the config class that holds it, if one is close."""
+    import difflib
+    import typing
+
+    holder: Any = model
+    for part in loc[:-1]:
+        if isinstance(holder, type) and issubclass(holder, pydantic.BaseModel) and isinstance(part, str) and part in holder.model_fields:
+            holder = holder.model_fields[part].annotation
+        # through Optional[X], list[X], dict[K, X]: the config class among the arguments (a list index or a dict
+        # key in `loc` stays on it)
+        while not (isinstance(holder, type) and issubclass(holder, pydantic.BaseModel)):
+            models = [a for a in typing.get_args(holder) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+            nested = [a for a in typing.get_args(holder) if typing.get_args(a)]
+            if models:
+                holder = models[-1]
+            elif nested:
+                holder = nested[-1]
+            else:
+                return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(holder.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def validate_config(model: type[C], data: Any, source: str = "(config)") -> C:
@@ -75,7 +101,7 @@ def validate_config(model: type[C], data: Any, source: str = "(config)") -> C:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model)) from None
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
