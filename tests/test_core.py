@@ -229,6 +229,16 @@ def test_off_a_terminal_each_progress_logs_one_line_to_stderr_when_it_finishes()
     assert quiet.stderr == "" and quiet.stdout == "result\n"
 
 
+def test_global_options_work_after_the_verb_too(tmp_path):
+    from stitchkit.cli import hoist_global_options
+
+    assert hoist_global_options(["stitch", "run", "c.yaml", "--time-limit", "30", "--debug"]) == [
+        "--time-limit", "30", "--debug", "stitch", "run", "c.yaml"]  # fmt: skip
+    assert hoist_global_options(["mimic", "eval", "--time-limit=5", "--pool", "2"]) == ["--time-limit=5", "mimic", "eval", "--pool", "2"]
+    out = _run_cli("world", "render", "--out", str(tmp_path / "w"), "--images", "2", "--time-limit", "5")
+    assert out.returncode == 0, out.stderr
+
+
 def test_cli_help_lists_the_suites():
     out = _run_cli("--help")
     assert out.returncode == 0

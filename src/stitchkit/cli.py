@@ -77,8 +77,29 @@ def _add_subapps() -> None:
 _add_subapps()
 
 
+GLOBAL_FLAGS, GLOBAL_OPTIONS = ("--debug",), ("--time-limit",)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """The app's own options (`--debug`, `--time-limit M`) moved before the suite, wherever they were written:
+    `stitchkit stitch run c.yaml --time-limit 30` means what `stitchkit --time-limit 30 stitch run c.yaml` does
+    (click would answer "No such option"). No verb has options of these names."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg in GLOBAL_OPTIONS  # `--time-limit 30`; `--time-limit=30` is one argument
+        if arg in GLOBAL_FLAGS or takes_value or arg.split("=", 1)[0] in GLOBAL_OPTIONS:
+            front += argv[i : i + 2] if takes_value else [arg]
+            i += 2 if takes_value else 1
+        else:
+            rest.append(arg)
+            i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    argv = hoist_global_options(argv)
     if not sys.stderr.isatty():  # a log: Hugging Face's tqdm bars would add carriage-return noise beside our lines
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from stitchkit.runs import discard_outputs_on_user_error
