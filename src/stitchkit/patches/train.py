@@ -99,8 +99,10 @@ def finetune_with_curve(
     seed: int,
     out_dir: str | Path,
     evaluate: Callable[[VLM], list[dict[str, Any]]],
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a fresh model from `load()` on `samples`; evaluate at step 0 and evenly spaced points.
+    `description` names the training in its progress line (default: its split factor and seed).
 
     Returns {"steps", "epochs", "samples", "curve": [{"step", "epoch", <summary>}], "final_step", "final": <records
     at final_step (`reported_step`)>}.
@@ -115,7 +117,8 @@ def finetune_with_curve(
     def eval_path(step: int) -> Path:
         return out_dir / "eval" / f"step_{step:06d}.json"
 
-    _train_with_evals(load, samples, settings, split, seed, out_dir, evaluate, steps, every, eval_path)
+    _train_with_evals(load, samples, settings, seed, out_dir, evaluate, steps, every, eval_path,
+                      description or f"f={split} seed={seed}")  # fmt: skip
     gc.collect()  # the model went with _train_with_evals's frame; give its memory back before the next one loads
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -129,7 +132,7 @@ def finetune_with_curve(
             "final_step": final_step, "final": final}  # fmt: skip
 
 
-def _train_with_evals(load, samples, settings: TrainSettings, split, seed, out_dir: Path, evaluate, steps, every, eval_path) -> None:
+def _train_with_evals(load, samples, settings: TrainSettings, seed, out_dir: Path, evaluate, steps, every, eval_path, description: str) -> None:
     """The training of finetune_with_curve, with an evaluation written to eval_path(step) at step 0 and every
     `every` steps. The model lives only in this frame, so it is freed when this returns."""
     train_cfg = TrainConfig(
@@ -155,7 +158,7 @@ def _train_with_evals(load, samples, settings: TrainSettings, split, seed, out_d
         run_eval(0)
     vlm.model.train()
     train(vlm.model, vlm_loss, list(samples), train_cfg, out_dir / "train", collate_fn=patch_collate(vlm, settings.loss_on),
-          description=f"f={split} seed={seed}", eval_fn=lambda model, step: run_eval(step), eval_every=every)  # fmt: skip
+          description=description, eval_fn=lambda model, step: run_eval(step), eval_every=every)  # fmt: skip
 
 
 def finetune_step(run: RunDir, step: str, load, samples, settings: TrainSettings, split: int, seed: int, evaluate) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def finetune_step(run: RunDir, step: str, load, samples, settings: TrainSettings
     then read back from result.json on later runs."""
     folder = run.path(*step.split("/"))
     if not run.done(step):
-        atomic_write_json(folder / "result.json", finetune_with_curve(load, samples, settings, split, seed, folder, evaluate))
+        result = finetune_with_curve(load, samples, settings, split, seed, folder, evaluate, description=step)
+        atomic_write_json(folder / "result.json", result)
         run.finish(step)
     return json.loads((folder / "result.json").read_text())
