@@ -26,7 +26,7 @@ from typing import Any
 from stitchkit.errors import ConfigError, InputError
 from stitchkit.multiimage.benchmark import Benchmark, Sample
 from stitchkit.multiimage.protocol import GENERATION_MAX_NEW_TOKENS, TASKS
-from stitchkit.multiimage.scoring import describe_evaluation, score_predictions, task_line_plot, write_score_report
+from stitchkit.multiimage.scoring import TASK_COLORS, describe_evaluation, score_predictions, write_score_report
 
 PREDICTIONS_FILE = "predictions.jsonl"
 # named layer sets of the masking study (mimic.md section 6; Table 5 right): what "masked:NAME" means
@@ -425,7 +425,7 @@ def scores_in_mode(results: dict, mode: str) -> dict[str, float | None] | None:
 
 def write_pool_summary(out: Path, mode: str) -> None:
     """OUT/results.json, report.md and figures/score_vs_pool_factor.png over every pool<F>/ in OUT, in `mode`."""
-    from stitchkit.report import markdown_table
+    from stitchkit.report import line_plot, markdown_table
     from stitchkit.runs import atomic_write_json, atomic_write_text
 
     runs = pool_evaluations(out)
@@ -435,9 +435,9 @@ def write_pool_summary(out: Path, mode: str) -> None:
     xs = [math.log2(r["pool_factor"]) for r in rows]
     series = {name: (xs, [100 * r[name] if r.get(name) is not None else float("nan") for r in rows])
               for name in [*tasks, "avg"]}
-    figure = task_line_plot(out / "figures" / "score_vs_pool_factor.png", series,
-                            xlabel="log2 of the pooling factor f", ylabel="score x100",
-                            title=f"MIMIC vs 1-D token pooling ({mode})")
+    figure = line_plot(out / "figures" / "score_vs_pool_factor.png", series,
+                       xlabel="log2 of the pooling factor f", ylabel="score x100",
+                       title=f"MIMIC vs 1-D token pooling ({mode})", colors=TASK_COLORS)
     settings = next(iter(runs.values()))["eval"]
     described = describe_evaluation(settings)
     atomic_write_json(out / "results.json", {"model": settings["model"], "policy": settings["policy"],

@@ -130,27 +130,9 @@ def breakdowns(task: str, rows: list[dict], mode: str) -> dict[str, list[dict]]:
     return out
 
 
-def task_line_plot(path: str | os.PathLike, series: dict, **labels) -> Path:
-    """report.line_plot with every task in its fixed colour (TASK_COLORS), whichever tasks the figure holds; other
-    series take the remaining colours of matplotlib's cycle, in order."""
-    from itertools import cycle
-
-    import matplotlib
-    from matplotlib import cycler
-    from matplotlib.colors import to_hex
-
-    from stitchkit.report import line_plot
-
-    taken = {to_hex(color) for color in TASK_COLORS.values()}
-    spare = cycle([c for c in matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] if to_hex(c) not in taken])
-    colors = [TASK_COLORS.get(name) or next(spare) for name in series]
-    with matplotlib.rc_context({"axes.prop_cycle": cycler(color=colors)} if colors else {}):
-        return line_plot(path, series, **labels)
-
-
 def write_score_report(out: str | os.PathLike, rows: list[dict], results: dict) -> Path:
     """results.json, per_sample.jsonl, report.md and figures/*.png under `out`."""
-    from stitchkit.report import markdown_table
+    from stitchkit.report import line_plot, markdown_table
     from stitchkit.runs import atomic_write_json, atomic_write_text
 
     out = Path(out)
@@ -162,10 +144,10 @@ def write_score_report(out: str | os.PathLike, rows: list[dict], results: dict) 
             if len(points) >= 2:
                 series[task] = ([x for x, _ in points], [100 * y for _, y in points])
         if series:
-            # one line has no legend: the title names its task
+            # a lone task is named in the title too
             title = f"MIMIC ({results['mode']})" + (f": {next(iter(series))}" if len(series) == 1 else "")
-            path = task_line_plot(out / "figures" / f"score_vs_{variable}.png", series, xlabel=label,
-                                  ylabel="score x100 (accuracy; listing F1)", title=title)
+            path = line_plot(out / "figures" / f"score_vs_{variable}.png", series, xlabel=label,
+                             ylabel="score x100 (accuracy; listing F1)", title=title, colors=TASK_COLORS)
             figures[variable] = str(path.relative_to(out))
     results = {**results, "figures": figures}
     atomic_write_json(out / "results.json", results)

@@ -27,7 +27,7 @@ from stitchkit.multiimage.benchmark import Benchmark, Sample
 from stitchkit.multiimage.evaluate import LazyImages, sample_images, stratified_per_task, task_scores
 from stitchkit.multiimage.imageops import encoder_side, resample_image, stitch_images
 from stitchkit.multiimage.protocol import TASKS
-from stitchkit.multiimage.scoring import task_line_plot
+from stitchkit.multiimage.scoring import TASK_COLORS
 
 # Evaluate(vlm, tag, policy, pool, transform name, transform fn, max_per_task, description) -> results
 Evaluate = Callable[..., dict]
@@ -202,8 +202,8 @@ def pooling_study(vlm, bench: Benchmark, evaluate: Evaluate, tag: str, policy: s
                            title="Sequence length: tokens pooled vs pixels removed")
     per_task_series = {t: ([math.log2(r["factor"]) for r in pooled], [100 * (r[t] or 0.0) for r in pooled])
                        for t in TASKS if t in pooled[0]}
-    figure_tasks = task_line_plot(figures / "pooling_tasks.png", per_task_series, xlabel=LOG2_FACTOR,
-                                  ylabel="score x100", title="1-D token pooling, per task")
+    figure_tasks = line_plot(figures / "pooling_tasks.png", per_task_series, xlabel=LOG2_FACTOR,
+                             ylabel="score x100", title="1-D token pooling, per task", colors=TASK_COLORS)
     return {"samples": len(samples), "max_per_task": per_task, "encoder_side": side, "pool_pad": pool_pad, "rows": rows,
             "best_factor": best["factor"], "unpooled_avg": pooled[0]["avg"], "best_avg": best["avg"],
             "figures": {"avg": figure_avg.name, "tasks": figure_tasks.name}}

@@ -59,13 +59,23 @@ def line_plot(
     title: str = "",
     baseline: float | None = None,
     baseline_label: str = "chance",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """One line per named series {name: (xs, ys)}, each named in the legend (a single one too: the legend says
-    which task or model it is); an optional dashed horizontal baseline. Integer x values (stitch points, split
-    factors, image counts) get ticks at exactly those values, not at fractions between them."""
+    which task or model it is); an optional dashed horizontal baseline. `colors` {name: colour} fixes a series'
+    colour across figures (MIMIC's tasks); the other series take matplotlib's cycle, without those colours.
+    Integer x values (stitch points, split factors, image counts) get ticks at exactly those values, not at
+    fractions between them."""
+    from itertools import cycle
+
+    from matplotlib.colors import to_hex
+
+    colors = colors or {}
+    taken = {to_hex(color) for color in colors.values()}
+    spare = cycle([c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if to_hex(c) not in taken])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), marker="o", label=name)
+        ax.plot(list(xs), list(ys), marker="o", label=name, color=colors.get(name) or next(spare))
     _integer_ticks(ax, [x for xs, _ in series.values() for x in xs])
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label)
