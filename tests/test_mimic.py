@@ -418,17 +418,8 @@ class ConstantModel:
         return ["2"] * len(prompts)
 
 
-def cli(args: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of the real entry point."""
-    from stitchkit.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    return done.value.code, capsys.readouterr().err
-
-
 def test_predictions_made_on_another_benchmark_are_refused(shapes, tmp_path, capsys):
+    from test_mimic_exports import cli
     from stitchkit.multiimage.evaluate import evaluate
 
     world = shapes / "world"
